@@ -1,0 +1,257 @@
+"""Records appended to a Redis stream, so that many app servers share one log.
+
+Usage::
+
+    store = RedisStore("redis://127.0.0.1:6379/0?stream=pixel-events&maxlen=1000000")
+
+The URL::
+
+    redis://[[user]:password@]host[:port][/db][?option=value&...]
+    rediss://...                      the same over TLS
+
+Options (query parameters):
+
+``stream``
+    The stream key (default ``pixel-events``).
+``maxlen``
+    Trim the stream to about this many entries on every append (``XADD MAXLEN ~``;
+    approximate trimming is what keeps appends O(1)). Default: never trim.
+``timeout``
+    Seconds to wait for a connection or a reply (default 2). Short on purpose: when
+    Redis is down a write fails within seconds and the recorder spools the batch,
+    instead of a pixel request hanging on a dead server.
+
+A few redis-py connection settings pass through unchanged (``socket_timeout``,
+``socket_connect_timeout``, ``health_check_interval``, ``client_name``, the
+``ssl_*`` settings); anything else is refused at construction.
+
+Each record is one stream entry with the fields ``id`` (the record's id: an entry
+written twice carries the same id, so a reader can drop the repeat), ``call``,
+``accepted`` (``1`` or ``0``) and ``record`` (the whole record as JSON). Positions
+are stream ids (``1700000000000-0``); ``read()`` filters on the client, paging
+through ``XRANGE``/``XREVRANGE``. Exclusive ranges need Redis 6.2 or later.
+
+Guarantees: one ``write()`` is one ``MULTI``/``EXEC``, so Redis applies all of its
+entries or none. If the connection drops after ``EXEC`` was sent, the outcome is
+unknown: ``write()`` raises ``StoreError``, the recorder writes the batch again, and
+the entries may then be in the stream twice (at-least-once; dedupe on ``id``).
+
+The ``redis`` package is needed only when this store is used
+(``pip install 'pixel-middleware[redis]'``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from pixel_middleware.core import PixelRecord
+from pixel_middleware.stores import StoreError
+
+if TYPE_CHECKING:
+    from redis import Redis
+
+__all__ = ["DEFAULT_STREAM", "RedisStore"]
+
+DEFAULT_STREAM = "pixel-events"
+DEFAULT_TIMEOUT = 2.0
+
+# Entries fetched per XRANGE/XREVRANGE round trip while filtering on the client.
+_PAGE = 500
+
+# redis-py settings a URL may carry through to the client. A closed list, so that a
+# misspelt option fails here instead of at the first connection.
+_PASSTHROUGH = frozenset(
+    {
+        "socket_timeout",
+        "socket_connect_timeout",
+        "socket_keepalive",
+        "health_check_interval",
+        "client_name",
+        "ssl_cert_reqs",
+        "ssl_ca_certs",
+        "ssl_ca_path",
+        "ssl_certfile",
+        "ssl_keyfile",
+        "ssl_check_hostname",
+        "ssl_min_version",
+    }
+)
+_OPTIONS = frozenset({"stream", "maxlen", "timeout"})
+
+_STREAM_ID = re.compile(r"\d+(-\d+)?")
+
+_N = TypeVar("_N", int, float)
+
+
+class RedisStore:
+    """Appends records to a Redis stream and reads them back; see the module docs."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("redis", "rediss"):
+            raise ValueError(f"a Redis store URL starts with redis:// or rediss://, not {url!r}")
+        options: dict[str, str] = {}
+        passthrough: list[tuple[str, str]] = []
+        for key, value in parse_qsl(parts.query, keep_blank_values=True):
+            if key in _OPTIONS:
+                options[key] = value
+            elif key in _PASSTHROUGH:
+                passthrough.append((key, value))
+            else:
+                known = ", ".join(sorted(_OPTIONS | _PASSTHROUGH))
+                raise ValueError(f"unknown option {key!r} in Redis store URL; known: {known}")
+
+        self.url = url
+        self.stream = options.get("stream", DEFAULT_STREAM)
+        if not self.stream:
+            raise ValueError("stream= must name a stream key")
+        self.maxlen: int | None = _positive(options, "maxlen", int)
+        self.timeout: float = _positive(options, "timeout", float) or DEFAULT_TIMEOUT
+        self._where = _redacted(parts)
+
+        try:
+            import redis
+            from redis.backoff import NoBackoff
+            from redis.exceptions import RedisError
+            from redis.retry import Retry
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise StoreError(
+                "the Redis store needs the redis package: pip install 'pixel-middleware[redis]'"
+            ) from e
+
+        # What a dead or unreachable server raises: redis-py wraps most socket
+        # errors in its own, but not all of them.
+        self._failures: tuple[type[Exception], ...] = (RedisError, OSError)
+        client_url = urlunsplit(parts._replace(query=urlencode(passthrough)))
+        self._client: Redis = redis.Redis.from_url(
+            client_url,
+            decode_responses=True,
+            socket_timeout=self.timeout,
+            socket_connect_timeout=self.timeout,
+            # One immediate retry covers a pooled connection that a Redis restart
+            # closed; more would only stretch the time a down Redis takes to fail.
+            retry=Retry(NoBackoff(), 1),
+        )
+
+    def write(self, records: Sequence[PixelRecord]) -> None:
+        """Append ``records`` in one transaction; raise StoreError if it may not have happened."""
+        if not records:
+            return
+        try:
+            pipe = self._client.pipeline(transaction=True)
+            for record in records:
+                pipe.xadd(
+                    self.stream,
+                    {
+                        "id": record["id"],
+                        "call": record["call"],
+                        "accepted": "1" if record["accepted"] else "0",
+                        "record": json.dumps(record, ensure_ascii=False, separators=(",", ":")),
+                    },
+                    maxlen=self.maxlen,
+                    approximate=True,
+                )
+            pipe.execute()
+        except (ValueError, TypeError) as e:
+            raise StoreError(f"{self._where}: a record could not be encoded: {e}") from e
+        except self._failures as e:
+            raise StoreError(
+                f"{self._where}: could not append {len(records)} records to stream "
+                f"{self.stream!r}: {e}"
+            ) from e
+
+    def read(
+        self,
+        *,
+        accepted: bool | None = None,
+        call: str | None = None,
+        after: str | None = None,
+        limit: int | None = None,
+    ) -> list[tuple[str, PixelRecord]]:
+        """Matching records after stream id ``after``, oldest first; see ``Store.read``."""
+        if after is not None and not _STREAM_ID.fullmatch(after):
+            raise StoreError(f"{after!r} is not a position in a Redis store (a stream id)")
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be 0 or more, not {limit}")
+        if limit == 0:
+            return []
+        lowest = f"({after}" if after is not None else "-"
+        want_accepted = None if accepted is None else ("1" if accepted else "0")
+        found: list[tuple[str, PixelRecord]] = []
+        try:
+            if limit is None:
+                # Everything after ``after``, oldest first, a page at a time.
+                start = lowest
+                while True:
+                    page = self._range(start, "+")
+                    found.extend(self._matching(page, want_accepted, call))
+                    if len(page) < _PAGE:
+                        return found
+                    start = f"({page[-1][0]}"
+            # The newest ``limit`` matches: walk backwards, then turn them around.
+            end = "+"
+            while len(found) < limit:
+                page = self._revrange(end, lowest)
+                found.extend(self._matching(page, want_accepted, call))
+                if len(page) < _PAGE:
+                    break
+                end = f"({page[-1][0]}"
+        except self._failures as e:
+            raise StoreError(f"{self._where}: could not read stream {self.stream!r}: {e}") from e
+        del found[limit:]
+        found.reverse()
+        return found
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _range(self, start: str, end: str) -> list[tuple[str, dict[str, str]]]:
+        return cast(Any, self._client.xrange(self.stream, min=start, max=end, count=_PAGE)) or []
+
+    def _revrange(self, end: str, start: str) -> list[tuple[str, dict[str, str]]]:
+        return cast(Any, self._client.xrevrange(self.stream, max=end, min=start, count=_PAGE)) or []
+
+    def _matching(
+        self,
+        entries: list[tuple[str, dict[str, str]]],
+        accepted: str | None,
+        call: str | None,
+    ) -> list[tuple[str, PixelRecord]]:
+        out: list[tuple[str, PixelRecord]] = []
+        for entry_id, fields in entries:
+            # Entries that another writer put in the stream are not records: skip them.
+            if "record" not in fields:
+                continue
+            if accepted is not None and fields.get("accepted") != accepted:
+                continue
+            if call is not None and fields.get("call") != call:
+                continue
+            try:
+                record = cast(PixelRecord, json.loads(fields["record"]))
+            except ValueError as e:
+                raise StoreError(f"{self._where}: entry {entry_id} is not a JSON record") from e
+            out.append((entry_id, record))
+        return out
+
+
+def _positive(options: dict[str, str], name: str, kind: Callable[[str], _N]) -> _N | None:
+    if name not in options:
+        return None
+    try:
+        value = kind(options[name])
+    except ValueError:
+        raise ValueError(f"{name}= must be a positive number, not {options[name]!r}") from None
+    if value <= 0:
+        raise ValueError(f"{name}= must be a positive number, not {options[name]!r}")
+    return value
+
+
+def _redacted(parts: Any) -> str:
+    """The server a URL names, without its password, for messages."""
+    host = parts.hostname or "localhost"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
