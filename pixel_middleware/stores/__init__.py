@@ -2,14 +2,50 @@
 
 ``sqlite:///path`` (the default, ``./pixel-events.sqlite3``), ``jsonl:///path``,
 ``memory://``; later ``redis://``, forwarding and fan-out.
+
+Paths in ``sqlite:`` and ``jsonl:`` URLs follow SQLAlchemy's convention: after
+the scheme come ``//`` (an empty host), then ``/``, then the path as written.
+So three slashes start a path relative to the working directory and four an
+absolute one::
+
+    sqlite:///pixel-events.sqlite3      ./pixel-events.sqlite3
+    sqlite:////var/lib/pixels.sqlite3   /var/lib/pixels.sqlite3
+    jsonl:///events.jsonl               ./events.jsonl
+
+Usage::
+
+    store = open_store("sqlite:///pixels.sqlite3")
+    store.write([record])
+    for position, record in store.read(accepted=False, limit=10):
+        ...
+    store.close()
+
+Adding a store: write ``stores/<name>.py`` with a class that satisfies
+:class:`Store` and can be made from its URL alone (its constructor, or a
+``from_url`` class method), and add its schemes to ``_SCHEMES`` below. The
+module is imported only when its scheme is opened, so a store's third-party
+dependencies are never imported by the others.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
 from collections.abc import Sequence
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from pixel_middleware.core import PixelRecord
+
+__all__ = [
+    "DEFAULT_STORE_URL",
+    "STORE_ENV_VAR",
+    "RecordError",
+    "Store",
+    "StoreError",
+    "open_store",
+    "store_schemes",
+]
 
 DEFAULT_STORE_URL = "sqlite:///pixel-events.sqlite3"
 STORE_ENV_VAR = "PIXEL_STORE"
@@ -17,6 +53,14 @@ STORE_ENV_VAR = "PIXEL_STORE"
 
 class StoreError(Exception):
     """A store could not write or read; the records given to it were not kept."""
+
+
+class RecordError(StoreError):
+    """A record cannot be kept by any store (a field missing, a value not JSON).
+
+    Trying again will not help, unlike other store errors: the recorder sets
+    such records aside (logging them) instead of retrying them forever.
+    """
 
 
 class Store(Protocol):
@@ -39,3 +83,117 @@ class Store(Protocol):
         """
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Scheme:
+    """Where the store for one URL scheme lives, imported on first use."""
+
+    module: str
+    # The callable in `module` that takes the URL and returns the store: a
+    # class, or a dotted path such as "SQLiteStore.from_url".
+    factory: str
+    # The pip extra that brings the store's dependencies, named in the error
+    # when they are missing.
+    extra: str | None = None
+
+
+_SCHEMES: dict[str, _Scheme] = {
+    "sqlite": _Scheme("pixel_middleware.stores.sqlite", "SQLiteStore.from_url"),
+    "jsonl": _Scheme("pixel_middleware.stores.jsonl", "JSONLStore.from_url"),
+    "memory": _Scheme("pixel_middleware.stores.memory", "MemoryStore.from_url"),
+    "redis": _Scheme("pixel_middleware.stores.redis", "RedisStore", extra="redis"),
+    "rediss": _Scheme("pixel_middleware.stores.redis", "RedisStore", extra="redis"),
+    "forward+http": _Scheme("pixel_middleware.stores.forward", "ForwardStore", extra="forward"),
+    "forward+https": _Scheme("pixel_middleware.stores.forward", "ForwardStore", extra="forward"),
+}
+
+
+def store_schemes() -> list[str]:
+    """The URL schemes :func:`open_store` knows, sorted."""
+    return sorted(_SCHEMES)
+
+
+def open_store(url: str | None = None) -> Store:
+    """Open the store ``url`` names.
+
+    ``None`` means the ``PIXEL_STORE`` environment variable, else
+    :data:`DEFAULT_STORE_URL`. A URL that is malformed or names an unknown
+    scheme raises ``ValueError`` saying what would work; a store that cannot be
+    opened (a directory that cannot be created, a missing dependency) raises
+    ``ValueError`` or :class:`StoreError` from here, not at the first write.
+    """
+    if url is None:
+        url = os.environ.get(STORE_ENV_VAR) or DEFAULT_STORE_URL
+    scheme, sep, _ = url.partition("://")
+    known = ", ".join(f"{name}://" for name in store_schemes())
+    if not sep or not scheme:
+        raise ValueError(f"store URL {url!r} has no scheme; expected one of {known}")
+    entry = _SCHEMES.get(scheme.lower())
+    if entry is None:
+        raise ValueError(f"unknown store URL scheme {scheme!r} in {url!r}; expected one of {known}")
+    try:
+        module = importlib.import_module(entry.module)
+    except ImportError as exc:
+        if exc.name == entry.module:
+            raise ValueError(
+                f"the {scheme}:// store is not part of this version of pixel-middleware"
+            ) from exc
+        hint = f" (pip install 'pixel-middleware[{entry.extra}]')" if entry.extra else ""
+        raise ValueError(
+            f"the {scheme}:// store needs {exc.name or 'a missing module'}{hint}"
+        ) from exc
+    factory: Any = module
+    for name in entry.factory.split("."):
+        factory = getattr(factory, name)
+    store: Store = factory(url)
+    return store
+
+
+# Shared by the stores in this package; not public API.
+
+
+def _file_url_parts(url: str, scheme: str) -> tuple[str, dict[str, str]]:
+    """The path and the query options of a ``scheme:///path?name=value`` URL.
+
+    Three slashes then a relative path, or four then an absolute one, as in
+    SQLAlchemy's ``sqlite:`` URLs. The path is taken as written (no
+    percent-decoding), so any file name can be spelled.
+    """
+    prefix = f"{scheme}://"
+    if not url.lower().startswith(prefix):
+        raise ValueError(f"not a {prefix} URL: {url!r}")
+    rest, _, query = url[len(prefix) :].partition("?")
+    if not rest.startswith("/") or len(rest) < 2:
+        raise ValueError(
+            f"{url!r} names no file: write {prefix}/relative/path or {prefix}//absolute/path"
+        )
+    options: dict[str, str] = {}
+    for item in query.split("&") if query else []:
+        name, eq, value = item.partition("=")
+        if not eq or not name:
+            raise ValueError(f"option {item!r} in {url!r} is not name=value")
+        options[name] = value
+    return rest[1:], options
+
+
+def _unknown_options(url: str, options: dict[str, str], known: Sequence[str]) -> ValueError:
+    names = ", ".join(sorted(options))
+    allowed = ", ".join(known) or "none"
+    return ValueError(f"unknown option(s) {names} in {url!r}; this store takes: {allowed}")
+
+
+def _parse_position(after: str) -> int:
+    """A position given back to a store that numbers its records (0 and up)."""
+    try:
+        position = int(after)
+    except (TypeError, ValueError):
+        raise ValueError(f"not a position of this store: {after!r}") from None
+    if position < 0:
+        raise ValueError(f"not a position of this store: {after!r}")
+    return position
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and (isinstance(limit, bool) or limit < 0):
+        raise ValueError(f"limit must be a count of 0 or more, got {limit!r}")

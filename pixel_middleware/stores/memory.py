@@ -1,0 +1,78 @@
+"""``memory://``: records kept in this process only, for tests and trials.
+
+Each :func:`~pixel_middleware.stores.open_store` of ``memory://`` is a new,
+empty store; nothing survives the process. Positions are the records' indexes.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Sequence
+
+from pixel_middleware.core import PixelRecord
+from pixel_middleware.stores import StoreError, _check_limit, _parse_position
+
+__all__ = ["MemoryStore"]
+
+
+class MemoryStore:
+    """Keeps records in a list; thread-safe.
+
+    Usage::
+
+        store = MemoryStore()
+        store.write([record])
+        [(position, kept)] = store.read()
+    """
+
+    url = "memory://"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._records: list[PixelRecord] = []
+        self._closed = False
+
+    @classmethod
+    def from_url(cls, url: str) -> MemoryStore:
+        if url.lower() != "memory://":
+            raise ValueError(f"a memory store URL is just 'memory://', got {url!r}")
+        return cls()
+
+    def write(self, records: Sequence[PixelRecord]) -> None:
+        # Copies, so that a caller changing a record afterwards does not change
+        # what was kept, just as with a store on disk.
+        kept = [copy.deepcopy(record) for record in records]
+        with self._lock:
+            if self._closed:
+                raise StoreError("the memory store is closed")
+            self._records.extend(kept)
+
+    def read(
+        self,
+        *,
+        accepted: bool | None = None,
+        call: str | None = None,
+        after: str | None = None,
+        limit: int | None = None,
+    ) -> list[tuple[str, PixelRecord]]:
+        start = 0 if after is None else _parse_position(after) + 1
+        _check_limit(limit)
+        with self._lock:
+            found = [
+                (str(index), copy.deepcopy(record))
+                for index, record in enumerate(self._records[start:], start)
+                if (accepted is None or record["accepted"] is accepted)
+                and (call is None or record["call"] == call)
+            ]
+        if limit is not None and limit < len(found):
+            found = found[len(found) - limit :]
+        return found
+
+    def close(self) -> None:
+        """Refuse further writes; what was kept stays readable."""
+        with self._lock:
+            self._closed = True
+
+    def __repr__(self) -> str:
+        return f"MemoryStore({len(self._records)} records)"

@@ -1,0 +1,334 @@
+"""``sqlite:///path``: one SQLite file, safe for several processes at once.
+
+The default store. Several processes (gunicorn workers, the CLI following the
+events) may use one file at the same time: it is in WAL mode, so readers never
+block the writer, and each :meth:`SQLiteStore.write` is one ``BEGIN
+IMMEDIATE`` transaction that waits up to ``timeout`` seconds for the other
+writers instead of failing with "database is locked".
+
+URL: ``sqlite:///relative/path`` or ``sqlite:////absolute/path`` (SQLAlchemy's
+spelling), with the options ``?timeout=SECONDS`` and ``?synchronous=normal|full``.
+
+Durability: a write that returned survives the writing process being killed
+(``kill -9``) at any moment. With the default ``synchronous=normal`` the last
+writes before a power loss or an operating system crash may be lost (the
+database stays intact); ``synchronous=full`` syncs the disk on every write and
+survives that too, at a cost per write.
+
+Positions are the rows' sequence numbers (``seq``), as decimal strings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from typing import Any, Literal, cast
+
+from pixel_middleware.core import PixelRecord
+from pixel_middleware.stores import (
+    RecordError,
+    StoreError,
+    _check_limit,
+    _file_url_parts,
+    _parse_position,
+    _unknown_options,
+)
+
+__all__ = ["SQLiteStore"]
+
+Synchronous = Literal["normal", "full"]
+
+# user_version of a database with this schema, for migrations to come.
+SCHEMA_VERSION = 1
+
+# The record itself is kept whole as JSON; the columns beside it are copies of
+# the fields that `pixel-middleware events` filters on, indexed so that "the
+# newest N rejected track calls" and "everything after seq X" (--follow) read
+# only the rows they return. AUTOINCREMENT: a seq is never reused, even after
+# the newest rows are deleted, so a follower's cursor never skips a new row.
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS pixel_records (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    id         TEXT NOT NULL,
+    receivedAt TEXT NOT NULL,
+    accepted   INTEGER NOT NULL,
+    call       TEXT NOT NULL,
+    messageId  TEXT,
+    writeKey   TEXT,
+    record     TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS pixel_records_accepted ON pixel_records (accepted, seq);
+CREATE INDEX IF NOT EXISTS pixel_records_call ON pixel_records (call, seq);
+CREATE INDEX IF NOT EXISTS pixel_records_received_at ON pixel_records (receivedAt);
+CREATE INDEX IF NOT EXISTS pixel_records_message_id ON pixel_records (messageId);
+CREATE INDEX IF NOT EXISTS pixel_records_write_key ON pixel_records (writeKey, seq);
+"""
+
+_INSERT = (
+    "INSERT INTO pixel_records (id, receivedAt, accepted, call, messageId, writeKey, record)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+
+# Connections left behind by a fork: closing them in the child could disturb the
+# parent's locks (SQLite: "do not carry an open connection across fork"), so the
+# child only drops its use of them and keeps them referenced.
+_ABANDONED: list[sqlite3.Connection] = []
+_LIVE_STORES: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
+
+
+class SQLiteStore:
+    """Records in one SQLite file, in WAL mode; thread- and process-safe.
+
+    Usage::
+
+        store = SQLiteStore("pixel-events.sqlite3")  # or open_store("sqlite:///...")
+        store.write(records)
+        newest = store.read(accepted=True, call="track", limit=20)
+
+    :param path: The database file; created with its schema when missing (its
+        directory must exist).
+    :param timeout: Seconds a write waits for other writers before it fails
+        with :class:`~pixel_middleware.stores.StoreError`.
+    :param synchronous: ``"normal"`` (the default) keeps every returned write
+        through a crash of the process; ``"full"`` also through a power loss.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        timeout: float = 5.0,
+        synchronous: Synchronous = "normal",
+    ) -> None:
+        if not timeout >= 0:
+            raise ValueError(f"SQLiteStore: timeout must be 0 or more seconds, got {timeout!r}")
+        if synchronous not in ("normal", "full"):
+            raise ValueError(
+                f"SQLiteStore: synchronous must be 'normal' or 'full', got {synchronous!r}"
+            )
+        raw = os.fspath(path)
+        if raw in ("", ":memory:") or raw.startswith("file:"):
+            raise ValueError(
+                f"SQLiteStore: {raw!r} is not a database file;"
+                " use memory:// for an in-process store"
+            )
+        self.path = os.path.abspath(raw)
+        self.url = "sqlite:///" + raw
+        self.timeout = float(timeout)
+        self.synchronous: Synchronous = synchronous
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        self._pid = os.getpid()
+        self._closed = False
+        # Create the schema now, so that a wrong path fails here and not at the
+        # first pixel; the connection is opened again on first use (after a
+        # fork, say, in a pre-forking server).
+        self._connect().close()
+        _LIVE_STORES.add(self)
+
+    @classmethod
+    def from_url(cls, url: str) -> SQLiteStore:
+        """The store for ``sqlite:///relative/path`` or ``sqlite:////absolute/path``."""
+        path, options = _file_url_parts(url, "sqlite")
+        timeout = options.pop("timeout", None)
+        synchronous = options.pop("synchronous", "normal").lower()
+        if options:
+            raise _unknown_options(url, options, ["timeout", "synchronous"])
+        if synchronous not in ("normal", "full"):
+            raise ValueError(f"synchronous must be normal or full in {url!r}")
+        try:
+            seconds = 5.0 if timeout is None else float(timeout)
+        except ValueError:
+            raise ValueError(f"timeout must be a number of seconds in {url!r}") from None
+        store = cls(path, timeout=seconds, synchronous=cast(Synchronous, synchronous))
+        store.url = url
+        return store
+
+    def write(self, records: Sequence[PixelRecord]) -> None:
+        if not records:
+            return
+        try:
+            rows = [_row(record) for record in records]
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise RecordError(f"a record cannot be stored: {exc!r}") from exc
+        with self._lock:
+            try:
+                conn = self._connection()
+                # IMMEDIATE takes the write lock up front, waiting (busy_timeout)
+                # for other writers; a deferred transaction would upgrade its
+                # lock on the first INSERT and could fail there without waiting.
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    conn.executemany(_INSERT, rows)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise StoreError(
+                    f"writing {len(rows)} records to {self.path} failed: {exc}"
+                ) from exc
+
+    def read(
+        self,
+        *,
+        accepted: bool | None = None,
+        call: str | None = None,
+        after: str | None = None,
+        limit: int | None = None,
+    ) -> list[tuple[str, PixelRecord]]:
+        _check_limit(limit)
+        where: list[str] = []
+        params: list[Any] = []
+        if accepted is not None:
+            where.append("accepted = ?")
+            params.append(int(accepted))
+        if call is not None:
+            where.append("call = ?")
+            params.append(call)
+        if after is not None:
+            where.append("seq > ?")
+            params.append(_parse_position(after))
+        sql = "SELECT seq, record FROM pixel_records"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        if limit is not None:
+            # The newest `limit`, read newest first through the index, then
+            # turned around.
+            sql += " ORDER BY seq DESC LIMIT ?"
+            params.append(limit)
+        else:
+            sql += " ORDER BY seq"
+        with self._lock:
+            try:
+                rows = self._connection().execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise StoreError(f"reading {self.path} failed: {exc}") from exc
+        if limit is not None:
+            rows.reverse()
+        return [(str(seq), json.loads(text)) for seq, text in rows]
+
+    def close(self) -> None:
+        """Close the connection; idempotent. Writes and reads after it fail."""
+        with self._lock:
+            self._closed = True
+            if self._conn is not None:
+                conn, self._conn = self._conn, None
+                if self._pid == os.getpid():
+                    conn.close()
+        _LIVE_STORES.discard(self)
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({self.url!r})"
+
+    def _connection(self) -> sqlite3.Connection:
+        """This process's connection, opened on first use; call with the lock held."""
+        if self._closed:
+            raise sqlite3.ProgrammingError("the store is closed")
+        if self._conn is None:
+            self._conn = self._connect()
+        return self._conn
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            # isolation_level=None: no implicit transactions; write() says
+            # BEGIN IMMEDIATE itself. check_same_thread=False: the connection is
+            # used from several threads, but only ever under self._lock.
+            conn = sqlite3.connect(
+                self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the SQLite database {self.path}: {exc}") from exc
+        try:
+            self._prepare(conn)
+        except BaseException as exc:
+            conn.close()
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(f"cannot set up the SQLite database {self.path}: {exc}") from exc
+            raise
+        self._pid = os.getpid()
+        return conn
+
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        # synchronous=NORMAL in WAL mode: a commit is complete once its pages
+        # are written to the WAL file (a write(2) into the page cache), so it
+        # survives the process dying; the WAL is fsync'd only at checkpoints,
+        # so a power loss may lose the last commits but never corrupts the
+        # database. FULL adds an fsync to every commit.
+        conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                # Switching to WAL (kept in the file, so done once) needs a moment
+                # alone with the database, and so does creating the schema; when
+                # several processes open a new file together one of them may be
+                # told "locked" before the busy timeout applies: try again.
+                mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+                if mode.lower() != "wal":
+                    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                    if mode.lower() != "wal":
+                        raise StoreError(
+                            f"{self.path} cannot be put in WAL mode (journal_mode stays"
+                            f" {mode!r}); is it on a network file system?"
+                        )
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                if version != SCHEMA_VERSION:
+                    self._create_schema(conn, version)
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.01)
+
+    def _create_schema(self, conn: sqlite3.Connection, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path} was written by a newer pixel-middleware (schema {version});"
+                " upgrade pixel-middleware to read it"
+            )
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+
+def _row(record: PixelRecord) -> tuple[Any, ...]:
+    event = record["event"]
+    message_id = event.get("messageId") if isinstance(event, dict) else None
+    return (
+        record["id"],
+        record["receivedAt"],
+        1 if record["accepted"] else 0,
+        record["call"],
+        message_id if isinstance(message_id, str) else None,
+        record["writeKey"],
+        # ASCII JSON: a lone surrogate (which UTF-8 cannot carry) is escaped
+        # rather than failing the write.
+        json.dumps(record, separators=(",", ":")),
+    )
+
+
+def _after_fork_in_child() -> None:
+    # A lock held by another thread at the fork stays held forever in the
+    # child, and the parent's connection must not be used here: start afresh.
+    for store in list(_LIVE_STORES):
+        store._lock = threading.Lock()
+        if store._conn is not None:
+            _ABANDONED.append(store._conn)
+            store._conn = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,280 @@
+"""The Store contract, held to by every store, and open_store's choice of store by URL.
+
+To hold a new store to the contract, add it to ``STORE_FACTORIES``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from records import make_record
+
+from pixel_middleware.core import PixelRecord
+from pixel_middleware.stores import (
+    DEFAULT_STORE_URL,
+    STORE_ENV_VAR,
+    Store,
+    StoreError,
+    open_store,
+    store_schemes,
+)
+from pixel_middleware.stores.jsonl import JSONLStore
+from pixel_middleware.stores.memory import MemoryStore
+from pixel_middleware.stores.sqlite import SQLiteStore
+
+# Each opens a fresh, empty store in the given directory.
+STORE_FACTORIES: dict[str, Callable[[Path], Store]] = {
+    "memory": lambda _: open_store("memory://"),
+    "sqlite": lambda tmp: open_store(f"sqlite:///{tmp}/events.sqlite3"),
+    "jsonl": lambda tmp: open_store(f"jsonl:///{tmp}/events.jsonl"),
+}
+# Stores whose records outlive the store object: reopening the URL finds them.
+PERSISTENT = ["sqlite", "jsonl"]
+
+
+@pytest.fixture(params=sorted(STORE_FACTORIES))
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    opened = STORE_FACTORIES[request.param](tmp_path)
+    yield opened
+    opened.close()
+
+
+def ids(pairs: list[tuple[str, PixelRecord]]) -> list[str]:
+    return [record["id"] for _, record in pairs]
+
+
+# --- open_store --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "store_type"),
+    [
+        pytest.param("memory://", MemoryStore, id="memory"),
+        pytest.param("sqlite:///{tmp}/a.sqlite3", SQLiteStore, id="sqlite"),
+        pytest.param("SQLite:///{tmp}/a.sqlite3", SQLiteStore, id="scheme-any-case"),
+        pytest.param("jsonl:///{tmp}/a.jsonl", JSONLStore, id="jsonl"),
+    ],
+)
+def test_open_store_picks_the_store_by_scheme(
+    url: str, store_type: type[Store], tmp_path: Path
+) -> None:
+    url = url.format(tmp=tmp_path)
+    opened = open_store(url)
+    try:
+        assert isinstance(opened, store_type)
+        assert opened.url == url
+    finally:
+        opened.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        pytest.param("postgres://db/pixels", r"unknown store URL scheme 'postgres'", id="unknown"),
+        pytest.param("pixels.sqlite3", r"has no scheme", id="bare-path"),
+        pytest.param("://x", r"has no scheme", id="empty-scheme"),
+        pytest.param("memory://somewhere", r"just 'memory://'", id="memory-with-host"),
+        pytest.param("sqlite://", r"names no file", id="sqlite-no-path"),
+        pytest.param("sqlite:///", r"names no file", id="sqlite-empty-path"),
+        pytest.param("sqlite://host/x.db", r"names no file", id="sqlite-with-host"),
+        pytest.param("sqlite:///:memory:", r"use memory://", id="sqlite-in-memory"),
+        pytest.param("sqlite:///x.db?journal=off", r"unknown option\(s\) journal", id="sqlite-opt"),
+        pytest.param("sqlite:///x.db?synchronous=off", r"normal or full", id="sqlite-sync"),
+        pytest.param("sqlite:///x.db?timeout=soon", r"number of seconds", id="sqlite-timeout"),
+        pytest.param("jsonl:///x.jsonl?fsync=maybe", r"true or false", id="jsonl-fsync"),
+        pytest.param("jsonl:///x.jsonl?fsync", r"not name=value", id="jsonl-bare-option"),
+    ],
+)
+def test_open_store_rejects_bad_urls(url: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        open_store(url)
+
+
+def test_unknown_scheme_error_lists_the_schemes() -> None:
+    with pytest.raises(ValueError, match=r"expected one of .*jsonl://.*memory://.*sqlite://"):
+        open_store("ftp://example.com/x")
+
+
+def test_store_schemes_include_the_planned_stores() -> None:
+    assert {"memory", "sqlite", "jsonl", "redis", "forward+http", "forward+https"} <= set(
+        store_schemes()
+    )
+
+
+def test_open_store_reads_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(STORE_ENV_VAR, f"jsonl:///{tmp_path}/env.jsonl")
+    opened = open_store()
+    opened.close()
+    assert isinstance(opened, JSONLStore)
+    assert opened.path == str(tmp_path / "env.jsonl")
+
+
+def test_open_store_defaults_to_sqlite_in_the_working_directory(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv(STORE_ENV_VAR, raising=False)
+    monkeypatch.chdir(tmp_path)
+    opened = open_store()
+    opened.close()
+    assert opened.url == DEFAULT_STORE_URL
+    assert isinstance(opened, SQLiteStore)
+    assert opened.path == str(tmp_path / "pixel-events.sqlite3")
+
+
+def test_sqlite_and_jsonl_stores_import_no_third_party_module() -> None:
+    # The stdlib-only stores must work where only the standard library is.
+    code = (
+        "import sys\n"
+        "from pixel_middleware.stores import open_store\n"
+        "import pixel_middleware.stores.sqlite, pixel_middleware.stores.jsonl\n"
+        "import pixel_middleware.stores.memory\n"
+        "bad = sorted({'redis', 'urllib3', 'werkzeug', 'requests'} & set(sys.modules))\n"
+        "print(bad)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30
+    )
+    assert out.stdout.strip() == "[]"
+
+
+# --- the contract ------------------------------------------------------------
+
+
+def test_round_trip_keeps_records_whole_and_in_order(store: Store) -> None:
+    records = [make_record(), make_record(call="page"), make_record(accepted=False)]
+    store.write(records[:2])
+    store.write(records[2:])
+    read = store.read()
+    assert [record for _, record in read] == records
+    positions = [position for position, _ in read]
+    assert len(set(positions)) == 3
+    assert all(isinstance(position, str) for position in positions)
+
+
+def test_empty_write_keeps_nothing(store: Store) -> None:
+    store.write([])
+    assert store.read() == []
+
+
+def test_unicode_survives(store: Store) -> None:
+    record = make_record(
+        event={"type": "track", "event": "Café ☕ 注文 🎉", "properties": {"ключ": "\u2028"}},
+        request={
+            "method": "GET",
+            "path": "/v1/pixel/track",
+            # A lone surrogate: what a decoder keeps of invalid UTF-8 bytes.
+            "query": "name=\udcff",
+            "ip": None,
+            "userAgent": "Mozilla/5.0 (ünïcode)",
+        },
+    )
+    store.write([record])
+    assert [r for _, r in store.read()] == [record]
+
+
+FILTERS = [
+    pytest.param({}, ["a1", "a2", "r1", "p1", "r2"], id="all"),
+    pytest.param({"accepted": True}, ["a1", "a2", "p1"], id="accepted"),
+    pytest.param({"accepted": False}, ["r1", "r2"], id="rejected"),
+    pytest.param({"call": "page"}, ["p1", "r2"], id="call"),
+    pytest.param({"call": "page", "accepted": False}, ["r2"], id="call-and-rejected"),
+    pytest.param({"call": "screen"}, [], id="no-match"),
+    pytest.param({"limit": 2}, ["p1", "r2"], id="limit-newest-first-oldest-out"),
+    pytest.param({"limit": 0}, [], id="limit-0"),
+    pytest.param({"limit": 50}, ["a1", "a2", "r1", "p1", "r2"], id="limit-above-count"),
+    pytest.param({"accepted": True, "limit": 2}, ["a2", "p1"], id="accepted-limit"),
+    pytest.param({"accepted": False, "limit": 1}, ["r2"], id="rejected-limit"),
+]
+
+
+@pytest.mark.parametrize(("query", "expected"), FILTERS)
+def test_read_filters(store: Store, query: dict[str, object], expected: list[str]) -> None:
+    records = [
+        make_record(id="a1"),
+        make_record(id="a2"),
+        make_record(id="r1", accepted=False),
+        make_record(id="p1", call="page"),
+        make_record(id="r2", call="page", accepted=False),
+    ]
+    store.write(records)
+    assert ids(store.read(**query)) == expected  # type: ignore[arg-type]
+
+
+def test_after_returns_only_later_records(store: Store) -> None:
+    first = [make_record(id=f"r{i}") for i in range(5)]
+    store.write(first)
+    positions = [position for position, _ in store.read()]
+    assert ids(store.read(after=positions[1])) == ["r2", "r3", "r4"]
+    assert store.read(after=positions[-1]) == []
+    # As `events --follow` uses it: read what came since the last position seen.
+    store.write([make_record(id="r5"), make_record(id="r6", accepted=False)])
+    assert ids(store.read(after=positions[-1])) == ["r5", "r6"]
+    assert ids(store.read(after=positions[-1], accepted=False)) == ["r6"]
+    assert ids(store.read(after=positions[2], limit=2)) == ["r5", "r6"]
+
+
+def test_positions_sort_in_store_order_as_numbers(store: Store) -> None:
+    store.write([make_record() for _ in range(12)])
+    positions = [position for position, _ in store.read()]
+    assert [int(p) for p in positions] == sorted(int(p) for p in positions)
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        pytest.param({"after": "not-a-position"}, "not a position", id="after-garbage"),
+        pytest.param({"after": "-5"}, "not a position", id="after-negative"),
+        pytest.param({"limit": -1}, "limit must be", id="limit-negative"),
+    ],
+)
+def test_read_rejects_bad_arguments(store: Store, query: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        store.read(**query)  # type: ignore[arg-type]
+
+
+def test_write_after_close_raises_store_error(store: Store) -> None:
+    store.close()
+    with pytest.raises(StoreError, match="closed"):
+        store.write([make_record()])
+    store.close()  # idempotent
+
+
+def test_concurrent_writers_lose_nothing(store: Store) -> None:
+    def writer(n: int) -> None:
+        for i in range(20):
+            store.write([make_record(id=f"t{n}-{i}-{j}") for j in range(5)])
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    got = ids(store.read())
+    assert sorted(got) == sorted(
+        f"t{n}-{i}-{j}" for n in range(8) for i in range(20) for j in range(5)
+    )
+    # Each batch stays together and in order.
+    for n in range(8):
+        mine = [i for i in got if i.startswith(f"t{n}-")]
+        assert mine == [f"t{n}-{i}-{j}" for i in range(20) for j in range(5)]
+
+
+@pytest.mark.parametrize("name", PERSISTENT)
+def test_records_outlive_the_store_object(name: str, tmp_path: Path) -> None:
+    first = STORE_FACTORIES[name](tmp_path)
+    records = [make_record(), make_record(accepted=False)]
+    first.write(records)
+    positions = [position for position, _ in first.read()]
+    first.close()
+    second = STORE_FACTORIES[name](tmp_path)
+    try:
+        assert [r for _, r in second.read()] == records
+        second.write([make_record(id="later")])
+        assert ids(second.read(after=positions[-1])) == ["later"]
+    finally:
+        second.close()
