@@ -1,0 +1,315 @@
+"""The recorder's spool: records kept on local disk while the store fails.
+
+A spool is a directory of files of JSON lines, one record per line. Each
+process appends to its own file, ``<pid>-<random>.jsonl``, which it holds an
+exclusive ``flock`` on for as long as it lives; every append is fsync'd before
+it returns, since a spooled record has been promised to survive. A file whose
+lock can be taken belongs to a process that is gone: a spool opened on the
+same directory adopts it and hands its records on first.
+
+Reading is peek-then-consume: :meth:`Spool.peek` gives the oldest records,
+and :meth:`Spool.consume` drops them once the store has taken them. A file is
+removed when all its records are consumed. Consumption is not written down,
+so a process that dies between the store's write and the removal of the file
+hands those records to the store again: at least once, never lost.
+
+A :class:`Spool` is not thread-safe: the recorder's writer thread is its only
+user.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import secrets
+from collections.abc import Sequence
+from pathlib import Path
+from typing import cast
+
+from pixel_middleware.core import PixelRecord
+from pixel_middleware.stores import RecordError
+
+__all__ = ["Spool"]
+
+logger = logging.getLogger(__name__)
+
+_BLOCK = 256 * 1024
+
+
+class _SpoolFile:
+    """One file of the spool, locked by this process, read from ``offset``."""
+
+    __slots__ = ("count", "fd", "offset", "path")
+
+    def __init__(self, path: Path, fd: int, count: int) -> None:
+        self.path = path
+        self.fd = fd
+        self.offset = 0  # where the oldest record not yet consumed starts
+        self.count = count  # records from `offset` on
+
+
+class Spool:
+    """Records waiting on disk, oldest first, in the directory ``directory``.
+
+    Usage::
+
+        spool = Spool("pixel-spool/store")
+        spool.adopt()                 # files left by processes that are gone
+        spool.append(records)         # durable when it returns
+        batch = spool.peek(500)
+        store.write(batch)
+        spool.consume(len(batch))
+
+    The directory is created on the first append (or adoption finds nothing).
+    """
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory).absolute()
+        # Adopted files first (they are older), this process's own file last.
+        self._files: list[_SpoolFile] = []
+        self._own: _SpoolFile | None = None
+        self._peeked: list[int] = []  # end offsets of the records peek() returned
+
+    def __len__(self) -> int:
+        """The number of records waiting."""
+        return sum(file.count for file in self._files)
+
+    def __repr__(self) -> str:
+        return f"Spool({str(self.directory)!r}, {len(self)} records)"
+
+    def append(self, records: Sequence[PixelRecord]) -> None:
+        """Add ``records`` after all others; on disk and synced when it returns.
+
+        Raises ``OSError`` (nothing added) when the disk refuses, and
+        :class:`~pixel_middleware.stores.RecordError` (nothing added) for a
+        record that cannot be written as JSON.
+        """
+        if not records:
+            return
+        data = b"".join(_line(record) for record in records)
+        own = self._own if self._own is not None else self._create()
+        size = os.fstat(own.fd).st_size
+        written = 0
+        try:
+            view = memoryview(data)
+            while written < len(data):
+                written += os.write(own.fd, view[written:])
+            os.fsync(own.fd)
+        except OSError:
+            # Whole records or none: the file is ours alone, so cut it back.
+            with contextlib.suppress(OSError):
+                os.ftruncate(own.fd, size)
+            raise
+        own.count += len(records)
+
+    def peek(self, limit: int) -> list[PixelRecord]:
+        """Up to ``limit`` of the oldest records, left in place until consumed."""
+        self._peeked = []
+        records: list[PixelRecord] = []
+        while self._files:
+            file = self._files[0]
+            lines = _read_lines(file.fd, file.offset, limit)
+            if not lines:
+                self._remove(file)  # all consumed, or only a torn last line left
+                continue
+            for end, line in lines:
+                try:
+                    record = json.loads(line)
+                    if not isinstance(record, dict):
+                        raise ValueError("not a record")
+                except ValueError:
+                    if records:
+                        break  # dealt with at the next peek, once these are consumed
+                    logger.error(
+                        "spool %s: dropping a damaged line at byte %d", file.path, end - len(line)
+                    )
+                    file.offset = end
+                    file.count -= 1
+                    continue
+                records.append(cast(PixelRecord, record))
+                self._peeked.append(end)
+            if records:
+                break
+        return records
+
+    def consume(self, count: int) -> None:
+        """Drop the first ``count`` records the last :meth:`peek` returned."""
+        if not 0 <= count <= len(self._peeked):
+            raise ValueError(f"consume({count}) after peeking {len(self._peeked)} records")
+        if count == 0:
+            return
+        file = self._files[0]
+        file.offset = self._peeked[count - 1]
+        file.count -= count
+        self._peeked = self._peeked[count:]
+        if file.count <= 0:
+            self._remove(file)
+
+    def adopt(self) -> int:
+        """Take over the files of processes that are gone; the number of records gained."""
+        try:
+            with os.scandir(self.directory) as entries:
+                found = [Path(entry.path) for entry in entries if entry.name.endswith(".jsonl")]
+        except FileNotFoundError:
+            return 0
+        mine = {file.path for file in self._files}
+        gained = 0
+        adopted: list[_SpoolFile] = []
+        for path in sorted(found, key=_age):
+            if path in mine:
+                continue
+            file = _claim(path)
+            if file is None:
+                continue
+            if file.count == 0:
+                _unlink_and_close(file)
+                continue
+            logger.warning("spool: adopted %d records left in %s", file.count, path)
+            adopted.append(file)
+            gained += file.count
+        # Before this process's own file, whose records are newer.
+        at = len(self._files) - (1 if self._own is not None else 0)
+        self._files[at:at] = adopted
+        return gained
+
+    def close(self) -> None:
+        """Let go of the files: empty ones are removed, others wait for adoption."""
+        for file in self._files:
+            if file.count <= 0:
+                _unlink_and_close(file)
+            else:
+                os.close(file.fd)
+        self._files = []
+        self._own = None
+        self._peeked = []
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: drop the parent's files without touching them."""
+        for file in self._files:
+            # Closing the child's copy of the descriptor leaves the parent's
+            # lock in place (it is released only when every copy is closed),
+            # and keeps the file adoptable once the parent is gone.
+            with contextlib.suppress(OSError):
+                os.close(file.fd)
+        self._files = []
+        self._own = None
+        self._peeked = []
+
+    def _create(self) -> _SpoolFile:
+        # Private: a spool holds what the pixels said, IP addresses included.
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = self.directory / f"{os.getpid()}-{secrets.token_hex(4)}.jsonl"
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        fd = os.open(path, flags, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _fsync_directory(self.directory)
+        except OSError:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise
+        self._own = _SpoolFile(path, fd, 0)
+        self._files.append(self._own)
+        return self._own
+
+    def _remove(self, file: _SpoolFile) -> None:
+        self._files.remove(file)
+        if file is self._own:
+            self._own = None
+        self._peeked = []
+        _unlink_and_close(file)
+
+
+def _line(record: PixelRecord) -> bytes:
+    try:
+        # default=str: a spool must take whatever the store could not; the
+        # store then sees the value as text instead of choking on it forever.
+        return json.dumps(record, separators=(",", ":"), default=str).encode() + b"\n"
+    except (TypeError, ValueError) as exc:
+        raise RecordError(f"a record cannot be spooled as JSON: {exc}") from exc
+
+
+def _claim(path: Path) -> _SpoolFile | None:
+    """Lock and count the file at ``path`` if its owner is gone, else None."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return None  # removed meanwhile, or not ours to touch
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # The lock may have come after another adopter finished with the file
+        # and removed it: only a file still under its name is live.
+        if os.stat(path).st_ino != os.fstat(fd).st_ino:
+            raise FileNotFoundError(path)
+        count = _count_lines(fd)
+    except OSError:
+        os.close(fd)
+        return None
+    return _SpoolFile(path, fd, count)
+
+
+def _count_lines(fd: int) -> int:
+    """Whole, non-blank lines: records (a torn last line has no newline)."""
+    count = 0
+    offset = 0
+    tail = b""
+    while chunk := os.pread(fd, _BLOCK, offset):
+        offset += len(chunk)
+        lines = (tail + chunk).split(b"\n")
+        tail = lines.pop()
+        count += sum(1 for line in lines if line.strip())
+    return count
+
+
+def _read_lines(fd: int, offset: int, limit: int) -> list[tuple[int, bytes]]:
+    """Up to ``limit`` whole non-blank lines from ``offset``: (end offset, line)."""
+    found: list[tuple[int, bytes]] = []
+    buffer = b""
+    start = offset  # the file offset of buffer[0]
+    read_at = offset
+    while len(found) < limit:
+        chunk = os.pread(fd, _BLOCK, read_at)
+        if not chunk:
+            break
+        read_at += len(chunk)
+        buffer = buffer + chunk
+        at = 0
+        while len(found) < limit:
+            newline = buffer.find(b"\n", at)
+            if newline < 0:
+                break
+            line = buffer[at : newline + 1]
+            at = newline + 1
+            if line.strip():
+                found.append((start + at, line))
+        buffer = buffer[at:]
+        start += at
+    return found
+
+
+def _age(path: Path) -> tuple[float, str]:
+    """Sort key: oldest first (files gone meanwhile last; _claim skips them)."""
+    try:
+        return (path.stat().st_mtime, path.name)
+    except OSError:
+        return (float("inf"), path.name)
+
+
+def _unlink_and_close(file: _SpoolFile) -> None:
+    # Unlinked while still locked, so that an adopter waiting for the lock
+    # finds the name gone (see _claim) instead of replaying the records again.
+    with contextlib.suppress(OSError):
+        file.path.unlink()
+    os.close(file.fd)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
