@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from pixel_middleware.core import PixelRecord
-from pixel_middleware.stores import StoreError
+from pixel_middleware.stores import RecordError, StoreError
 from pixel_middleware.stores.redis import RedisStore
 
 if TYPE_CHECKING:
@@ -190,12 +190,26 @@ class TestWriteRead:
 
     @pytest.mark.parametrize("after", ["x", "1-2-3", "-1", ""], ids=str)
     def test_after_must_be_a_stream_id(self, store: RedisStore, after: str) -> None:
-        with pytest.raises(StoreError, match="not a position"):
+        with pytest.raises(ValueError, match="not a position"):
             store.read(after=after)
 
     def test_negative_limit(self, store: RedisStore) -> None:
-        with pytest.raises(ValueError, match="limit must be 0 or more"):
+        with pytest.raises(ValueError, match="limit must be"):
             store.read(limit=-1)
+
+    def test_lone_surrogates_survive(self, store: RedisStore) -> None:
+        record = make_record(1)
+        record["request"]["userAgent"] = "caf\udce9 ☕"
+        store.write([record])
+        assert [r for _, r in store.read()] == [record]
+
+    def test_closed_store_refuses(self, store: RedisStore) -> None:
+        store.close()
+        with pytest.raises(StoreError, match="closed"):
+            store.write([make_record(1)])
+        with pytest.raises(StoreError, match="closed"):
+            store.read()
+        store.close()
 
     def test_foreign_entries_are_skipped(
         self, store: RedisStore, redis_server: RedisServer
@@ -262,6 +276,6 @@ class TestOutage:
         # A record that cannot be encoded fails the whole batch before anything is sent.
         bad = make_record(2)
         bad["event"] = {"type": "track", "messageId": "m", "properties": {"x": object()}}
-        with pytest.raises(StoreError, match="could not be encoded"):
+        with pytest.raises(RecordError, match="cannot be stored"):
             store.write([make_record(1), bad])
         assert store.read() == []

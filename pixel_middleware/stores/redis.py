@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pixel_middleware.core import PixelRecord
-from pixel_middleware.stores import StoreError
+from pixel_middleware.stores import RecordError, StoreError, _check_limit
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -112,6 +112,7 @@ class RedisStore:
         self.maxlen: int | None = _positive(options, "maxlen", int)
         self.timeout: float = _positive(options, "timeout", float) or DEFAULT_TIMEOUT
         self._where = _redacted(parts)
+        self._closed = False
 
         try:
             import redis
@@ -139,25 +140,19 @@ class RedisStore:
 
     def write(self, records: Sequence[PixelRecord]) -> None:
         """Append ``records`` in one transaction; raise StoreError if it may not have happened."""
+        if self._closed:
+            raise StoreError(f"{self._where}: the store is closed")
         if not records:
             return
         try:
+            entries = [_entry(record) for record in records]
+        except (KeyError, TypeError, ValueError) as e:
+            raise RecordError(f"a record cannot be stored: {e!r}") from e
+        try:
             pipe = self._client.pipeline(transaction=True)
-            for record in records:
-                pipe.xadd(
-                    self.stream,
-                    {
-                        "id": record["id"],
-                        "call": record["call"],
-                        "accepted": "1" if record["accepted"] else "0",
-                        "record": json.dumps(record, ensure_ascii=False, separators=(",", ":")),
-                    },
-                    maxlen=self.maxlen,
-                    approximate=True,
-                )
+            for entry in entries:
+                pipe.xadd(self.stream, entry, maxlen=self.maxlen, approximate=True)
             pipe.execute()
-        except (ValueError, TypeError) as e:
-            raise StoreError(f"{self._where}: a record could not be encoded: {e}") from e
         except self._failures as e:
             raise StoreError(
                 f"{self._where}: could not append {len(records)} records to stream "
@@ -174,9 +169,10 @@ class RedisStore:
     ) -> list[tuple[str, PixelRecord]]:
         """Matching records after stream id ``after``, oldest first; see ``Store.read``."""
         if after is not None and not _STREAM_ID.fullmatch(after):
-            raise StoreError(f"{after!r} is not a position in a Redis store (a stream id)")
-        if limit is not None and limit < 0:
-            raise ValueError(f"limit must be 0 or more, not {limit}")
+            raise ValueError(f"not a position of this store (a Redis stream id): {after!r}")
+        _check_limit(limit)
+        if self._closed:
+            raise StoreError(f"{self._where}: the store is closed")
         if limit == 0:
             return []
         lowest = f"({after}" if after is not None else "-"
@@ -207,7 +203,12 @@ class RedisStore:
         return found
 
     def close(self) -> None:
+        """Close the connections; idempotent. Writes and reads after it fail."""
+        self._closed = True
         self._client.close()
+
+    def __repr__(self) -> str:
+        return f"RedisStore({self._where!r}, stream={self.stream!r})"
 
     def _range(self, start: str, end: str) -> list[tuple[str, dict[str, str]]]:
         return cast(Any, self._client.xrange(self.stream, min=start, max=end, count=_PAGE)) or []
@@ -236,6 +237,17 @@ class RedisStore:
                 raise StoreError(f"{self._where}: entry {entry_id} is not a JSON record") from e
             out.append((entry_id, record))
         return out
+
+
+def _entry(record: PixelRecord) -> dict[Any, Any]:  # redis-py wants its own key types
+    return {
+        "id": str(record["id"]),
+        "call": str(record["call"]),
+        "accepted": "1" if record["accepted"] else "0",
+        # ASCII JSON: a lone surrogate (what a decoder keeps of invalid UTF-8)
+        # survives as an escape, where UTF-8 encoding would fail.
+        "record": json.dumps(record, separators=(",", ":"), allow_nan=False),
+    }
 
 
 def _positive(options: dict[str, str], name: str, kind: Callable[[str], _N]) -> _N | None:
