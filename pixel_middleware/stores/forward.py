@@ -73,6 +73,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -143,6 +144,9 @@ CREATE TABLE IF NOT EXISTS dead_letter (
     failed_at TEXT NOT NULL
 );
 """
+
+
+_LIVE: weakref.WeakSet[ForwardStore] = weakref.WeakSet()
 
 
 class DeadLetter(TypedDict):
@@ -238,6 +242,7 @@ class ForwardStore:
         self._drain_until = 0.0
         with self._lock:
             self._start()
+        _LIVE.add(self)
 
     # -- the Store interface ------------------------------------------------------
 
@@ -322,7 +327,12 @@ class ForwardStore:
             self._stop.set()
             self._wake.set()
             sender, db = self._sender, self._db
-        if sender is not None and sender.is_alive() and self._pid == os.getpid():
+        if self._pid != os.getpid():
+            # A forked child that never wrote: the connection and the sender are
+            # the parent's (closing an inherited SQLite connection could drop the
+            # parent's locks), so leave them be.
+            return
+        if sender is not None and sender.is_alive():
             # Past this, a request still in flight finishes on its own (daemon thread).
             sender.join(self.drain + self.timeout + 1)
         if db is not None:
@@ -403,6 +413,16 @@ class ForwardStore:
                 return self._db.execute(sql, args).fetchall()
             except sqlite3.Error as e:
                 raise StoreError(f"{self._where}: {e}") from e
+
+    def _after_fork_in_child(self) -> None:
+        # Only the forking thread lives on: a lock another thread held stays held
+        # forever, and the parent's connection and sender are not ours. write()
+        # opens this process's own connection and sender (see _start).
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        if self._closed:
+            self._stop.set()
 
     # -- the sender's side ----------------------------------------------------------
 
@@ -626,6 +646,14 @@ def _try_lock(outbox: Path) -> IO[str] | None:
         handle.close()
         return None
     return handle
+
+
+def _after_fork_in_child() -> None:
+    for store in list(_LIVE):
+        store._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @functools.cache
