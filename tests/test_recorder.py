@@ -1,0 +1,534 @@
+"""The Recorder: group commit, backpressure, the spool, exit handling.
+
+Real stores (memory, SQLite files) and real processes; the only stand-in is
+``FlakyStore``, a memory store whose writes can be made to fail or to wait.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from records import make_record
+
+from pixel_middleware.core import PixelRecord
+from pixel_middleware.recorder import DEFAULT_SPOOL_ROOT, Recorder, install_signal_flush
+from pixel_middleware.stores import StoreError
+from pixel_middleware.stores.memory import MemoryStore
+from pixel_middleware.stores.sqlite import SQLiteStore
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class FlakyStore:
+    """A memory store whose writes fail while ``failing`` is set, wait while
+    ``gate`` is clear, and take ``delay`` seconds each."""
+
+    url = "memory://flaky"
+
+    def __init__(self, *, delay: float = 0.0, error: type[Exception] = StoreError) -> None:
+        self.inner = MemoryStore()
+        self.delay = delay
+        self.error = error
+        self.failing = threading.Event()
+        self.gate = threading.Event()
+        self.gate.set()
+        self.writes: list[int] = []  # the size of each successful write
+        self.closed = False
+
+    def write(self, records: Sequence[PixelRecord]) -> None:
+        self.gate.wait()
+        if self.failing.is_set():
+            raise self.error("the store is down")
+        time.sleep(self.delay)
+        self.inner.write(records)
+        self.writes.append(len(records))
+
+    def read(self, **query: Any) -> list[tuple[str, PixelRecord]]:
+        return self.inner.read(**query)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def ids(self) -> list[str]:
+        return [record["id"] for _, record in self.inner.read()]
+
+
+@pytest.fixture
+def spool_dir(tmp_path: Path) -> Path:
+    return tmp_path / "spool"
+
+
+@pytest.fixture
+def make_recorder(spool_dir: Path) -> Iterator[Callable[..., Recorder]]:
+    made: list[Recorder] = []
+
+    def make(store: Any, **options: Any) -> Recorder:
+        options.setdefault("spool_path", spool_dir)
+        options.setdefault("retry_interval", 0.05)
+        recorder = Recorder(store, **options)
+        made.append(recorder)
+        return recorder
+
+    yield make
+    for recorder in made:
+        store = recorder.store
+        if isinstance(store, FlakyStore):
+            store.failing.clear()
+            store.gate.set()
+        recorder.close(timeout=5)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.005)
+
+
+def run_child(code: str, *args: str, **popen: Any) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        **popen,
+    )
+
+
+# --- configuration -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        pytest.param({"max_batch": 0}, "max_batch must be", id="max-batch-0"),
+        pytest.param({"max_batch": 2.5}, "max_batch must be", id="max-batch-float"),
+        pytest.param({"max_pending": 0}, "max_pending must be", id="max-pending-0"),
+        pytest.param({"max_pending": True}, "max_pending must be", id="max-pending-bool"),
+        pytest.param({"retry_interval": 0}, "retry_interval must be", id="retry-0"),
+        pytest.param({"retry_interval": float("nan")}, "retry_interval must be", id="retry-nan"),
+    ],
+)
+def test_bad_options_fail_at_construction(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Recorder(MemoryStore(), **options)
+
+
+def test_a_store_must_be_a_store() -> None:
+    with pytest.raises(TypeError, match="store must be a Store"):
+        Recorder("sqlite:///x.db")  # type: ignore[arg-type]
+
+
+def test_default_spool_is_per_store_url_under_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    one = Recorder(SQLiteStore("one.sqlite3"))
+    two = Recorder(SQLiteStore("two.sqlite3"))
+    try:
+        assert one.spool_path.parent == tmp_path / DEFAULT_SPOOL_ROOT
+        assert one.spool_path != two.spool_path
+        assert not one.spool_path.exists(), "created only when something is spooled"
+    finally:
+        one.close()
+        two.close()
+
+
+# --- committing ----------------------------------------------------------------
+
+
+def test_a_durable_record_is_in_the_store_when_record_returns(
+    make_recorder: Callable[..., Recorder], tmp_path: Path
+) -> None:
+    recorder = make_recorder(SQLiteStore(tmp_path / "events.sqlite3"))
+    for n in range(5):
+        record = make_record(id=f"r{n}")
+        recorder.record(record)
+        # Through another connection, as another process would see it.
+        other = SQLiteStore(tmp_path / "events.sqlite3")
+        assert [r["id"] for _, r in other.read()][-1] == f"r{n}"
+        other.close()
+
+
+def test_concurrent_records_share_commits(make_recorder: Callable[..., Recorder]) -> None:
+    store = FlakyStore(delay=0.002)  # a commit that costs, like an fsync
+    recorder = make_recorder(store, max_batch=64)
+    threads, per_thread = 32, 40
+
+    def work(n: int) -> None:
+        for i in range(per_thread):
+            recorder.record(make_record(id=f"t{n}-{i}"))
+
+    workers = [threading.Thread(target=work, args=(n,)) for n in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    total = threads * per_thread
+    assert sum(store.writes) == total
+    assert len(store.writes) < total / 5, f"{len(store.writes)} writes for {total} records"
+    assert max(store.writes) <= 64
+    ids = store.ids()
+    assert sorted(ids) == sorted(f"t{n}-{i}" for n in range(threads) for i in range(per_thread))
+    for n in range(threads):  # each thread's records in the order it recorded them
+        assert [i for i in ids if i.startswith(f"t{n}-")] == [
+            f"t{n}-{i}" for i in range(per_thread)
+        ]
+
+
+def test_writes_are_at_most_max_batch(make_recorder: Callable[..., Recorder]) -> None:
+    store = FlakyStore()
+    store.gate.clear()
+    recorder = make_recorder(store, durable=False, max_batch=7)
+    for n in range(50):
+        recorder.record(make_record(id=f"r{n}"))
+    store.gate.set()
+    assert recorder.flush(timeout=5)
+    assert store.ids() == [f"r{n}" for n in range(50)]
+    assert max(store.writes) == 7
+
+
+def test_fire_and_forget_returns_before_the_write(make_recorder: Callable[..., Recorder]) -> None:
+    store = FlakyStore()
+    store.gate.clear()
+    recorder = make_recorder(store, durable=False)
+    recorder.record(make_record(id="queued"))
+    assert store.ids() == []
+    assert recorder.flush(timeout=0.05) is False
+    store.gate.set()
+    assert recorder.flush(timeout=5) is True
+    assert store.ids() == ["queued"]
+
+
+def test_flush_with_nothing_queued_is_true_at_once(make_recorder: Callable[..., Recorder]) -> None:
+    recorder = make_recorder(MemoryStore())
+    assert recorder.flush(timeout=0) is True
+
+
+def test_close_writes_what_fire_and_forget_queued(make_recorder: Callable[..., Recorder]) -> None:
+    store = FlakyStore(delay=0.001)
+    recorder = make_recorder(store, durable=False, max_batch=10)
+    for n in range(500):
+        recorder.record(make_record(id=f"r{n}"))
+    recorder.close()
+    assert store.ids() == [f"r{n}" for n in range(500)]
+    assert store.closed
+
+
+def test_backpressure_blocks_record_and_drops_nothing(
+    make_recorder: Callable[..., Recorder],
+) -> None:
+    store = FlakyStore()
+    store.gate.clear()  # the store hangs: nothing gets written
+    recorder = make_recorder(store, durable=False, max_pending=10, max_batch=4)
+    returned = 0
+
+    def produce() -> None:
+        nonlocal returned
+        for n in range(100):
+            recorder.record(make_record(id=f"r{n}"))
+            returned += 1
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    time.sleep(0.2)
+    # Ten in memory (one batch of them with the hanging store), the
+    # eleventh record() waits for room.
+    assert returned == 10
+    assert producer.is_alive()
+    store.gate.set()
+    producer.join(timeout=5)
+    assert not producer.is_alive()
+    assert recorder.flush(timeout=5)
+    assert store.ids() == [f"r{n}" for n in range(100)]
+
+
+# --- a failing store -------------------------------------------------------------
+
+
+def test_a_failing_store_spools_then_replays_in_order(
+    make_recorder: Callable[..., Recorder], caplog: pytest.LogCaptureFixture
+) -> None:
+    store = FlakyStore()
+    store.failing.set()
+    recorder = make_recorder(store, max_batch=3)
+    with caplog.at_level(logging.WARNING, logger="pixel_middleware.recorder"):
+        for n in range(10):
+            recorder.record(make_record(id=f"r{n}"))  # durable: returns once spooled
+        assert recorder.spooled == 10
+        assert store.ids() == []
+        assert "spooling, 1 records waiting" in caplog.text
+        time.sleep(0.12)  # a few failed retries
+        for n in range(10, 15):
+            recorder.record(make_record(id=f"r{n}"))
+        assert recorder.spooled == 15
+        store.failing.clear()
+        wait_until(lambda: recorder.spooled == 0)
+        recorder.record(make_record(id="after"))
+    assert store.ids() == [f"r{n}" for n in range(15)] + ["after"]
+    assert "spool drained" in caplog.text
+    assert list(recorder.spool_path.glob("*.jsonl")) == []
+
+
+def test_any_exception_from_the_store_is_a_failure_to_spool_through(
+    make_recorder: Callable[..., Recorder],
+) -> None:
+    store = FlakyStore(error=RuntimeError)
+    store.failing.set()
+    recorder = make_recorder(store)
+    recorder.record(make_record(id="kept"))
+    assert recorder.spooled == 1
+    store.failing.clear()
+    wait_until(lambda: store.ids() == ["kept"])
+
+
+def test_a_locked_sqlite_database_spools_then_recovers(
+    make_recorder: Callable[..., Recorder], tmp_path: Path
+) -> None:
+    path = tmp_path / "events.sqlite3"
+    store = SQLiteStore(path, timeout=0.05)
+    recorder = make_recorder(store)
+    # Another process's long write transaction, as far as SQLite can tell.
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        for n in range(5):
+            recorder.record(make_record(id=f"r{n}"))
+        assert recorder.spooled == 5
+    finally:
+        blocker.execute("COMMIT")
+        blocker.close()
+    wait_until(lambda: recorder.spooled == 0)
+    assert [r["id"] for _, r in store.read()] == [f"r{n}" for n in range(5)]
+
+
+def test_the_spool_outlives_the_recorder(
+    make_recorder: Callable[..., Recorder], spool_dir: Path
+) -> None:
+    down = FlakyStore()
+    down.failing.set()
+    first = make_recorder(down)
+    for n in range(5):
+        first.record(make_record(id=f"r{n}"))
+    first.close(timeout=5)  # the store still fails: the records stay spooled
+    assert len(list(spool_dir.glob("*.jsonl"))) == 1
+    up = FlakyStore()
+    make_recorder(up)
+    wait_until(lambda: len(up.ids()) == 5)
+    assert up.ids() == [f"r{n}" for n in range(5)]
+    wait_until(lambda: list(spool_dir.glob("*.jsonl")) == [])
+
+
+def test_the_spool_of_a_killed_process_is_replayed(tmp_path: Path, spool_dir: Path) -> None:
+    path = tmp_path / "events.sqlite3"
+    SQLiteStore(path).close()
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # the store fails for the child
+    child = run_child(
+        """
+        import sys, time
+        from records import make_record
+        from pixel_middleware.recorder import Recorder
+        from pixel_middleware.stores.sqlite import SQLiteStore
+        recorder = Recorder(SQLiteStore(sys.argv[1], timeout=0.01), spool_path=sys.argv[2])
+        for n in range(30):
+            recorder.record(make_record(id=f"child-{n}"))
+            print(f"child-{n}", flush=True)
+        print("done", flush=True)
+        time.sleep(60)
+        """,
+        str(path),
+        str(spool_dir),
+    )
+    try:
+        assert child.stdout is not None
+        printed = [child.stdout.readline().strip() for _ in range(31)]
+        assert printed[-1] == "done", child.stderr.read() if child.stderr else ""
+        child.kill()  # SIGKILL: no exit handler runs
+        child.wait(timeout=5)
+    finally:
+        blocker.execute("COMMIT")
+        blocker.close()
+    store = SQLiteStore(path)
+    recorder = Recorder(store, spool_path=spool_dir)
+    try:
+        wait_until(lambda: len(store.read()) == 30)
+        assert [r["id"] for _, r in store.read()] == printed[:-1]
+    finally:
+        recorder.close()
+        child.stdout.close()
+        child.stderr.close()
+
+
+def test_a_record_no_store_can_keep_is_dropped_alone(
+    make_recorder: Callable[..., Recorder], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = SQLiteStore(tmp_path / "events.sqlite3")
+    recorder = make_recorder(store, durable=False)
+    bad = make_record(id="bad")
+    del bad["call"]  # type: ignore[misc]
+    with caplog.at_level(logging.ERROR, logger="pixel_middleware.recorder"):
+        recorder.record(make_record(id="good-1"))
+        recorder.record(bad)
+        recorder.record(make_record(id="good-2"))
+        assert recorder.flush(timeout=5)
+    assert [r["id"] for _, r in store.read()] == ["good-1", "good-2"]
+    assert recorder.spooled == 0
+    assert "dropping a record no store can keep" in caplog.text
+
+
+# --- closing and exiting ---------------------------------------------------------
+
+
+def test_record_after_close_logs_and_returns(
+    make_recorder: Callable[..., Recorder], caplog: pytest.LogCaptureFixture
+) -> None:
+    store = FlakyStore()
+    recorder = make_recorder(store)
+    recorder.close()
+    started = time.monotonic()
+    with caplog.at_level(logging.ERROR, logger="pixel_middleware.recorder"):
+        recorder.record(make_record(id="late"))
+    assert time.monotonic() - started < 1
+    assert "is closed: record late not kept" in caplog.text
+    assert store.ids() == []
+
+
+def test_close_is_idempotent_and_closes_the_store(make_recorder: Callable[..., Recorder]) -> None:
+    store = FlakyStore()
+    recorder = make_recorder(store)
+    recorder.record(make_record())
+    recorder.close()
+    recorder.close()
+    assert store.closed
+    assert recorder.flush(timeout=0) is True
+
+
+def test_exit_writes_fire_and_forget_records(tmp_path: Path) -> None:
+    path = tmp_path / "events.sqlite3"
+    child = run_child(
+        """
+        import sys
+        from records import make_record
+        from pixel_middleware.recorder import Recorder
+        from pixel_middleware.stores.sqlite import SQLiteStore
+        recorder = Recorder(SQLiteStore(sys.argv[1]), durable=False, spool_path=sys.argv[2])
+        for n in range(2000):
+            recorder.record(make_record(id=f"r{n}"))
+        # No close(): the exit hook flushes.
+        """,
+        str(path),
+        str(tmp_path / "spool"),
+    )
+    _, err = child.communicate(timeout=30)
+    assert child.returncode == 0, err
+    store = SQLiteStore(path)
+    assert [r["id"] for _, r in store.read()] == [f"r{n}" for n in range(2000)]
+    store.close()
+
+
+SIGTERM_CHILD = """
+import signal, sys, time
+from records import make_record
+from pixel_middleware.recorder import Recorder, install_signal_flush
+from pixel_middleware.stores.sqlite import SQLiteStore
+
+class SlowStore(SQLiteStore):
+    def write(self, records):
+        time.sleep(0.002)
+        super().write(records)
+
+if sys.argv[3] == "chain":
+    def previous(signum, frame):
+        print("previous handler", flush=True)
+        sys.exit(3)
+    signal.signal(signal.SIGTERM, previous)
+install_signal_flush()
+install_signal_flush()  # twice: still one flush
+recorder = Recorder(SlowStore(sys.argv[1]), durable=False, max_batch=5, spool_path=sys.argv[2])
+for n in range(300):
+    recorder.record(make_record(id=f"r{n}"))
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize(
+    ("mode", "status", "output"),
+    [
+        pytest.param("alone", 0, "ready\n", id="exits-0"),
+        pytest.param("chain", 3, "ready\nprevious handler\n", id="chains-to-previous"),
+    ],
+)
+def test_sigterm_flushes_then_exits(tmp_path: Path, mode: str, status: int, output: str) -> None:
+    path = tmp_path / "events.sqlite3"
+    child = run_child(SIGTERM_CHILD, str(path), str(tmp_path / "spool"), mode)
+    assert child.stdout is not None
+    assert child.stdout.readline() == "ready\n"
+    child.send_signal(signal.SIGTERM)
+    out, err = child.communicate(timeout=30)
+    assert child.returncode == status, err
+    assert "ready\n" + out == output
+    store = SQLiteStore(path)
+    assert len(store.read()) == 300
+    store.close()
+
+
+def test_install_signal_flush_keeps_one_handler() -> None:
+    before = signal.getsignal(signal.SIGUSR1)
+    try:
+        install_signal_flush([signal.SIGUSR1])
+        installed = signal.getsignal(signal.SIGUSR1)
+        install_signal_flush([signal.SIGUSR1])
+        assert signal.getsignal(signal.SIGUSR1) is installed
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+
+
+def test_a_forked_child_records_through_its_own_writer(tmp_path: Path) -> None:
+    # As in a pre-forking server that made the recorder before forking.
+    child = run_child(
+        """
+        import os, sys, warnings
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads
+        from records import make_record
+        from pixel_middleware.recorder import Recorder
+        from pixel_middleware.stores.sqlite import SQLiteStore
+        store = SQLiteStore(sys.argv[1])
+        recorder = Recorder(store, spool_path=sys.argv[2])
+        recorder.record(make_record(id="parent-before"))
+        pid = os.fork()
+        if pid == 0:
+            for n in range(10):
+                recorder.record(make_record(id=f"child-{n}"))
+            recorder.close()
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        recorder.record(make_record(id="parent-after"))
+        recorder.close()
+        print(status, sorted(r["id"] for _, r in SQLiteStore(sys.argv[1]).read()))
+        """,
+        str(tmp_path / "events.sqlite3"),
+        str(tmp_path / "spool"),
+    )
+    out, err = child.communicate(timeout=30)
+    assert child.returncode == 0, err
+    status, ids = out.split(" ", 1)
+    assert status == "0"
+    expected = sorted(["parent-before", "parent-after"] + [f"child-{n}" for n in range(10)])
+    assert ids.strip() == repr(expected)

@@ -1,0 +1,247 @@
+"""The spool: real files, real locks, real processes that die holding them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from records import make_record
+
+from pixel_middleware.spool import Spool
+from pixel_middleware.stores import RecordError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_child(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+        check=False,
+    )
+
+
+def drain(spool: Spool, batch: int = 1000) -> list[str]:
+    """Every record's id, oldest first, consuming them as a recorder would."""
+    ids: list[str] = []
+    while records := spool.peek(batch):
+        ids += [record["id"] for record in records]
+        spool.consume(len(records))
+    return ids
+
+
+def spool_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.jsonl"))
+
+
+def test_append_peek_consume_keeps_order(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    records = [make_record(id=f"r{i}") for i in range(10)]
+    spool.append(records[:4])
+    spool.append(records[4:])
+    assert len(spool) == 10
+    assert spool.peek(3) == records[:3]
+    assert spool.peek(3) == records[:3], "peek leaves records in place"
+    spool.consume(2)
+    assert len(spool) == 8
+    assert [r["id"] for r in spool.peek(100)] == [f"r{i}" for i in range(2, 10)]
+    spool.consume(8)
+    assert len(spool) == 0
+    assert spool.peek(10) == []
+    spool.close()
+
+
+def test_directory_and_file_appear_only_when_needed_and_go_when_drained(tmp_path: Path) -> None:
+    directory = tmp_path / "spool"
+    spool = Spool(directory)
+    assert spool.adopt() == 0
+    assert not directory.exists()
+    spool.append([make_record()])
+    [file] = spool_files(directory)
+    assert file.name.startswith(f"{os.getpid()}-")
+    # It may hold what pixels said about people: nobody else may read it.
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    assert stat.S_IMODE(file.stat().st_mode) == 0o600
+    drain(spool)
+    assert spool_files(directory) == []
+    # A new file once records come again.
+    spool.append([make_record(id="again")])
+    assert drain(spool) == ["again"]
+    spool.close()
+
+
+def test_records_are_json_lines_on_disk_when_append_returns(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    records = [make_record(), make_record(event={"text": "ünïcode ☃"})]
+    spool.append(records)
+    [file] = spool_files(tmp_path)
+    lines = file.read_bytes().splitlines()
+    assert [json.loads(line) for line in lines] == records
+    spool.close()
+
+
+def test_close_keeps_unconsumed_records_for_the_next_spool(tmp_path: Path) -> None:
+    first = Spool(tmp_path)
+    first.append([make_record(id=f"a{i}") for i in range(5)])
+    assert first.peek(2)
+    first.consume(2)  # not written down: a restart hands them on again
+    first.close()
+    second = Spool(tmp_path)
+    assert second.adopt() == 5
+    assert drain(second) == [f"a{i}" for i in range(5)]
+    assert spool_files(tmp_path) == []
+    second.close()
+
+
+def test_close_removes_an_empty_file(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.append([make_record()])
+    drain(spool)
+    spool.close()
+    assert spool_files(tmp_path) == []
+
+
+def test_a_live_owners_file_is_not_adopted(tmp_path: Path) -> None:
+    owner = Spool(tmp_path)
+    owner.append([make_record()])
+    other = Spool(tmp_path)
+    assert other.adopt() == 0
+    assert len(other) == 0
+    owner.close()
+    assert other.adopt() == 1
+    other.close()
+
+
+def test_adopted_records_come_before_the_adopters_own(tmp_path: Path) -> None:
+    old = Spool(tmp_path)
+    old.append([make_record(id="old-1"), make_record(id="old-2")])
+    old.close()
+    spool = Spool(tmp_path)
+    spool.append([make_record(id="own-1")])
+    assert spool.adopt() == 2
+    assert len(spool) == 3
+    assert drain(spool, batch=1) == ["old-1", "old-2", "own-1"]
+    spool.close()
+
+
+def test_the_file_of_a_killed_process_is_adopted(tmp_path: Path) -> None:
+    # The child appends, then dies without closing anything (os._exit): the
+    # kernel drops its lock and the file stays behind.
+    child = run_child(
+        """
+        import os, sys
+        from records import make_record
+        from pixel_middleware.spool import Spool
+        spool = Spool(sys.argv[1])
+        spool.append([make_record(id=f"dead-{i}") for i in range(20)])
+        os._exit(0)
+        """,
+        str(tmp_path),
+    )
+    assert child.returncode == 0, child.stderr
+    assert len(spool_files(tmp_path)) == 1
+    spool = Spool(tmp_path)
+    assert spool.adopt() == 20
+    assert drain(spool, batch=7) == [f"dead-{i}" for i in range(20)]
+    assert spool_files(tmp_path) == []
+    spool.close()
+
+
+def test_a_torn_last_line_is_ignored(tmp_path: Path) -> None:
+    good = [make_record(id="whole-1"), make_record(id="whole-2")]
+    (tmp_path / "999-dead.jsonl").write_bytes(
+        b"".join(json.dumps(r).encode() + b"\n" for r in good) + b'{"id": "torn", "ca'
+    )
+    spool = Spool(tmp_path)
+    assert spool.adopt() == 2
+    assert drain(spool) == ["whole-1", "whole-2"]
+    assert spool_files(tmp_path) == []
+    spool.close()
+
+
+def test_a_damaged_line_is_dropped_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    lines = [
+        json.dumps(make_record(id="before")),
+        "this is not json",
+        "",
+        json.dumps(make_record(id="after")),
+    ]
+    (tmp_path / "999-dead.jsonl").write_text("\n".join(lines) + "\n")
+    spool = Spool(tmp_path)
+    assert spool.adopt() == 3  # whole non-blank lines
+    with caplog.at_level(logging.ERROR, logger="pixel_middleware.spool"):
+        assert drain(spool) == ["before", "after"]
+    assert "damaged line" in caplog.text
+    assert len(spool) == 0
+    spool.close()
+
+
+def test_consume_more_than_peeked_is_an_error(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.append([make_record(), make_record()])
+    spool.peek(1)
+    with pytest.raises(ValueError, match=r"consume\(2\) after peeking 1"):
+        spool.consume(2)
+    spool.close()
+
+
+def test_a_value_json_cannot_carry_is_spooled_as_text(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.append([make_record(id="odd", event={"when": object()})])
+    [record] = spool.peek(1)
+    assert isinstance(record["event"], dict)
+    assert record["event"]["when"].startswith("<object object")
+    spool.close()
+
+
+def test_a_record_that_is_no_json_at_all_raises_record_error(tmp_path: Path) -> None:
+    loop: dict[str, object] = {}
+    loop["self"] = loop
+    spool = Spool(tmp_path)
+    with pytest.raises(RecordError, match="cannot be spooled"):
+        spool.append([make_record(), make_record(event=loop)])
+    assert len(spool) == 0
+    spool.close()
+
+
+def test_a_failed_append_leaves_no_partial_records(tmp_path: Path) -> None:
+    # A real write failure: a file size limit (RLIMIT_FSIZE) makes the kernel
+    # refuse the write with EFBIG, as a full disk would with ENOSPC.
+    child = run_child(
+        """
+        import os, resource, signal, sys
+        from records import make_record
+        from pixel_middleware.spool import Spool
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        spool = Spool(sys.argv[1])
+        spool.append([make_record(id="kept")])
+        [path] = [os.path.join(sys.argv[1], n) for n in os.listdir(sys.argv[1])]
+        size = os.path.getsize(path)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size + 3000, size + 3000))
+        try:
+            spool.append([make_record(id=f"big-{i}", event={"pad": "x" * 1000}) for i in range(5)])
+        except OSError as exc:
+            print("failed", exc.errno)
+        print("size", os.path.getsize(path) == size, "count", len(spool))
+        print("ids", [r["id"] for r in spool.peek(10)])
+        """,
+        str(tmp_path),
+    )
+    assert child.returncode == 0, child.stderr
+    out = child.stdout.splitlines()
+    assert out[0].startswith("failed")
+    assert out[1] == "size True count 1"
+    assert out[2] == "ids ['kept']"
