@@ -1,0 +1,347 @@
+"""The WSGI middleware: answers and records tracking pixels in front of any app.
+
+A thin adapter over :mod:`pixel_middleware.core`: it reads the few environ keys
+the core needs, lets the core decode the pixel, hands the record to a
+:class:`~pixel_middleware.recorder.Recorder` and sends the core's answer. Every
+other request goes to the wrapped application untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any, Literal
+
+from pixel_middleware.core import (
+    ALLOWED_METHODS,
+    DIALECTS,
+    GIF,
+    Limits,
+    PixelConfig,
+    PixelOutcome,
+    PixelRecord,
+    PixelRequest,
+    Route,
+    decode_pixel,
+    match_route,
+)
+from pixel_middleware.recorder import Recorder
+from pixel_middleware.stores import Store, open_store
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+__all__ = ["PixelMiddleware"]
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT_LIMITS = Limits()
+
+# "200 OK", "405 Method Not Allowed", ...: built once, not per request.
+_STATUS_LINES = {status.value: f"{status.value} {status.phrase}" for status in HTTPStatus}
+
+# What a pixel answer always carries when the core could not build one: a pixel
+# that must count every open has to defeat browser and mail-client caches.
+_NO_CACHE = [
+    ("Cache-Control", "no-cache, no-store, must-revalidate"),
+    ("Pragma", "no-cache"),
+    ("Expires", "0"),
+]
+
+
+class PixelMiddleware:
+    """Answer and record Segment- and RudderStack-style tracking pixels.
+
+    Requests to a pixel route (``/v1/pixel/<call>`` for Segment,
+    ``/pixel/v1/page`` and ``/pixel/v1/track`` for RudderStack, under
+    ``prefix``) are decoded, checked and recorded, and answered as the reference
+    systems answer them; every other request is passed to ``app`` untouched.
+    A pixel never gets a 500: bad input becomes a recorded, explained
+    rejection, and even a failing store or a bug in the decoder still gets the
+    dialect's normal answer (the GIF for Segment).
+
+    :param app: The WSGI application to wrap.
+    :param store: Where records go: a store URL (``sqlite:///path``,
+        ``jsonl:///path``, ``memory://``), an open :class:`~.stores.Store`, or a
+        :class:`~.recorder.Recorder` you manage yourself. ``None`` reads the
+        ``PIXEL_STORE`` environment variable, else ``sqlite:///pixel-events.sqlite3``.
+    :param prefix: Path prefix the pixel routes live under, e.g. ``"/collect"``.
+    :param dialects: Which dialects to answer: ``"segment"``, ``"rudderstack"``.
+    :param write_keys: Accepted write keys; ``None`` accepts any key. Pixels
+        with another key are still answered and recorded, as rejected.
+    :param trusted_proxies: How many proxies in front of the app append to
+        ``X-Forwarded-For``; ``0`` takes the client address from ``REMOTE_ADDR``.
+    :param limits: Bounds on what one pixel may cost (query size, depth, ...).
+    :param rudderstack_response: ``"seed"`` answers RudderStack pixels as its
+        Pixel API document says (``200 OK`` / ``400``); ``"gif"`` answers the
+        GIF for everything, as rudder-server does.
+    :param durable: ``True`` (the default) answers a pixel only once its record
+        is committed; ``False`` queues it and answers at once (faster; a crash
+        loses what is queued). Ignored when ``store`` is a Recorder.
+    :param on_record: Called with each record after it is handed to the store,
+        in the request's thread. Its exceptions are logged, never raised.
+
+    .. code-block:: python
+
+        # Flask: wrap the WSGI callable, not the app object (the Flask CLI
+        # needs app to stay a Flask).
+        from pixel_middleware import PixelMiddleware
+        app.wsgi_app = PixelMiddleware(app.wsgi_app, write_keys={"YOUR_WRITE_KEY"})
+
+        # Django, in wsgi.py:
+        from django.core.wsgi import get_wsgi_application
+        from pixel_middleware import PixelMiddleware
+        application = PixelMiddleware(get_wsgi_application(), store="sqlite:///pixels.db")
+
+    .. warning::
+
+        ``X-Forwarded-For`` is sent by the client and can say anything. Set
+        ``trusted_proxies`` to the exact number of proxies in front of the app
+        that append to it, or leave it at ``0``: trusting one more than there
+        are lets any client choose the IP address that is recorded. If
+        ``werkzeug.middleware.proxy_fix.ProxyFix`` already rewrites
+        ``REMOTE_ADDR``, put it *outside* this middleware
+        (``ProxyFix(PixelMiddleware(app), x_for=1)``) and leave
+        ``trusted_proxies`` at ``0``, so the proxies are not counted twice.
+
+    Call :meth:`close` at shutdown to flush what is queued (the recorder also
+    flushes at interpreter exit). Records go through a
+    :class:`~.recorder.Recorder`: concurrent pixels share one commit, and while
+    the store fails they wait in a spool on local disk (``./pixel-spool/``).
+    """
+
+    def __init__(
+        self,
+        app: WSGIApplication,
+        *,
+        store: str | Store | Recorder | None = None,
+        prefix: str = "",
+        dialects: Iterable[str] = DIALECTS,
+        write_keys: Iterable[str] | None = None,
+        trusted_proxies: int = 0,
+        limits: Limits = _DEFAULT_LIMITS,
+        rudderstack_response: Literal["seed", "gif"] = "seed",
+        durable: bool = True,
+        on_record: Callable[[PixelRecord], None] | None = None,
+    ) -> None:
+        if not callable(app):
+            raise TypeError(
+                f"PixelMiddleware: app must be a WSGI application (a callable), got"
+                f" {type(app).__name__}; with Flask, wrap app.wsgi_app"
+            )
+        if on_record is not None and not callable(on_record):
+            raise TypeError(
+                f"PixelMiddleware: on_record must be a callable taking a record, got"
+                f" {type(on_record).__name__}"
+            )
+        self.app = app
+        self.on_record = on_record
+        self.config = _build_config(
+            prefix=prefix,
+            dialects=dialects,
+            write_keys=write_keys,
+            trusted_proxies=trusted_proxies,
+            limits=limits,
+            rudderstack_response=rudderstack_response,
+        )
+        self.recorder: Recorder
+        #: The store records go to (read it for what was recorded).
+        self.store: Store
+        if isinstance(store, Recorder):
+            self.recorder = store
+            self.store = store.store
+            self._owns_recorder = False
+        else:
+            if store is None or isinstance(store, str):
+                # Opened here, so that a wrong URL fails at construction.
+                store = open_store(store)
+            elif not (
+                callable(getattr(store, "write", None)) and callable(getattr(store, "read", None))
+            ):
+                raise TypeError(
+                    f"PixelMiddleware: store must be a store URL such as"
+                    f" 'sqlite:///pixel-events.sqlite3', a Store or a Recorder;"
+                    f" got {type(store).__name__}"
+                )
+            self.store = store
+            self.recorder = Recorder(store, durable=durable)
+            self._owns_recorder = True
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        path: str = environ.get("PATH_INFO", "")
+        try:
+            route = match_route(path, self.config)
+        except Exception:
+            # Not knowing whether the path is ours, leave it to the app.
+            logger.exception("pixel route matching failed for %r; passing it on", path)
+            route = None
+        if route is None:
+            return self.app(environ, start_response)
+        return self._answer_pixel(environ, start_response, route, path)
+
+    def _answer_pixel(
+        self,
+        environ: WSGIEnvironment,
+        start_response: StartResponse,
+        route: Route,
+        path: str,
+    ) -> Iterable[bytes]:
+        method: str = environ.get("REQUEST_METHOD", "GET")
+        now = datetime.now(UTC)
+        outcome: PixelOutcome | None
+        try:
+            outcome = decode_pixel(
+                PixelRequest(
+                    method,
+                    path,
+                    _query_bytes(environ.get("QUERY_STRING", "")),
+                    environ.get("REMOTE_ADDR"),
+                    environ.get("HTTP_USER_AGENT"),
+                    environ.get("HTTP_X_FORWARDED_FOR"),
+                ),
+                config=self.config,
+                now=now,
+            )
+        except Exception as exc:
+            logger.exception("decoding the pixel %s failed; answering the default", path)
+            outcome = self._fallback_outcome(environ, route, method, path, now, exc)
+        if outcome is None:
+            # The core changed its mind about the route: the app may know the path.
+            return self.app(environ, start_response)
+
+        record = outcome.record
+        if record is not None:
+            self._keep(record)
+        start_response(_status_line(outcome.status), outcome.headers)
+        return [outcome.body]
+
+    def _keep(self, record: PixelRecord) -> None:
+        try:
+            self.recorder.record(record)
+        except Exception:
+            # Recorder.record() is documented never to raise; a pixel still must not 500.
+            logger.exception("recording pixel %s failed", record.get("id"))
+        if self.on_record is not None:
+            try:
+                self.on_record(record)
+            except Exception:
+                logger.exception("on_record callback failed for pixel %s", record.get("id"))
+
+    def _fallback_outcome(
+        self,
+        environ: WSGIEnvironment,
+        route: Route,
+        method: str,
+        path: str,
+        now: datetime,
+        exc: Exception,
+    ) -> PixelOutcome:
+        """The dialect's normal answer, and a record saying why, when decoding crashed."""
+        if method not in ("GET", "HEAD"):
+            body = b"Method Not Allowed: pixels answer GET and HEAD only.\n"
+            headers = [
+                *_NO_CACHE,
+                ("Allow", ALLOWED_METHODS),
+                ("Content-Type", "text/plain; charset=utf-8"),
+                ("Content-Length", str(len(body))),
+            ]
+            return PixelOutcome(405, headers, body, None)
+        if route.dialect == "rudderstack" and self.config.rudderstack_response == "seed":
+            body, content_type = b"OK", "text/plain; charset=utf-8"
+        else:
+            body, content_type = GIF, "image/gif"
+        headers = [*_NO_CACHE, ("Content-Type", content_type), ("Content-Length", str(len(body)))]
+        if method == "HEAD":
+            return PixelOutcome(200, headers, b"", None)
+        query: str = environ.get("QUERY_STRING", "")
+        record: PixelRecord = {
+            "id": str(uuid.uuid4()),
+            "receivedAt": now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "dialect": route.dialect,
+            "call": route.call,
+            "writeKey": None,
+            "accepted": False,
+            "problems": [
+                {
+                    "rule": "internal_error",
+                    "message": f"the decoder failed ({type(exc).__name__}: {exc});"
+                    " this is a bug in pixel-middleware, please report it",
+                }
+            ],
+            "notes": [],
+            "event": None,
+            "request": {
+                "method": method,
+                "path": path,
+                "query": query,
+                "ip": environ.get("REMOTE_ADDR"),
+                "userAgent": environ.get("HTTP_USER_AGENT"),
+            },
+        }
+        return PixelOutcome(200, headers, body, record)
+
+    def close(self) -> None:
+        """Flush what is queued, then close the recorder this middleware created
+        (which closes its store, a :class:`~.stores.Store` passed in included).
+
+        A :class:`~.recorder.Recorder` passed in as ``store`` is left open: its
+        owner closes it. Without a call to ``close()``, the recorder's exit hook
+        flushes at interpreter exit.
+        """
+        if self._owns_recorder:
+            self.recorder.close()
+
+    def __repr__(self) -> str:
+        return f"<PixelMiddleware {self.app!r} prefix={self.config.prefix!r}>"
+
+
+def _build_config(
+    *,
+    prefix: str,
+    dialects: Iterable[str],
+    write_keys: Iterable[str] | None,
+    trusted_proxies: int,
+    limits: Limits,
+    rudderstack_response: str,
+) -> PixelConfig:
+    """The core's config; PixelConfig checks every value and says how to fix it."""
+    try:
+        return PixelConfig(
+            prefix=prefix,
+            dialects=_as_set(dialects),
+            write_keys=None if write_keys is None else _as_set(write_keys),
+            trusted_proxies=trusted_proxies,
+            limits=limits,
+            rudderstack_response=rudderstack_response,  # type: ignore[arg-type]
+        )
+    except ValueError as exc:
+        raise ValueError(f"PixelMiddleware: {exc}") from exc
+
+
+def _as_set(values: Iterable[str]) -> Any:
+    # Lists and tuples are welcome here; a bare string (an easy slip for
+    # dialects="segment") is left as it is for PixelConfig to refuse.
+    if isinstance(values, str) or not isinstance(values, Iterable):
+        return values
+    return frozenset(values)
+
+
+def _query_bytes(query: str) -> bytes:
+    # PEP 3333: environ strings carry the raw bytes as latin-1. Feeding the core
+    # the bytes (not werkzeug's parsed args, which raise on non-UTF-8) makes the
+    # middleware and the mitmproxy addon decode the same request the same way.
+    try:
+        return query.encode("latin-1")
+    except UnicodeEncodeError:
+        # A server that broke PEP 3333 and decoded as UTF-8 already.
+        return query.encode("utf-8", "surrogateescape")
+
+
+def _status_line(status: int) -> str:
+    try:
+        return _STATUS_LINES[status]
+    except KeyError:
+        return f"{status} Unknown"
