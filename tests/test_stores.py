@@ -100,10 +100,28 @@ def test_unknown_scheme_error_lists_the_schemes() -> None:
         open_store("ftp://example.com/x")
 
 
-def test_store_schemes_include_the_planned_stores() -> None:
-    assert {"memory", "sqlite", "jsonl", "redis", "forward+http", "forward+https"} <= set(
-        store_schemes()
-    )
+def test_store_schemes_name_every_store() -> None:
+    assert set(store_schemes()) == {
+        "memory",
+        "sqlite",
+        "jsonl",
+        "redis",
+        "rediss",
+        "forward+http",
+        "forward+https",
+        "fanout",
+    }
+
+
+def test_a_store_url_can_name_other_store_urls(tmp_path: Path) -> None:
+    # The fan-out opens its stores through open_store in turn.
+    opened = open_store(f"fanout://memory:// jsonl:///{tmp_path}/events.jsonl")
+    try:
+        opened.write([make_record(id="both")])
+        assert ids(opened.read()) == ["both"]
+    finally:
+        opened.close()
+    assert (tmp_path / "events.jsonl").read_text().count("\n") == 1
 
 
 def test_open_store_reads_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

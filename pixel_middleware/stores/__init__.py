@@ -1,7 +1,8 @@
 """Where records go: one small interface, chosen everywhere by a store URL.
 
 ``sqlite:///path`` (the default, ``./pixel-events.sqlite3``), ``jsonl:///path``,
-``memory://``; later ``redis://``, forwarding and fan-out.
+``memory://``, ``redis://``, ``forward+https://`` (forwarding) and ``fanout://``
+(several of them at once).
 
 Paths in ``sqlite:`` and ``jsonl:`` URLs follow SQLAlchemy's convention: after
 the scheme come ``//`` (an empty host), then ``/``, then the path as written.
@@ -106,6 +107,7 @@ _SCHEMES: dict[str, _Scheme] = {
     "rediss": _Scheme("pixel_middleware.stores.redis", "RedisStore", extra="redis"),
     "forward+http": _Scheme("pixel_middleware.stores.forward", "ForwardStore", extra="forward"),
     "forward+https": _Scheme("pixel_middleware.stores.forward", "ForwardStore", extra="forward"),
+    "fanout": _Scheme("pixel_middleware.stores.fanout", "FanoutStore.from_url"),
 }
 
 
