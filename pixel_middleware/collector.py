@@ -1,0 +1,358 @@
+"""The standalone collector: a pixel endpoint plus a page showing what arrived.
+
+``create_app()`` returns a :class:`~pixel_middleware.middleware.PixelMiddleware`
+around a small WSGI app that serves:
+
+- ``/``: how to send a pixel, with a live example ``<img>`` pointing at this very
+  server (opening the page fires a real pixel) and the latest records received;
+- ``/events.json``: the latest records as JSON, oldest first, as
+  ``{"records": [...], "last": position}`` (``?limit=``, ``?accepted=true|false``,
+  ``?call=``, and ``?after=<last>`` to poll for new ones);
+- 404 for anything else.
+
+Run it with ``pixel-middleware serve`` (waitress), or under any WSGI server::
+
+    gunicorn 'pixel_middleware.collector:create_app()'   # store from PIXEL_STORE
+
+The example pixel carries the first configured write key (the key a real page
+would embed in its own ``<img>`` tags), so do not configure a key here that you
+treat as a secret.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import re
+import shlex
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import parse_qs
+
+from pixel_middleware.core import DIALECTS, Limits, PixelConfig, PixelRecord
+from pixel_middleware.encode import encode_pixel_url, pixel_img_tag
+from pixel_middleware.middleware import PixelMiddleware
+from pixel_middleware.recorder import Recorder
+from pixel_middleware.stores import Store, StoreError
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIEnvironment
+
+__all__ = ["CollectorPages", "create_app"]
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT_LIMITS = Limits()
+EXAMPLE_WRITE_KEY = "demo-write-key"
+PAGE_RECORDS = 50
+MAX_JSON_RECORDS = 1000
+
+# The pages show data sent by anyone: everything is escaped, and the policy
+# forbids scripts and any other origin in case an escape is ever missed.
+_PAGE_HEADERS = [
+    ("Cache-Control", "no-store"),
+    ("X-Content-Type-Options", "nosniff"),
+    (
+        "Content-Security-Policy",
+        "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; form-action 'none'",
+    ),
+    ("Referrer-Policy", "no-referrer"),
+]
+
+
+def create_app(
+    *,
+    store: str | Store | Recorder | None = None,
+    write_keys: Iterable[str] | None = None,
+    prefix: str = "",
+    dialects: Iterable[str] = DIALECTS,
+    trusted_proxies: int = 0,
+    limits: Limits = _DEFAULT_LIMITS,
+    rudderstack_response: Literal["seed", "gif"] = "seed",
+    durable: bool = True,
+    on_record: Callable[[PixelRecord], None] | None = None,
+) -> PixelMiddleware:
+    """The collector WSGI app; options as for :class:`PixelMiddleware`.
+
+    ``store=None`` reads ``PIXEL_STORE``, else ``sqlite:///pixel-events.sqlite3``.
+    Call ``.close()`` on the result at shutdown to flush what is queued.
+    """
+    middleware = PixelMiddleware(
+        _not_found,
+        store=store,
+        prefix=prefix,
+        dialects=dialects,
+        write_keys=write_keys,
+        trusted_proxies=trusted_proxies,
+        limits=limits,
+        rudderstack_response=rudderstack_response,
+        durable=durable,
+        on_record=on_record,
+    )
+    # Built from the checked config, so the example pixel matches what is accepted.
+    middleware.app = CollectorPages(store=middleware.store, config=middleware.config)
+    return middleware
+
+
+class CollectorPages:
+    """The collector's own pages (``/`` and ``/events.json``); pixels never reach it.
+
+    :param store: Where the records shown are read from.
+    :param config: The pixel middleware's config: the example pixel uses its
+        prefix, dialects and first write key (sorted), so that it is accepted.
+    """
+
+    def __init__(self, *, store: Store, config: PixelConfig) -> None:
+        self.store = store
+        self.prefix = config.prefix
+        self.dialects = tuple(d for d in DIALECTS if d in config.dialects)
+        keys = sorted(config.write_keys or ())
+        self.example_write_key = keys[0] if keys else EXAMPLE_WRITE_KEY
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        path: str = environ.get("PATH_INFO", "") or "/"
+        method: str = environ.get("REQUEST_METHOD", "GET")
+        if path not in ("/", "/events.json"):
+            return _plain(start_response, "404 Not Found", b"Not Found\n", method)
+        if method not in ("GET", "HEAD"):
+            return _plain(
+                start_response,
+                "405 Method Not Allowed",
+                b"Method Not Allowed\n",
+                method,
+                [("Allow", "GET, HEAD")],
+            )
+        query = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
+        if path == "/events.json":
+            status, body = self._events_json(query)
+            content_type = "application/json"
+        else:
+            status, body = "200 OK", self._index(environ).encode("utf-8")
+            content_type = "text/html; charset=utf-8"
+        headers = [
+            ("Content-Type", content_type),
+            ("Content-Length", str(len(body))),
+            *_PAGE_HEADERS,
+        ]
+        start_response(status, headers)
+        return [b""] if method == "HEAD" else [body]
+
+    def _read(self, *, limit: int, **filters: Any) -> list[tuple[str, PixelRecord]]:
+        return self.store.read(limit=limit, **filters)
+
+    def _events_json(self, query: dict[str, list[str]]) -> tuple[str, bytes]:
+        def first(name: str) -> str | None:
+            values = query.get(name)
+            return values[0] if values else None
+
+        try:
+            limit = int(first("limit") or PAGE_RECORDS)
+            if not 1 <= limit <= MAX_JSON_RECORDS:
+                raise ValueError
+        except ValueError:
+            return _json_error(f"limit must be a whole number from 1 to {MAX_JSON_RECORDS}")
+        accepted_text = first("accepted")
+        accepted: bool | None = None
+        if accepted_text is not None:
+            if accepted_text not in ("true", "false"):
+                return _json_error("accepted must be true or false")
+            accepted = accepted_text == "true"
+        try:
+            rows = self._read(
+                limit=limit, accepted=accepted, call=first("call"), after=first("after")
+            )
+        except ValueError as exc:  # an `after` that is not a position of this store
+            return _json_error(str(exc))
+        except StoreError as exc:
+            return "503 Service Unavailable", _json({"error": f"could not read the store: {exc}"})
+        return "200 OK", _json(
+            {
+                "records": [record for _, record in rows],
+                "last": rows[-1][0] if rows else first("after"),
+            }
+        )
+
+    def _index(self, environ: WSGIEnvironment) -> str:
+        base_url = _base_url(environ)
+        examples = []
+        if "segment" in self.dialects:
+            examples.append(
+                (
+                    "Segment",
+                    encode_pixel_url(
+                        {
+                            "anonymousId": "collector-page-visitor",
+                            "event": "Collector Page Viewed",
+                            "properties": {"source": "the collector's index page"},
+                        },
+                        call="track",
+                        write_key=self.example_write_key,
+                        dialect="segment",
+                        base_url=base_url,
+                        prefix=self.prefix,
+                    ),
+                )
+            )
+        if "rudderstack" in self.dialects:
+            examples.append(
+                (
+                    "RudderStack",
+                    encode_pixel_url(
+                        {"anonymousId": "collector-page-visitor", "name": "Collector"},
+                        call="page",
+                        write_key=self.example_write_key,
+                        dialect="rudderstack",
+                        base_url=base_url,
+                        prefix=self.prefix,
+                    ),
+                )
+            )
+        try:
+            rows = self._read(limit=PAGE_RECORDS)
+            records_html = _records_table([record for _, record in reversed(rows)])
+        except StoreError as exc:
+            logger.warning("collector page could not read the store: %s", exc)
+            records_html = f'<p class="error">Could not read the store: {_e(exc)}</p>'
+        # Only the kind of store: its URL may hold a file path or a password.
+        store_kind = str(getattr(self.store, "url", "")).partition("://")[0] or "configured"
+        parts = [
+            "<!doctype html>",
+            '<html lang="en"><head><meta charset="utf-8">',
+            "<title>pixel-middleware collector</title>",
+            f"<style>{_STYLE}</style></head><body>",
+            "<h1>pixel-middleware collector</h1>",
+            f"<p>Pixels sent to this server are decoded, checked and kept in its"
+            f" {_e(store_kind)} store.</p>",
+            "<h2>Send a pixel</h2>",
+            "<p>Put an image tag in a page or an email; the browser or mail client"
+            " fetches it, and the event arrives here. This page carries one, so"
+            " opening it sent a pixel:</p>",
+        ]
+        for name, url in examples:
+            parts += [
+                f"<h3>{_e(name)}</h3>",
+                f"<pre>{_e(pixel_img_tag(url))}</pre>",
+                "<p>or from a shell:</p>",
+                f"<pre>{_e('curl -i ' + shlex.quote(url))}</pre>",
+            ]
+        # Only the first example is fired, so one page view makes one record.
+        if examples:
+            parts.append(f'<img src="{_e(examples[0][1])}" width="1" height="1" alt="">')
+        parts += [
+            "<p>Or build a URL with <code>pixel-middleware encode --write-key KEY"
+            " --call track '{&quot;userId&quot;: &quot;u1&quot;, &quot;event&quot;:"
+            " &quot;Email Opened&quot;}'</code>, and check one with"
+            " <code>pixel-middleware decode URL</code>.</p>",
+            f"<h2>Latest records</h2><p>Newest first, at most {PAGE_RECORDS}; reload to"
+            ' refresh. As JSON: <a href="events.json">events.json</a>.</p>',
+            records_html,
+            "</body></html>",
+        ]
+        return "\n".join(parts)
+
+
+_STYLE = (
+    "body{font-family:system-ui,sans-serif;margin:2em;max-width:80em}"
+    "pre{background:#f4f4f4;padding:.5em;overflow-x:auto;white-space:pre-wrap;"
+    "word-break:break-all}"
+    "table{border-collapse:collapse;font-size:.9em}"
+    "th,td{border:1px solid #ccc;padding:.2em .5em;text-align:left;vertical-align:top}"
+    ".rejected{background:#fee}.error{color:#a00}"
+)
+
+
+def _records_table(records: list[PixelRecord]) -> str:
+    if not records:
+        return "<p>No pixels received yet.</p>"
+    rows = [
+        "<table><thead><tr><th>time</th><th>dialect</th><th>call</th><th>verdict</th>"
+        "<th>problems</th><th>event / name</th><th>identity</th></tr></thead><tbody>"
+    ]
+    for record in records:
+        accepted = bool(record.get("accepted"))
+        problems = "<br>".join(
+            f"<b>{_e(p.get('rule', ''))}</b>: {_e(p.get('message', ''))}"
+            for p in record.get("problems") or []
+        )
+        rows.append(
+            f'<tr class="{"accepted" if accepted else "rejected"}">'
+            f"<td>{_e(record.get('receivedAt', ''))}</td>"
+            f"<td>{_e(record.get('dialect', ''))}</td>"
+            f"<td>{_e(record.get('call', ''))}</td>"
+            f"<td>{'accepted' if accepted else 'rejected'}</td>"
+            f"<td>{problems}</td>"
+            f"<td>{_e(event_name(record))}</td>"
+            f"<td>{_e(identity(record))}</td></tr>"
+        )
+    rows.append("</tbody></table>")
+    return "\n".join(rows)
+
+
+def event_name(record: PixelRecord) -> str:
+    """The track event's name or the page/screen name, if the record has one."""
+    event = record.get("event") or {}
+    for key in ("event", "name"):
+        value = event.get(key)
+        if value not in (None, ""):
+            return value if isinstance(value, str) else json.dumps(value)
+    return ""
+
+
+def identity(record: PixelRecord) -> str:
+    """``userId`` if set, else ``anonymousId`` (marked ``anon:``)."""
+    event = record.get("event") or {}
+    for key, label in (("userId", ""), ("anonymousId", "anon:")):
+        value = event.get(key)
+        if value not in (None, ""):
+            return label + (value if isinstance(value, str) else json.dumps(value))
+    return ""
+
+
+def _e(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+_HOST = re.compile(r"[A-Za-z0-9.\-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+
+
+def _base_url(environ: WSGIEnvironment) -> str:
+    """This server's own URL as the browser reached it (PEP 3333 URL reconstruction)."""
+    scheme: str = environ.get("wsgi.url_scheme", "http")
+    host: str | None = environ.get("HTTP_HOST")
+    # The Host header is the client's word: use it only if it looks like a host.
+    if not host or not _HOST.fullmatch(host):
+        host = environ.get("SERVER_NAME", "localhost")
+        port = environ.get("SERVER_PORT", "")
+        if port and (scheme, port) not in (("http", "80"), ("https", "443")):
+            host = f"{host}:{port}"
+    return f"{scheme}://{host}{environ.get('SCRIPT_NAME', '')}"
+
+
+def _not_found(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+    return _plain(start_response, "404 Not Found", b"Not Found\n", "GET")
+
+
+def _plain(
+    start_response: StartResponse,
+    status: str,
+    body: bytes,
+    method: str,
+    extra: list[tuple[str, str]] | None = None,
+) -> list[bytes]:
+    headers = [
+        ("Content-Type", "text/plain; charset=utf-8"),
+        ("Content-Length", str(len(body))),
+        *_PAGE_HEADERS,
+        *(extra or []),
+    ]
+    start_response(status, headers)
+    return [b""] if method == "HEAD" else [body]
+
+
+def _json(value: object) -> bytes:
+    return json.dumps(value, ensure_ascii=True).encode("ascii")
+
+
+def _json_error(message: str) -> tuple[str, bytes]:
+    return "400 Bad Request", _json({"error": message})

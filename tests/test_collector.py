@@ -1,0 +1,282 @@
+"""The standalone collector app: its pages, its live example pixel, its JSON feed."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from werkzeug.middleware.lint import LintMiddleware
+from werkzeug.test import Client, TestResponse
+
+from pixel_middleware import GIF, PixelMiddleware, PixelRecord
+from pixel_middleware.collector import create_app
+from pixel_middleware.stores import StoreError, open_store
+
+
+def b64(event: dict[str, Any]) -> str:
+    return base64.b64encode(json.dumps(event).encode()).decode()
+
+
+@pytest.fixture
+def collector() -> Iterator[PixelMiddleware]:
+    app = create_app(store="memory://")
+    yield app
+    app.close()
+
+
+def get(app: Any, path: str, method: str = "GET", **kw: Any) -> TestResponse:
+    return Client(LintMiddleware(app)).open(path, method=method, buffered=True, **kw)
+
+
+def live_pixel(page: str) -> str:
+    """The URL of the example pixel the page fires (the 1x1 image outside <pre>)."""
+    match = re.search(r'<img src="([^"]+)" width="1" height="1" alt="">', page)
+    assert match, page
+    return html.unescape(match.group(1))
+
+
+def records(app: PixelMiddleware) -> list[PixelRecord]:
+    return [record for _, record in app.store.read()]
+
+
+def test_index_explains_and_fires_a_working_pixel(collector: PixelMiddleware) -> None:
+    page = get(collector, "/")
+    assert page.status_code == 200
+    assert page.headers["Content-Type"] == "text/html; charset=utf-8"
+    text = page.get_data(as_text=True)
+    assert "curl -i" in text
+    assert "No pixels received yet." in text
+    url = live_pixel(text)
+    assert url.startswith("http://localhost/v1/pixel/track?")
+
+    pixel = get(collector, url)
+    assert (pixel.status_code, pixel.get_data()) == (200, GIF)
+    [record] = records(collector)
+    assert record["accepted"] is True, record["problems"]
+
+    text = get(collector, "/").get_data(as_text=True)
+    assert "Collector Page Viewed" in text
+    assert ">accepted<" in text
+    assert "anon:collector-page-visitor" in text
+
+
+def test_index_shows_the_rudderstack_example_too(collector: PixelMiddleware) -> None:
+    text = get(collector, "/").get_data(as_text=True)
+    [rudder] = re.findall(r"curl -i (\S+/pixel/v1/page\S+)", text)
+    url = html.unescape(rudder).strip("'")
+    response = get(collector, url)
+    assert response.status_code == 200
+    assert records(collector)[-1]["accepted"] is True
+
+
+@pytest.mark.parametrize(
+    ("options", "path_start", "key"),
+    [
+        pytest.param(
+            {"prefix": "/collect"}, "http://localhost/collect/v1/pixel/", None, id="prefix"
+        ),
+        pytest.param(
+            {"write_keys": ["site-key"]}, "http://localhost/v1/pixel/", "site-key", id="key"
+        ),
+    ],
+)
+def test_example_pixel_follows_the_configuration(
+    options: dict[str, Any], path_start: str, key: str | None
+) -> None:
+    app = create_app(store="memory://", **options)
+    url = live_pixel(get(app, "/").get_data(as_text=True))
+    assert url.startswith(path_start)
+    get(app, url)
+    [record] = records(app)
+    assert record["accepted"] is True, record["problems"]
+    if key:
+        assert record["writeKey"] == key
+    app.close()
+
+
+def test_everything_a_client_sent_is_escaped(collector: PixelMiddleware) -> None:
+    evil = {
+        "writeKey": "<b>k</b>",
+        "userId": '"><img src=x onerror=alert(1)>',
+        "event": "<script>alert('event')</script>",
+    }
+    get(collector, "/v1/pixel/track", query_string="data=" + b64(evil))
+    get(collector, "/v1/pixel/page", query_string="data=<script>alert(2)</script>")
+    text = get(collector, "/").get_data(as_text=True)
+    assert "<script>" not in text
+    assert "onerror=alert(1)>" not in text
+    assert "&lt;script&gt;alert(&#x27;event&#x27;)&lt;/script&gt;" in text
+    assert "&quot;&gt;&lt;img src=x onerror=alert(1)&gt;" in text
+
+
+def test_a_hostile_host_header_is_not_reflected(collector: PixelMiddleware) -> None:
+    text = get(collector, "/", headers={"Host": 'evil.example"><script>x</script>'}).get_data(
+        as_text=True
+    )
+    assert "evil.example" not in text
+    assert live_pixel(text).startswith("http://localhost/v1/pixel/track?")
+
+
+def test_pages_forbid_scripts(collector: PixelMiddleware) -> None:
+    headers = get(collector, "/").headers
+    assert "default-src 'none'" in headers["Content-Security-Policy"]
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    assert headers["Cache-Control"] == "no-store"
+
+
+def test_rejections_show_their_rules(collector: PixelMiddleware) -> None:
+    get(collector, "/v1/pixel/track", query_string="data=" + b64({"event": "No Identity"}))
+    [record] = records(collector)
+    assert record["accepted"] is False
+    text = get(collector, "/").get_data(as_text=True)
+    assert '<tr class="rejected">' in text
+    for problem in record["problems"]:
+        assert html.escape(problem["rule"]) in text
+
+
+@pytest.mark.parametrize(
+    ("path", "method", "status"),
+    [
+        pytest.param("/favicon.ico", "GET", 404, id="favicon"),
+        pytest.param("/v1/pixel/nope", "GET", 404, id="unknown-call"),
+        pytest.param("/index.html", "GET", 404, id="other-page"),
+        pytest.param("/", "POST", 405, id="post-index"),
+        pytest.param("/events.json", "DELETE", 405, id="delete-events"),
+    ],
+)
+def test_other_paths_and_methods(
+    path: str, method: str, status: int, collector: PixelMiddleware
+) -> None:
+    assert get(collector, path, method).status_code == status
+
+
+# LintMiddleware does not know that a HEAD answer keeps GET's Content-Length.
+@pytest.mark.filterwarnings(
+    "ignore:Content-Length and the number of bytes:werkzeug.middleware.lint.WSGIWarning"
+)
+def test_head_of_the_index_has_no_body(collector: PixelMiddleware) -> None:
+    response = get(collector, "/", "HEAD")
+    assert response.status_code == 200
+    assert response.get_data() == b""
+
+
+def test_events_json_filters_and_pages(collector: PixelMiddleware) -> None:
+    for path, event in [
+        ("/v1/pixel/track", {"writeKey": "k", "userId": "u", "event": "A"}),
+        ("/v1/pixel/page", {"writeKey": "k", "userId": "u", "name": "P"}),
+        ("/v1/pixel/track", {"writeKey": "k", "event": "no identity"}),
+    ]:
+        get(collector, path, query_string="data=" + b64(event))
+
+    def feed(query: str = "") -> dict[str, Any]:
+        response = get(collector, "/events.json", query_string=query)
+        assert response.status_code == 200
+        assert response.headers["Content-Type"] == "application/json"
+        data: dict[str, Any] = response.get_json()
+        return data
+
+    every = feed()
+    assert [r["call"] for r in every["records"]] == ["track", "page", "track"]
+    assert [r["accepted"] for r in feed("accepted=false")["records"]] == [False]
+    assert [r["call"] for r in feed("call=page")["records"]] == ["page"]
+    assert [r["event"]["name"] for r in feed("limit=2")["records"][:1]] == ["P"]
+    first = feed("limit=1&accepted=true")
+    assert first["records"][0]["event"]["name"] == "P"
+    last = every["last"]
+    assert feed(f"after={last}") == {"records": [], "last": last}
+
+
+@pytest.mark.parametrize(
+    "query", ["limit=0", "limit=many", "limit=100000", "accepted=maybe", "after=not-a-position"]
+)
+def test_events_json_bad_queries_are_400(query: str, collector: PixelMiddleware) -> None:
+    response = get(collector, "/events.json", query_string=query)
+    assert response.status_code == 400
+    assert "error" in response.get_json()
+
+
+class UnreadableStore:
+    url = "unreadable://"
+
+    def write(self, records: Any) -> None:
+        pass
+
+    def read(self, **kw: Any) -> list[tuple[str, PixelRecord]]:
+        raise StoreError("cannot read")
+
+    def close(self) -> None:
+        pass
+
+
+def test_an_unreadable_store_is_reported_not_raised() -> None:
+    app = create_app(store=UnreadableStore())
+    page = get(app, "/")
+    assert page.status_code == 200
+    assert "Could not read the store: cannot read" in page.get_data(as_text=True)
+    assert get(app, "/events.json").status_code == 503
+    app.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def test_gunicorn_runs_the_factory_with_the_store_from_the_environment(tmp_path: Path) -> None:
+    gunicorn = Path(sys.executable).with_name("gunicorn")
+    if not gunicorn.exists():
+        pytest.skip("gunicorn is not installed next to this Python")
+    port = free_port()
+    store_url = f"sqlite:///{tmp_path}/gunicorn.sqlite3"
+    process = subprocess.Popen(
+        [
+            str(gunicorn),
+            "-b",
+            f"127.0.0.1:{port}",
+            "-w",
+            "1",
+            "pixel_middleware.collector:create_app()",
+        ],
+        env={**os.environ, "PIXEL_STORE": store_url},
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                page = requests.get(base + "/", timeout=2)
+                break
+            except requests.ConnectionError:
+                assert process.poll() is None, process.stderr.read() if process.stderr else ""
+                assert time.monotonic() < deadline, "gunicorn did not start"
+                time.sleep(0.1)
+        assert "kept in its sqlite store" in page.text
+        pixel = requests.get(live_pixel(page.text), timeout=5)
+        assert pixel.content == GIF
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=15)
+        if process.stderr:
+            process.stderr.close()
+    store = open_store(store_url)
+    [(_, record)] = store.read()
+    store.close()
+    assert record["accepted"] is True
