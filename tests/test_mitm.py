@@ -1,0 +1,532 @@
+"""The mitmproxy addon, driven through mitmproxy's own test harness (taddons, tflow)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+with warnings.catch_warnings():
+    # mitmproxy 12.2 builds its filter grammar at import with pyparsing names that
+    # pyparsing 3.3 deprecates: not ours, and not an error in this project.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    pytest.importorskip("mitmproxy")
+    from mitmproxy import contentviews, exceptions, http
+    from mitmproxy import flow as mflow
+    from mitmproxy.test import taddons, tflow
+
+    from pixel_middleware import mitm
+    from pixel_middleware.core import GIF
+    from pixel_middleware.mitm import PixelCapture
+    from pixel_middleware.stores import open_store
+
+pytestmark = [
+    pytest.mark.mitmproxy,
+    # mitmproxy 12.2 parses flow filters with pyparsing names that pyparsing 3.3
+    # deprecates (as at import, above).
+    pytest.mark.filterwarnings("ignore::pyparsing.warnings.PyparsingDeprecationWarning"),
+]
+
+
+def segment_url(call: str, event: dict[str, Any], host: str = "api.segment.io") -> str:
+    data = base64.b64encode(json.dumps(event).encode()).decode()
+    return f"https://{host}/v1/pixel/{call}?data={data}"
+
+
+TRACK = segment_url("track", {"writeKey": "wk_1", "event": "Email Opened", "userId": "u-1"})
+RUDDER_PAGE = (
+    "https://hosted.rudderlabs.com/pixel/v1/page?writeKey=wk_2&anonymousId=a-9&name=Pricing"
+)
+REJECTED = "https://hosted.rudderlabs.com/pixel/v1/track?anonymousId=a-9"  # no key, no event
+
+
+def gif_response(status: int = 200) -> http.Response:
+    return http.Response.make(status, GIF, {"Content-Type": "image/gif"})
+
+
+@pytest.fixture
+def addon() -> Iterator[PixelCapture]:
+    addon = PixelCapture()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon)
+        addon.tctx = tctx  # type: ignore[attr-defined]
+        yield addon
+        addon.done()
+
+
+def configure(addon: PixelCapture, **options: Any) -> None:
+    addon.tctx.configure(addon, **options)  # type: ignore[attr-defined]
+
+
+def through(
+    addon: PixelCapture,
+    url: str,
+    *,
+    method: str = "GET",
+    response: http.Response | None = None,
+    error: str | None = None,
+    headers: dict[str, str] | None = None,
+    live: bool = True,
+) -> http.HTTPFlow:
+    """One flow through the addon's hooks, as mitmproxy calls them: request, then
+    the collector's response (or ``error``) unless the addon answered locally."""
+    flow = tflow.tflow(req=http.Request.make(method, url, headers=headers or {}), live=live)
+    if not live and response is not None:
+        flow.response = response  # a saved flow carries its answer
+    addon.request(flow)
+    if flow.response is None:
+        if error is not None:
+            flow.error = mflow.Error(error)
+        else:
+            flow.response = response if response is not None else gif_response()
+    asyncio.run(addon.response(flow) if flow.error is None else addon.error(flow))
+    return flow
+
+
+# -- options -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        pytest.param(
+            {"pixel_filter": "~d ("}, r"pixel_filter: .* is not a flow filter", id="filter"
+        ),
+        pytest.param(
+            {"pixel_store": "ftp://x"}, r"pixel_store: .*accepted: sqlite:///", id="store"
+        ),
+        pytest.param(
+            {"pixel_store": "nonsense"}, r"pixel_store: .*no scheme", id="store-no-scheme"
+        ),
+        pytest.param(
+            {"pixel_dialects": ["segment", "amp"]},
+            r"pixel_dialects: 'amp' is not accepted; give one or more of: segment, rudderstack",
+            id="dialect",
+        ),
+        pytest.param({"pixel_dialects": []}, r"pixel_dialects: empty", id="no-dialect"),
+        pytest.param(
+            {"pixel_trusted_proxies": -1}, r"pixel_trusted_proxies: -1 .* 0 or more", id="proxies"
+        ),
+        pytest.param(
+            {"pixel_prefix": "collect/"}, r"prefix must be '' or start with '/'", id="prefix"
+        ),
+        pytest.param({"pixel_write_keys": [""]}, r"write_keys must hold non-empty", id="empty-key"),
+    ],
+)
+def test_bad_options_are_refused_with_what_is_accepted(
+    addon: PixelCapture, options: dict[str, Any], match: str
+) -> None:
+    with pytest.raises(exceptions.OptionsError, match=match):
+        configure(addon, **options)
+    # Rolled back: the addon still works as before.
+    assert through(addon, TRACK).metadata["pixel"]["call"] == "track"
+
+
+def test_rudderstack_response_choices_are_enforced(addon: PixelCapture) -> None:
+    with pytest.raises(exceptions.OptionsError, match="seed"):
+        configure(addon, pixel_rudderstack_response="png")
+
+
+def test_loading_the_addon_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    addon = PixelCapture()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon)
+        through(addon, TRACK)
+        addon.done()
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- recognition ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "dialect", "call"),
+    [
+        pytest.param(TRACK, "segment", "track", id="segment-track"),
+        pytest.param(
+            segment_url("page", {"writeKey": "k", "name": "Home", "anonymousId": "a"}, "x.test"),
+            "segment",
+            "page",
+            id="segment-page-any-host",
+        ),
+        pytest.param(
+            segment_url("identify", {"writeKey": "k", "userId": "u"}, "127.0.0.1:8000"),
+            "segment",
+            "identify",
+            id="segment-identify",
+        ),
+        pytest.param(RUDDER_PAGE, "rudderstack", "page", id="rudderstack-page"),
+        pytest.param(
+            "http://collector.internal/pixel/v1/track?writeKey=k&anonymousId=a&event=Open",
+            "rudderstack",
+            "track",
+            id="rudderstack-track-http",
+        ),
+    ],
+)
+def test_pixels_of_both_dialects_are_recognised_by_path(
+    addon: PixelCapture, url: str, dialect: str, call: str
+) -> None:
+    flow = through(addon, url)
+    record = flow.metadata["pixel"]
+    assert (record["dialect"], record["call"], record["accepted"]) == (dialect, call, True)
+    assert record["upstream"]["status"] == 200
+    assert list(addon.records) == [record]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        pytest.param("https://example.com/", id="root"),
+        pytest.param("https://api.segment.io/v1/batch", id="segment-batch"),
+        pytest.param("https://api.segment.io/v1/pixel/purchase?data=e30", id="unknown-call"),
+        pytest.param("https://api.segment.io/v1/pixel/track/?data=e30", id="trailing-slash"),
+        pytest.param(
+            "https://hosted.rudderlabs.com/pixel/v1/identify?writeKey=k", id="rs-identify"
+        ),
+        pytest.param("https://example.com/collect/v1/pixel/track?data=e30", id="other-prefix"),
+    ],
+)
+def test_other_flows_are_untouched(addon: PixelCapture, url: str) -> None:
+    flow = through(addon, url, response=http.Response.make(404))
+    assert flow.metadata == {}
+    assert (flow.comment, flow.marked) == ("", "")
+    assert flow.response is not None
+    assert flow.response.status_code == 404
+    assert not addon.records
+
+
+def test_prefix_option(addon: PixelCapture) -> None:
+    configure(addon, pixel_prefix="/collect")
+    assert through(addon, "https://example.com/collect/pixel/v1/page?writeKey=k&anonymousId=a")
+    assert [r["call"] for r in addon.records] == ["page"]
+    assert through(addon, TRACK).metadata == {}
+
+
+def test_dialects_option(addon: PixelCapture) -> None:
+    configure(addon, pixel_dialects=["rudderstack"])
+    assert through(addon, TRACK).metadata == {}
+    assert through(addon, RUDDER_PAGE).metadata["pixel"]["dialect"] == "rudderstack"
+
+
+def test_filter_narrows_the_flows_looked_at(addon: PixelCapture) -> None:
+    configure(addon, pixel_filter="~d api.segment.io")
+    assert through(addon, RUDDER_PAGE).metadata == {}
+    assert through(addon, TRACK).metadata["pixel"]["call"] == "track"
+    configure(addon, pixel_filter=None)
+    assert through(addon, RUDDER_PAGE).metadata["pixel"]["call"] == "page"
+
+
+def test_write_keys_option(addon: PixelCapture) -> None:
+    configure(addon, pixel_write_keys=["wk_2"])
+    assert not through(addon, TRACK).metadata["pixel"]["accepted"]
+    assert through(addon, RUDDER_PAGE).metadata["pixel"]["accepted"]
+
+
+def test_head_is_not_recorded(addon: PixelCapture) -> None:
+    flow = through(addon, TRACK, method="HEAD")
+    assert flow.metadata == {}
+    assert not addon.records
+
+
+def test_client_address_and_headers_reach_the_core(addon: PixelCapture) -> None:
+    configure(addon, pixel_trusted_proxies=1)
+    flow = through(
+        addon, TRACK, headers={"User-Agent": "Mail/1.0", "X-Forwarded-For": "203.0.113.9"}
+    )
+    request = flow.metadata["pixel"]["request"]
+    assert (request["ip"], request["userAgent"]) == ("203.0.113.9", "Mail/1.0")
+
+
+def test_saved_flow_keeps_its_answer_and_time(addon: PixelCapture) -> None:
+    """A flow read from a file (mitmdump -nr): not live, and the answer is the collector's."""
+    configure(addon, pixel_answer=True)
+    flow = tflow.tflow(req=http.Request.make("GET", TRACK), resp=gif_response(202), live=False)
+    flow.request.timestamp_start = 1_700_000_000.25
+    addon.request(flow)
+    asyncio.run(addon.response(flow))
+    record = flow.metadata["pixel"]
+    assert record["upstream"]["status"] == 202
+    assert record["receivedAt"] == "2023-11-14T22:13:20.250Z"
+
+
+# -- what the person sees -------------------------------------------------------------
+
+
+def test_accepted_pixel_gets_a_comment_and_no_mark(addon: PixelCapture) -> None:
+    flow = through(addon, TRACK)
+    assert flow.comment == 'segment track "Email Opened": accepted; upstream 200'
+    assert flow.marked == ""
+    record = flow.metadata["pixel"]
+    assert record["upstream"]["contentType"] == "image/gif"
+    assert record["upstream"]["ms"] >= 0
+    json.dumps(record)  # plain data
+
+
+def test_rejected_pixel_is_marked(addon: PixelCapture) -> None:
+    flow = through(addon, REJECTED)
+    assert flow.marked == mitm.MARK_REJECTED == ":no_entry:"
+    assert flow.comment == (
+        "rudderstack track: rejected: missing_write_key, missing_event; upstream 200"
+    )
+    assert {p["rule"] for p in flow.metadata["pixel"]["problems"]} == {
+        "missing_write_key",
+        "missing_event",
+    }
+
+
+def test_collector_refusal_is_marked(addon: PixelCapture) -> None:
+    flow = through(addon, TRACK, response=http.Response.make(503))
+    assert flow.marked == ":warning:"
+    assert flow.metadata["pixel"]["upstream"]["status"] == 503
+
+
+def test_marks_are_emoji_mitmproxy_accepts() -> None:
+    from mitmproxy.utils import emoji
+
+    assert mitm.MARK_REJECTED in emoji.emoji
+    assert mitm.MARK_UPSTREAM_FAILED in emoji.emoji
+
+
+def test_a_users_own_mark_is_kept(addon: PixelCapture) -> None:
+    flow = tflow.tflow(req=http.Request.make("GET", REJECTED))
+    flow.marked = ":star:"
+    addon.request(flow)
+    flow.response = gif_response()
+    asyncio.run(addon.response(flow))
+    assert flow.marked == ":star:"
+
+
+def test_failed_connection_is_recorded_with_the_error(addon: PixelCapture) -> None:
+    flow = through(addon, TRACK, error="Connection refused")
+    record = flow.metadata["pixel"]
+    assert record["upstream"] == {"error": "Connection refused"}
+    assert flow.marked == ":warning:"
+    assert flow.comment.endswith("upstream failed")
+    assert list(addon.records) == [record]
+
+
+def test_pixel_answer_answers_locally(addon: PixelCapture) -> None:
+    configure(addon, pixel_answer=True)
+    flow = tflow.tflow(req=http.Request.make("GET", TRACK))
+    addon.request(flow)
+    assert flow.response is not None  # so mitmproxy opens no upstream connection
+    assert (flow.response.status_code, flow.response.content) == (200, GIF)
+    assert flow.response.headers["Content-Type"] == "image/gif"
+    assert not addon.records  # recorded once the outcome is known: in response
+    asyncio.run(addon.response(flow))
+    assert flow.metadata["pixel"]["upstream"] == {"answeredLocally": True}
+    asyncio.run(addon.response(flow))  # the hook firing again records nothing more
+    assert len(addon.records) == 1
+
+
+@pytest.mark.parametrize(
+    ("option", "status", "body"),
+    [
+        pytest.param("seed", 400, None, id="seed"),
+        pytest.param("gif", 200, GIF, id="gif"),
+    ],
+)
+def test_pixel_answer_speaks_the_dialect(
+    addon: PixelCapture, option: str, status: int, body: bytes | None
+) -> None:
+    configure(addon, pixel_answer=True, pixel_rudderstack_response=option)
+    flow = through(addon, REJECTED)
+    assert flow.response is not None
+    assert flow.response.status_code == status
+    if body is not None:
+        assert flow.response.content == body
+
+
+def test_pixel_answer_answers_head_and_post_without_recording(addon: PixelCapture) -> None:
+    configure(addon, pixel_answer=True)
+    head = through(addon, TRACK, method="HEAD")
+    post = through(addon, TRACK, method="POST")
+    assert head.response is not None
+    assert post.response is not None
+    assert (head.response.status_code, post.response.status_code) == (200, 405)
+    assert not addon.records
+
+
+def test_log_line(addon: PixelCapture, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="pixel_middleware.mitm")
+    through(addon, TRACK)
+    through(addon, REJECTED, error="Connection refused")
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert lines == [
+        (
+            logging.INFO,
+            'pixel segment track "Email Opened" userId=u-1 writeKey=wk_1 accepted'
+            " upstream 200 in {} ms host=api.segment.io".format(addon.records[0]["upstream"]["ms"]),
+        ),
+        (
+            logging.WARNING,
+            "pixel rudderstack track anonymousId=a-9 REJECTED [missing_write_key,missing_event]"
+            " upstream failed (Connection refused) host=hosted.rudderlabs.com",
+        ),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("sent", "shown"),
+    [
+        pytest.param("\x1b[2J\x1b]0;pwned\x07", r"\x1b[2J\x1b]0;pwned\x07", id="ansi-and-osc"),
+        pytest.param("a\r\nb", r"a\x0d\x0ab", id="newline"),
+        pytest.param("\x9b31m", r"\x9b31m", id="c1-csi"),
+        pytest.param("abc\u202edef", r"abc\u202edef", id="bidi-override"),
+        pytest.param("x\\x1b", r"x\\x1b", id="literal-backslash"),
+        pytest.param("Café ☕", "Café ☕", id="printable-unicode"),
+    ],
+)
+def test_log_line_escapes_what_a_terminal_would_interpret(
+    addon: PixelCapture, caplog: pytest.LogCaptureFixture, sent: str, shown: str
+) -> None:
+    caplog.set_level(logging.INFO, logger="pixel_middleware.mitm")
+    url = segment_url("track", {"writeKey": "k", "event": sent, "userId": sent})
+    flow = through(addon, url)
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert f'"{shown}"' in message or f" {shown} " in message
+    assert message.isprintable()
+    assert flow.comment.isprintable()
+    assert flow.metadata["pixel"]["event"]["event"] == sent  # the record keeps the data
+
+
+# -- content view --------------------------------------------------------------------
+
+
+def test_content_view_is_chosen_for_pixel_requests(addon: PixelCapture) -> None:
+    flow = through(addon, REJECTED)
+    result = contentviews.prettify_message(flow.request, flow)
+    assert result.view_name == "pixel"
+    assert result.text.startswith("rudderstack track: REJECTED\n")
+    assert "  - missing_write_key: " in result.text
+    assert "upstream: 200 in" in result.text
+    event = json.loads(result.text.split("\nevent:\n", 1)[1])
+    assert event == flow.metadata["pixel"]["event"]
+
+
+def test_content_view_priority(addon: PixelCapture) -> None:
+    view = contentviews.registry["pixel"]
+    pixel = through(addon, TRACK)
+    other = through(addon, "https://example.com/?a=1")
+    for flow, message, expected in [
+        (pixel, pixel.request, True),
+        (pixel, pixel.response, False),
+        (other, other.request, False),
+    ]:
+        assert message is not None
+        metadata = contentviews.Metadata(flow=flow, http_message=message)
+        priority = view.render_priority(message.content or b"", metadata)
+        assert (priority > 0.3) is expected, (flow.request.url, message)
+
+
+def test_content_view_decodes_flows_the_addon_did_not_record(addon: PixelCapture) -> None:
+    configure(addon, pixel_filter="~d nowhere.test")
+    flow = through(addon, "https://x.test/pixel/v1/page?writeKey=k&anonymousId=a&name=Docs")
+    assert flow.metadata == {}
+    result = contentviews.prettify_message(flow.request, flow, view_name="pixel")
+    assert result.text.startswith("rudderstack page: accepted\n")
+    assert '"name": "Docs"' in result.text
+
+
+def test_content_view_escapes_control_characters(addon: PixelCapture) -> None:
+    flow = through(addon, segment_url("track", {"writeKey": "k", "event": "a\x1bb\x9bc\u202ed"}))
+    text = contentviews.prettify_message(flow.request, flow).text
+    assert r'"event": "a\u001bb\u009bc\u202ed"' in text
+    assert text.replace("\n", "").isprintable()
+
+
+def test_content_view_refuses_other_requests(addon: PixelCapture) -> None:
+    flow = through(addon, "https://example.com/?a=1")
+    result = contentviews.prettify_message(flow.request, flow, view_name="pixel")
+    assert result.syntax_highlight == "error"
+    assert "not a pixel request" in result.text
+
+
+# -- commands and records ---------------------------------------------------------------
+
+
+def test_export_command_writes_json_lines(addon: PixelCapture, tmp_path: Path) -> None:
+    through(addon, TRACK)
+    through(addon, REJECTED)
+    target = tmp_path / "pixels.jsonl"
+    addon.tctx.master.commands.execute(f"pixel.export {target}")  # type: ignore[attr-defined]
+    lines = target.read_text().splitlines()
+    assert [json.loads(line) for line in lines] == list(addon.records)
+    assert [json.loads(line)["call"] for line in lines] == ["track", "track"]
+
+
+def test_export_to_an_unwritable_place_is_a_command_error(
+    addon: PixelCapture, tmp_path: Path
+) -> None:
+    with pytest.raises(exceptions.CommandError, match="cannot write"):
+        addon.tctx.master.commands.execute(f"pixel.export {tmp_path}")  # type: ignore[attr-defined]
+
+
+def test_summary_and_clear_commands(addon: PixelCapture) -> None:
+    commands = addon.tctx.master.commands  # type: ignore[attr-defined]
+    through(addon, TRACK)
+    through(addon, REJECTED, error="Connection refused")
+    assert commands.execute("pixel.summary") == (
+        "2 pixel(s); 1 accepted; 1 rejected; problems: missing_write_key 1, missing_event 1;"
+        " upstream: 200 1, failed 1"
+    )
+    commands.execute("pixel.clear")
+    assert not addon.records
+    assert commands.execute("pixel.summary") == "0 pixel(s); 0 accepted; 0 rejected"
+
+
+def test_records_in_memory_are_bounded(addon: PixelCapture) -> None:
+    assert addon.records.maxlen == mitm.KEEP_RECORDS == 10_000
+
+
+def test_records_go_to_the_store(addon: PixelCapture, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/pixels.sqlite3"
+    configure(addon, pixel_store=url)
+    through(addon, TRACK)
+    through(addon, REJECTED, error="Connection refused")
+    addon.done()  # flushes and closes
+    store = open_store(url)
+    try:
+        stored = [record for _, record in store.read()]
+    finally:
+        store.close()
+    assert stored == list(addon.records)
+    assert stored[1]["upstream"] == {"error": "Connection refused"}
+
+
+def test_switching_store_flushes_the_old_one(addon: PixelCapture, tmp_path: Path) -> None:
+    first, second = (f"jsonl:///{tmp_path}/{n}.jsonl" for n in ("a", "b"))
+    configure(addon, pixel_store=first)
+    through(addon, TRACK)
+    configure(addon, pixel_store=second)
+    through(addon, RUDDER_PAGE)
+    configure(addon, pixel_store="")
+    assert [json.loads(x)["call"] for x in (tmp_path / "a.jsonl").read_text().splitlines()] == [
+        "track"
+    ]
+    assert [json.loads(x)["call"] for x in (tmp_path / "b.jsonl").read_text().splitlines()] == [
+        "page"
+    ]
+
+
+def test_a_core_failure_leaves_the_flow_alone(
+    addon: PixelCapture, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(mitm, "decode_pixel", broken)
+    flow = through(addon, TRACK)
+    assert flow.metadata == {}
+    assert flow.response is not None
+    assert flow.response.status_code == 200
+    assert "decoding /v1/pixel/track failed" in caplog.text
