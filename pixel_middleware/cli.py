@@ -1,0 +1,558 @@
+"""The ``pixel-middleware`` command: run the collector, read records, build and check URLs.
+
+    pixel-middleware serve [--port 8000] [--store URL]   # the collector, on waitress
+    pixel-middleware events [--follow]                   # what arrived, oldest first
+    pixel-middleware encode --write-key KEY --call track '{"userId": "u1", "event": "E"}'
+    pixel-middleware decode URL                          # the record a URL would produce
+
+Every command has ``--help``. Usage errors exit 2 with one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import signal
+import sys
+import time
+import unicodedata
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any, NoReturn, TextIO
+
+from pixel_middleware.core import DIALECTS, PixelConfig, PixelRecord, PixelRequest
+from pixel_middleware.core import decode_pixel as _decode_pixel
+from pixel_middleware.core import split_target as _split_target
+from pixel_middleware.recorder import DEFAULT_SPOOL_ROOT
+from pixel_middleware.stores import (
+    DEFAULT_STORE_URL,
+    STORE_ENV_VAR,
+    Store,
+    StoreError,
+    store_schemes,
+)
+
+__all__ = ["main"]
+
+PROG = "pixel-middleware"
+STORE_HELP = (
+    f"store URL, e.g. sqlite:///PATH or jsonl:///PATH (schemes: {', '.join(store_schemes())});"
+    f" default ${STORE_ENV_VAR}, else {DEFAULT_STORE_URL}"
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors on one line (the full usage is one --help away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    command: Callable[[argparse.Namespace, argparse.ArgumentParser], int] = args.command
+    try:
+        # Each command gets its own parser, so its errors name it ("... encode: error").
+        return command(args, args.parser)
+    except BrokenPipeError:
+        # `pixel-middleware events | head`: the reader left; that is not an error.
+        _silence_stdout()
+        return 0
+    except KeyboardInterrupt:
+        return 130
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="Segment- and RudderStack-style tracking pixels: a collector, and"
+        " tools to read what it recorded and to build and check pixel URLs.",
+    )
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the collector",
+        description="Run the collector on waitress (pure Python, production-grade,"
+        " threaded: concurrent pixels share one durable commit). It answers pixels at"
+        " /v1/pixel/<call> (Segment) and /pixel/v1/page|track (RudderStack), shows how"
+        " to send one and what arrived at /, and the latest records at /events.json."
+        " Ctrl-C or SIGTERM stops it with every record flushed.",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (%(default)s)")
+    serve.add_argument(
+        "--port",
+        type=_port,
+        default=8000,
+        metavar="PORT",
+        help="port (%(default)s); 0 picks a free one",
+    )
+    _add_config_options(serve)
+    serve.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=8,
+        metavar="N",
+        help="worker threads (%(default)s); pixels arriving together share one commit",
+    )
+    serve.add_argument(
+        "--rudderstack-response",
+        choices=("seed", "gif"),
+        default="seed",
+        help="answer RudderStack pixels as its Pixel API document says (seed: 200 OK"
+        " or 400) or as rudder-server does (gif: the GIF for everything); default %(default)s",
+    )
+    serve.add_argument(
+        "--fire-and-forget",
+        action="store_true",
+        help="answer before the record is committed (faster; a crash loses what is queued)",
+    )
+    serve.set_defaults(command=_serve, parser=serve)
+
+    events = sub.add_parser(
+        "events",
+        help="print the records a store holds",
+        description="Print the newest records of a store, oldest first. Values are"
+        " shown with control characters escaped.",
+    )
+    events.add_argument("--store", metavar="URL", help=STORE_HELP)
+    verdict = events.add_mutually_exclusive_group()
+    verdict.add_argument(
+        "--accepted", dest="accepted", action="store_true", default=None, help="only accepted"
+    )
+    verdict.add_argument("--rejected", dest="accepted", action="store_false", help="only rejected")
+    events.add_argument("--call", help="only this call (track, page, identify, ...)")
+    events.add_argument(
+        "--limit",
+        type=_positive_int,
+        default=20,
+        metavar="N",
+        help="how many of the newest (%(default)s)",
+    )
+    events.add_argument(
+        "--follow", "-f", action="store_true", help="keep printing new records until Ctrl-C"
+    )
+    events.add_argument(
+        "--interval",
+        type=_positive_float,
+        default=0.5,
+        metavar="SECONDS",
+        help="seconds between polls with --follow (%(default)s)",
+    )
+    events.add_argument(
+        "--format",
+        choices=("table", "jsonl"),
+        default="table",
+        help="aligned columns, or one JSON record per line (default %(default)s)",
+    )
+    events.set_defaults(command=_events, parser=events)
+
+    decode = sub.add_parser(
+        "decode",
+        help="show the record a pixel URL would produce",
+        description="Decode a pixel URL as the collector would, without recording it."
+        " Exit status: 0 accepted, 1 rejected, 2 not a pixel route.",
+    )
+    decode.add_argument("url", metavar="URL", help="full URL or path?query")
+    decode.add_argument("--json", action="store_true", help="print the record as JSON")
+    decode.add_argument(
+        "--write-key",
+        dest="write_keys",
+        action="append",
+        metavar="KEY",
+        help="accepted write key (repeatable; default: any)",
+    )
+    decode.add_argument("--prefix", default="", help="path prefix of the pixel routes")
+    decode.add_argument(
+        "--trusted-proxies",
+        type=_non_negative_int,
+        default=0,
+        metavar="N",
+        help="proxies trusted to append to X-Forwarded-For (%(default)s)",
+    )
+    decode.add_argument("--peer", metavar="ADDR", help="client address to assume")
+    decode.add_argument(
+        "--forwarded-for", metavar="VALUE", help="X-Forwarded-For header value to assume"
+    )
+    decode.set_defaults(command=_decode, parser=decode)
+
+    encode = sub.add_parser(
+        "encode",
+        help="build a pixel URL from an event",
+        description="Build a pixel URL (or an <img> tag) from an event given as JSON,"
+        ' e.g. \'{"userId": "u1", "event": "Email Opened"}\'. The fields are sent'
+        " as given: supply the identity (userId or anonymousId) and what the call needs.",
+    )
+    encode.add_argument(
+        "event",
+        metavar="JSON",
+        nargs="?",
+        default="{}",
+        help="event object, or - for stdin (default {})",
+    )
+    encode.add_argument("--write-key", required=True, metavar="KEY", help="the source's write key")
+    encode.add_argument("--call", required=True, help="track, page, identify, group, alias, screen")
+    encode.add_argument(
+        "--dialect", choices=DIALECTS, default="segment", help="URL style (default %(default)s)"
+    )
+    encode.add_argument(
+        "--base-url", metavar="URL", help="collector URL, e.g. https://px.example.com"
+    )
+    encode.add_argument("--prefix", default="", help="path prefix of the pixel routes")
+    encode.add_argument("--html", action="store_true", help="print an <img> tag instead of the URL")
+    encode.set_defaults(command=_encode, parser=encode)
+    return parser
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", metavar="URL", help=STORE_HELP)
+    parser.add_argument(
+        "--write-key",
+        dest="write_keys",
+        action="append",
+        metavar="KEY",
+        help="accept only this write key (repeatable; default: any key)",
+    )
+    parser.add_argument(
+        "--prefix", default="", help="path prefix of the pixel routes, e.g. /collect"
+    )
+    parser.add_argument(
+        "--trusted-proxies",
+        type=_non_negative_int,
+        default=0,
+        metavar="N",
+        help="how many proxies in front append to X-Forwarded-For (%(default)s: use the"
+        " peer address; more than there are lets clients choose their recorded IP)",
+    )
+
+
+# --- serve -------------------------------------------------------------------
+
+
+def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import logging
+
+    from waitress.server import MultiSocketServer, create_server
+
+    from pixel_middleware.collector import create_app
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app = create_app(
+            store=args.store,
+            write_keys=args.write_keys,
+            prefix=args.prefix,
+            trusted_proxies=args.trusted_proxies,
+            rudderstack_response=args.rudderstack_response,
+            durable=not args.fire_and_forget,
+        )
+    except (ValueError, TypeError, StoreError) as exc:
+        parser.error(str(exc))
+
+    # waitress leaves its loop (and stops its threads) on SystemExit or
+    # KeyboardInterrupt; make SIGTERM one of them so that a service stop is as
+    # clean as Ctrl-C. Once stopping, further SIGTERMs are ignored until every
+    # record is flushed.
+    def stop(signum: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise SystemExit(0)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        try:
+            server = create_server(
+                app, host=args.host, port=args.port, threads=args.threads, ident=PROG
+            )
+        except OSError as exc:
+            parser.exit(1, f"{parser.prog}: cannot listen on {args.host}:{args.port}: {exc}\n")
+        if isinstance(server, MultiSocketServer):  # a host name with several addresses
+            listening = list(server.effective_listen)
+        else:
+            # The address actually bound (the port chosen for --port 0); waitress
+            # sets it on TCP servers, its type stubs do not declare it.
+            tcp: Any = server
+            listening = [(tcp.effective_host, tcp.effective_port)]
+        urls = ", ".join(_url(host, port) for host, port in listening)
+        print(f"Collecting pixels on {urls} (store: {app.store.url}); Ctrl-C to stop", flush=True)
+        try:
+            server.run()
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            with contextlib.suppress(OSError):
+                server.close()  # the listening socket; waitress stopped its threads
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        app.close()
+        signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
+# --- events ------------------------------------------------------------------
+
+_COLUMNS = ("time", "dialect", "call", "verdict", "rules", "event/name", "identity")
+
+
+def _events(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from pixel_middleware.stores import open_store
+
+    try:
+        store = open_store(args.store)
+    except (ValueError, StoreError) as exc:
+        parser.error(str(exc))
+    out = sys.stdout
+    filters: dict[str, Any] = {"accepted": args.accepted, "call": args.call}
+    try:
+        rows = store.read(limit=args.limit, **filters)
+        _print_spool_size(store)
+        widths = _print_records(out, [r for _, r in rows], args.format, header=True)
+        if not args.follow:
+            return 0
+        last = rows[-1][0] if rows else None
+        while True:
+            time.sleep(args.interval)
+            rows = store.read(after=last, **filters)
+            if rows:
+                last = rows[-1][0]
+                widths = _print_records(
+                    out, [r for _, r in rows], args.format, header=widths is None, widths=widths
+                )
+    except KeyboardInterrupt:
+        return 0
+    except StoreError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+
+
+def _print_spool_size(store: Store) -> None:
+    """Say so when records wait in the spool a collector run here keeps for this store.
+
+    Read-only: the files are counted, not adopted (a Recorder would hand them
+    to the store). The directory is the Recorder's default for the store URL.
+    """
+    directory = Path(DEFAULT_SPOOL_ROOT, hashlib.sha256(store.url.encode()).hexdigest()[:16])
+    count = 0
+    try:
+        for path in directory.glob("*.jsonl"):
+            with path.open("rb") as file:
+                count += sum(1 for line in file if line.endswith(b"\n") and line.strip())
+    except OSError:
+        return
+    if count:
+        print(
+            f"{count} more record(s) wait in the spool {directory}/ for the store to take"
+            " them; the next collector run here hands them on",
+            file=sys.stderr,
+        )
+
+
+def _print_records(
+    out: TextIO,
+    records: list[PixelRecord],
+    format: str,
+    *,
+    header: bool,
+    widths: list[int] | None = None,
+) -> list[int] | None:
+    """Print ``records``; for tables, returns the column widths used (kept while following)."""
+    if format == "jsonl":
+        for record in records:
+            # ensure_ascii: no raw control or bidi characters reach the terminal.
+            out.write(json.dumps(record, ensure_ascii=True, separators=(",", ":")) + "\n")
+        out.flush()
+        return None
+    if not records and not header:
+        return widths
+    rows = [_table_row(record) for record in records]
+    if widths is None:
+        widths = [
+            max([len(title), *(len(row[i]) for row in rows)]) for i, title in enumerate(_COLUMNS)
+        ]
+    lines = [_COLUMNS] if header else []
+    for row in [*lines, *rows]:
+        out.write(
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() + "\n"
+        )
+    out.flush()
+    return widths
+
+
+def _table_row(record: PixelRecord) -> tuple[str, ...]:
+    from pixel_middleware.collector import event_name, identity
+
+    rules = ",".join(str(p.get("rule", "")) for p in record.get("problems") or []) or "-"
+    return tuple(
+        _printable(value)
+        for value in (
+            str(record.get("receivedAt", "")),
+            str(record.get("dialect", "")),
+            str(record.get("call", "")),
+            "accepted" if record.get("accepted") else "rejected",
+            rules,
+            event_name(record) or "-",
+            identity(record) or "-",
+        )
+    )
+
+
+def _printable(text: str) -> str:
+    """``text`` with control, format and unassigned characters shown as escapes.
+
+    Records hold what any client sent: a raw ESC or a right-to-left override
+    must not reach the terminal.
+    """
+    if text.isprintable():
+        return text
+    return "".join(
+        ch.encode("unicode_escape").decode("ascii")
+        if unicodedata.category(ch)[0] in "CZ" and ch != " "
+        else ch
+        for ch in text
+    )
+
+
+# --- decode ------------------------------------------------------------------
+
+
+def _decode(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    try:
+        config = PixelConfig(
+            prefix=args.prefix,
+            write_keys=frozenset(args.write_keys) if args.write_keys else None,
+            trusted_proxies=args.trusted_proxies,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    path, query = _split_target(_target(args.url))
+    outcome = _decode_pixel(
+        PixelRequest("GET", path, query, args.peer, None, args.forwarded_for),
+        config=config,
+        now=datetime.now(UTC),
+    )
+    if outcome is None or outcome.record is None:
+        routes = "/v1/pixel/<call> (Segment) or /pixel/v1/page|track (RudderStack)"
+        where = f" under {args.prefix!r}" if args.prefix else ""
+        print(
+            f"{parser.prog}: not a pixel route: {_printable(path)!s} (expected {routes}{where})",
+            file=sys.stderr,
+        )
+        return 2
+    record = outcome.record
+    if args.json:
+        print(json.dumps(record, indent=2, ensure_ascii=True))
+    else:
+        print(_summary(record))
+    return 0 if record["accepted"] else 1
+
+
+def _target(url: str) -> bytes:
+    """The request target (path and query) of a full URL, as raw bytes."""
+    raw = url.strip().encode("utf-8", "surrogateescape")
+    scheme, sep, rest = raw.partition(b"://")
+    if sep and scheme.isalpha():
+        # Drop the authority: everything up to the first "/", "?" or "#".
+        for i, byte in enumerate(rest):
+            if byte in b"/?#":
+                rest = rest[i:]
+                break
+        else:
+            rest = b"/"
+        raw = rest if rest.startswith(b"/") else b"/" + rest
+    return raw.partition(b"#")[0]
+
+
+def _summary(record: PixelRecord) -> str:
+    verdict = "accepted" if record["accepted"] else "rejected"
+    lines = [
+        f"{verdict}: {record['dialect']} {record['call']}"
+        + (f" (writeKey {record['writeKey']})" if record.get("writeKey") else " (no writeKey)")
+    ]
+    for label, items in (("problem", record.get("problems")), ("note", record.get("notes"))):
+        for item in items or []:
+            lines.append(f"  {label}: [{item.get('rule', '')}] {item.get('message', '')}")
+    if record.get("event") is not None:
+        lines.append("event:")
+        lines.append(json.dumps(record["event"], indent=2, ensure_ascii=False))
+    return "\n".join(_printable_lines(lines))
+
+
+def _printable_lines(lines: list[str]) -> list[str]:
+    return [_printable(line) for line in "\n".join(lines).split("\n")]
+
+
+# --- encode ------------------------------------------------------------------
+
+
+def _encode(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from pixel_middleware.encode import encode_pixel_url, pixel_img_tag
+
+    text = sys.stdin.read() if args.event == "-" else args.event
+    try:
+        event = json.loads(text)
+    except ValueError as exc:
+        parser.error(f"JSON: the event is not valid JSON ({exc})")
+    if not isinstance(event, dict):
+        parser.error(f"JSON: the event must be a JSON object, got {type(event).__name__}")
+    options: dict[str, Any] = {"prefix": args.prefix}
+    if args.base_url is not None:
+        options["base_url"] = args.base_url
+    try:
+        url = encode_pixel_url(
+            event, call=args.call, write_key=args.write_key, dialect=args.dialect, **options
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    print(pixel_img_tag(url) if args.html else url)
+    return 0
+
+
+# --- argument types and helpers ------------------------------------------------
+
+
+def _number(text: str, kind: Callable[[str], Any], low: float, high: float, rule: str) -> Any:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    return int(_number(text, int, 0, float("inf"), "0 or more"))
+
+
+def _positive_int(text: str) -> int:
+    return int(_number(text, int, 1, float("inf"), "1 or more"))
+
+
+def _positive_float(text: str) -> float:
+    return float(_number(text, float, 1e-3, 3600, "from 0.001 to 3600"))
+
+
+def _port(text: str) -> int:
+    return int(_number(text, int, 0, 65535, "0 to 65535"))
+
+
+def _silence_stdout() -> None:
+    import os
+
+    # Python flushes stdout at exit; point it at /dev/null so that flush is quiet.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,584 @@
+"""The pixel-middleware command: in-process for the quick cases, real processes for serve."""
+
+from __future__ import annotations
+
+import html
+import json
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+import requests
+
+from pixel_middleware import GIF, PixelConfig, PixelRecord, PixelRequest, decode_pixel
+from pixel_middleware.cli import main
+from pixel_middleware.core import split_target
+from pixel_middleware.encode import encode_pixel_url
+from pixel_middleware.recorder import Recorder
+from pixel_middleware.stores import StoreError, open_store
+
+SCRIPT = Path(sys.executable).with_name("pixel-middleware")
+# The installed console script when there is one, as a user runs it.
+CLI = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "pixel_middleware.cli"]
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """main(argv) in-process: (exit status, stdout, stderr)."""
+    try:
+        status = main(list(argv))
+    except SystemExit as exit:
+        status = exit.code if isinstance(exit.code, int) else 1
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def make_record(url: str) -> PixelRecord:
+    path, query = split_target(url.encode())
+    outcome = decode_pixel(
+        PixelRequest("GET", path, query, "192.0.2.1"), config=PixelConfig(), now=datetime.now(UTC)
+    )
+    assert outcome is not None
+    assert outcome.record is not None
+    return outcome.record
+
+
+def segment(call: str, event: dict[str, Any], key: str = "k1") -> str:
+    return encode_pixel_url(event, call=call, write_key=key, base_url="")
+
+
+# --- help and usage errors ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [[], ["serve"], ["events"], ["decode"], ["encode"]], ids=str)
+def test_every_command_has_help(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = run(capsys, *command, "--help")
+    assert status == 0
+    assert out.startswith("usage: pixel-middleware")
+    assert err == ""
+
+
+def test_serve_help_names_the_server(capsys: pytest.CaptureFixture[str]) -> None:
+    _, out, _ = run(capsys, "serve", "--help")
+    assert "waitress" in out
+    assert "--port" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        pytest.param([], "required: COMMAND", id="no-command"),
+        pytest.param(["launch"], "invalid choice: 'launch'", id="unknown-command"),
+        pytest.param(["serve", "--port", "http"], "'http' is not a number", id="port-text"),
+        pytest.param(["serve", "--port", "70000"], "0 to 65535", id="port-range"),
+        pytest.param(["serve", "--threads", "0"], "1 or more", id="threads"),
+        pytest.param(["serve", "--store", "mysql://x"], "unknown store URL scheme", id="scheme"),
+        pytest.param(["serve", "--prefix", "collect"], "start with '/'", id="prefix"),
+        pytest.param(["serve", "--rudderstack-response", "json"], "invalid choice", id="rs"),
+        pytest.param(["events", "--accepted", "--rejected"], "not allowed with", id="verdicts"),
+        pytest.param(["events", "--limit", "0"], "1 or more", id="limit"),
+        pytest.param(["events", "--format", "csv"], "invalid choice: 'csv'", id="format"),
+        pytest.param(["decode"], "required: URL", id="decode-no-url"),
+        pytest.param(
+            ["decode", "/v1/pixel/track", "--trusted-proxies", "-1"], "0 or more", id="tp"
+        ),
+        pytest.param(["encode", "--call", "track"], "--write-key", id="encode-no-key"),
+        pytest.param(["encode", "--write-key", "k", "--call", "buy"], "must be one of", id="call"),
+        pytest.param(
+            ["encode", "--write-key", "k", "--call", "identify", "--dialect", "rudderstack"],
+            "must be one of page, track",
+            id="rudderstack-call",
+        ),
+        pytest.param(
+            ["encode", "--write-key", "k", "--call", "track", "{x"], "not valid JSON", id="json"
+        ),
+        pytest.param(
+            ["encode", "--write-key", "k", "--call", "track", "[1]"], "JSON object", id="array"
+        ),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    status, out, err = run(capsys, *argv)
+    assert status == 2
+    assert out == ""
+    assert err.count("\n") == 1, err
+    assert err.startswith("pixel-middleware")
+    assert message in err
+
+
+# --- decode ------------------------------------------------------------------------------
+
+TRACK = {"userId": "u1", "event": "Email Opened", "properties": {"subject": "Hi"}}
+
+
+@pytest.mark.parametrize(
+    ("url", "options", "status", "first_line"),
+    [
+        pytest.param(
+            "https://px.example.com" + segment("track", TRACK),
+            [],
+            0,
+            "accepted: segment track (writeKey k1)",
+            id="full-url-accepted",
+        ),
+        pytest.param(segment("track", TRACK), [], 0, "accepted: segment track", id="path-only"),
+        pytest.param(
+            segment("track", TRACK),
+            ["--write-key", "other"],
+            1,
+            "rejected: segment track (writeKey k1)",
+            id="unknown-key",
+        ),
+        pytest.param(
+            segment("track", {"userId": "u1"}), [], 1, "rejected: segment track", id="no-event"
+        ),
+        pytest.param(
+            "/collect" + segment("page", {"anonymousId": "a"}),
+            ["--prefix", "/collect"],
+            0,
+            "accepted: segment page",
+            id="prefix",
+        ),
+        pytest.param(
+            "/pixel/v1/page?writeKey=k&anonymousId=a&name=Home",
+            [],
+            0,
+            "accepted: rudderstack page (writeKey k)",
+            id="rudderstack",
+        ),
+    ],
+)
+def test_decode_exit_status_says_the_verdict(
+    url: str, options: list[str], status: int, first_line: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(capsys, "decode", url, *options)
+    assert code == status
+    assert out.splitlines()[0].startswith(first_line)
+
+
+def test_decode_rejection_lists_problems(capsys: pytest.CaptureFixture[str]) -> None:
+    _, out, _ = run(capsys, "decode", "/v1/pixel/track?data=" + "e30")
+    assert "problem: [missing_write_key]" in out
+    assert "problem: [missing_identity]" in out
+
+
+@pytest.mark.parametrize(
+    "url", ["/v1/pixel/buy", "http://example.com/", "/pixel/v1/identify", "/v1/pixel/track/"]
+)
+def test_decode_of_a_non_pixel_url_exits_2(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = run(capsys, "decode", url)
+    assert status == 2
+    assert out == ""
+    assert err.count("\n") == 1
+    assert "not a pixel route" in err
+
+
+def test_decode_json_is_the_record(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = run(
+        capsys,
+        "decode",
+        "/v1/pixel/track" + segment("track", TRACK).partition("track")[2],
+        "--json",
+        "--trusted-proxies",
+        "1",
+        "--peer",
+        "10.0.0.1",
+        "--forwarded-for",
+        "6.6.6.6, 203.0.113.7",
+    )
+    assert status == 0
+    record = json.loads(out)
+    assert record["accepted"] is True
+    assert record["event"]["properties"] == {"subject": "Hi"}
+    assert record["request"]["ip"] == "203.0.113.7"
+    assert record["event"]["context"]["ip"] == "203.0.113.7"
+
+
+def test_decode_escapes_control_characters(capsys: pytest.CaptureFixture[str]) -> None:
+    url = segment("track", {"userId": "u\x1b[2J", "event": "E\u202egnp.exe"})
+    _, out, _ = run(capsys, "decode", url)
+    assert "\x1b" not in out
+    assert "\u202e" not in out
+    assert "u\\u001b[2J" in out  # JSON's own escape
+    assert "E\\u202egnp.exe" in out
+
+
+# --- encode ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("dialect", "call", "event"),
+    [
+        pytest.param("segment", "track", TRACK, id="segment-track"),
+        pytest.param(
+            "segment", "identify", {"userId": "u", "traits": {"plan": "pro"}}, id="identify"
+        ),
+        pytest.param("segment", "alias", {"userId": "u", "previousId": "p"}, id="alias"),
+        pytest.param(
+            "rudderstack", "track", {"anonymousId": "a", "event": "Opened"}, id="rs-track"
+        ),
+        pytest.param(
+            "rudderstack",
+            "page",
+            {"anonymousId": "a", "name": "Home", "context": {"page": {"path": "/"}}},
+            id="rs-page",
+        ),
+    ],
+)
+def test_encode_then_decode_round_trips(
+    dialect: str, call: str, event: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, url, _ = run(
+        capsys,
+        "encode",
+        "--write-key",
+        "k1",
+        "--call",
+        call,
+        "--dialect",
+        dialect,
+        json.dumps(event),
+    )
+    assert status == 0
+    assert url.startswith("http://127.0.0.1:8000/")
+    status, out, _ = run(capsys, "decode", url.strip(), "--json", "--write-key", "k1")
+    assert status == 0, out
+    record = json.loads(out)
+    assert (record["dialect"], record["call"], record["writeKey"]) == (dialect, call, "k1")
+    for key, value in event.items():
+        assert record["event"][key] == value
+
+
+def test_encode_html_and_base_url(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = run(
+        capsys,
+        "encode",
+        "--write-key",
+        "k1",
+        "--call",
+        "page",
+        "--base-url",
+        "https://px.example.com",
+        "--prefix",
+        "/collect",
+        "--html",
+        '{"anonymousId": "a"}',
+    )
+    assert status == 0
+    src = re.search(r'<img src="([^"]+)"', out)
+    assert src
+    assert html.unescape(src.group(1)).startswith("https://px.example.com/collect/v1/pixel/page?")
+
+
+def test_encode_reads_stdin_and_pipes_into_decode(tmp_path: Path) -> None:
+    event = '{"userId": "u1", "event": "Piped"}'
+    encoded = subprocess.run(
+        [*CLI, "encode", "--write-key", "k1", "--call", "track", "-"],
+        input=event,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    decoded = subprocess.run(
+        [*CLI, "decode", encoded.stdout.strip(), "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert decoded.returncode == 0, decoded.stderr
+    assert json.loads(decoded.stdout)["event"]["event"] == "Piped"
+
+
+# --- events ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def filled_store(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path}/events.sqlite3"
+    store = open_store(url)
+    store.write(
+        [
+            make_record(segment("track", {"userId": "u1", "event": "First"})),
+            make_record(segment("page", {"anonymousId": "a2", "name": "Home"})),
+            make_record(segment("track", {"event": "No identity"})),
+            make_record("/pixel/v1/track?writeKey=k&anonymousId=a4&event=Fourth"),
+            make_record(segment("track", {"userId": "u5", "event": "Evil\x1b[31m\u202eName"})),
+        ]
+    )
+    store.close()
+    return url
+
+
+def test_events_table_is_aligned_oldest_first(
+    filled_store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, _ = run(capsys, "events", "--store", filled_store)
+    assert status == 0
+    lines = out.splitlines()
+    assert lines[0].split() == [
+        "time",
+        "dialect",
+        "call",
+        "verdict",
+        "rules",
+        "event/name",
+        "identity",
+    ]
+    assert len(lines) == 6
+    assert "First" in lines[1]
+    assert "u1" in lines[1]
+    assert "Fourth" in lines[4]
+    assert "rudderstack" in lines[4]
+    assert "missing_identity" in lines[3]
+    assert "rejected" in lines[3]
+    # Columns start where the header's do.
+    for title in ("dialect", "verdict", "event/name"):
+        column = lines[0].index(title)
+        assert all(line[column - 2 : column] == "  " for line in lines[1:])
+
+
+def test_events_escape_control_characters(
+    filled_store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, out, _ = run(capsys, "events", "--store", filled_store, "--limit", "1")
+    assert "\x1b" not in out
+    assert "\u202e" not in out
+    assert "Evil\\x1b[31m\\u202eName" in out
+
+
+@pytest.mark.parametrize(
+    ("options", "names"),
+    [
+        pytest.param(
+            [], ["First", "Home", "No identity", "Fourth", "Evil\x1b[31m\u202eName"], id="all"
+        ),
+        pytest.param(["--limit", "2"], ["Fourth", "Evil\x1b[31m\u202eName"], id="limit-newest"),
+        pytest.param(["--rejected"], ["No identity"], id="rejected"),
+        pytest.param(["--accepted", "--call", "page"], ["Home"], id="accepted-page"),
+        pytest.param(
+            ["--call", "track", "--limit", "1"], ["Evil\x1b[31m\u202eName"], id="call-limit"
+        ),
+        pytest.param(["--call", "alias"], [], id="none"),
+    ],
+)
+def test_events_jsonl_filters(
+    options: list[str], names: list[str], filled_store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, _ = run(capsys, "events", "--store", filled_store, "--format", "jsonl", *options)
+    assert status == 0
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [r["event"].get("event") or r["event"].get("name") for r in records] == names
+    assert out.isascii()
+
+
+def test_events_on_an_empty_store_prints_the_header(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, _ = run(capsys, "events", "--store", f"jsonl:///{tmp_path}/none.jsonl")
+    assert status == 0
+    assert out.split() == ["time", "dialect", "call", "verdict", "rules", "event/name", "identity"]
+
+
+class StoreDown:
+    """A store that refuses every write, under the URL of a real one."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def write(self, records: Any) -> None:
+        raise StoreError("down")
+
+    def read(self, **kw: Any) -> list[tuple[str, PixelRecord]]:
+        raise StoreError("down")
+
+    def close(self) -> None:
+        pass
+
+
+def test_events_mentions_records_waiting_in_the_spool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the recorder's default spool is under the working directory
+    url = "sqlite:///events.sqlite3"
+    real = open_store(url)
+    recorder = Recorder(StoreDown(real.url), retry_interval=0.05)
+    for name in ("One", "Two"):
+        recorder.record(make_record(segment("track", {"userId": "u", "event": name})))
+    recorder.close()  # the store is still down: the records stay in the spool
+    real.close()
+    status, out, err = run(capsys, "events", "--store", url, "--format", "jsonl")
+    assert status == 0
+    assert out == ""
+    assert "2 more record(s) wait in the spool" in err
+
+
+class LineReader:
+    """Lines of a child's stream, read by a thread so that waiting can time out."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
+
+    def _pump(self, stream: IO[str]) -> None:
+        for line in stream:
+            self.lines.put(line)
+
+    def next(self, timeout: float = 10) -> str:
+        return self.lines.get(timeout=timeout)
+
+
+def test_events_follow_prints_records_written_after_it_started(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/follow.sqlite3"
+    store = open_store(url)
+    store.write([make_record(segment("track", {"userId": "u", "event": "Before"}))])
+    follow = subprocess.Popen(
+        [*CLI, "events", "--store", url, "--follow", "--format", "jsonl", "--interval", "0.05"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert follow.stdout is not None
+        lines = LineReader(follow.stdout)
+        assert json.loads(lines.next())["event"]["event"] == "Before"
+        store.write([make_record(segment("track", {"userId": "u", "event": "After"}))])
+        assert json.loads(lines.next())["event"]["event"] == "After"
+        store.write([make_record(segment("page", {"userId": "u", "name": "Later"}))])
+        assert json.loads(lines.next())["event"]["name"] == "Later"
+        follow.send_signal(signal.SIGINT)
+        assert follow.wait(timeout=10) == 0
+    finally:
+        store.close()
+        if follow.poll() is None:
+            follow.kill()
+            follow.wait()
+        for stream in (follow.stdout, follow.stderr):
+            if stream:
+                stream.close()
+
+
+# --- serve -------------------------------------------------------------------------------
+
+
+class Collector:
+    """A real `pixel-middleware serve --port 0` process."""
+
+    def __init__(self, tmp_path: Path, *options: str) -> None:
+        self.store_url = f"sqlite:///{tmp_path}/serve.sqlite3"
+        self.process = subprocess.Popen(
+            [*CLI, "serve", "--port", "0", "--store", self.store_url, *options],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+        )
+        assert self.process.stdout is not None
+        self.banner = LineReader(self.process.stdout).next(timeout=20)
+        found = re.search(r"http://127\.0\.0\.1:(\d+)/", self.banner)
+        assert found, self.banner
+        assert int(found.group(1)) != 0
+        self.url = found.group(0)
+
+    def stop(self, signum: int) -> tuple[int, str]:
+        self.process.send_signal(signum)
+        status = self.process.wait(timeout=20)
+        assert self.process.stderr is not None
+        err = self.process.stderr.read()
+        for stream in (self.process.stdout, self.process.stderr):
+            if stream:
+                stream.close()
+        return status, err
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.stop(signal.SIGKILL)
+
+
+def stored(store_url: str, capsys: pytest.CaptureFixture[str]) -> list[PixelRecord]:
+    status, out, _ = run(
+        capsys, "events", "--store", store_url, "--format", "jsonl", "--limit", "1000"
+    )
+    assert status == 0
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def test_serve_answers_pixels_and_flushes_on_sigterm(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    collector = Collector(tmp_path)
+    try:
+        assert collector.store_url in collector.banner
+        page = requests.get(collector.url, timeout=5)
+        assert page.status_code == 200
+        example = re.search(r'<img src="([^"]+)" width="1" height="1" alt="">', page.text)
+        assert example, page.text
+        pixel = requests.get(html.unescape(example.group(1)), timeout=5)
+        assert (pixel.status_code, pixel.content) == (200, GIF)
+
+        def send(i: int) -> int:
+            event = {"userId": f"u{i}", "event": "Concurrent"}
+            return requests.get(
+                collector.url.rstrip("/") + segment("track", event), timeout=10
+            ).status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            assert set(pool.map(send, range(24))) == {200}
+        assert requests.get(collector.url + "v1/pixel/track", timeout=5).headers["X-Pixel-Rejected"]
+        status, err = collector.stop(signal.SIGTERM)
+    finally:
+        collector.kill()
+    assert status == 0, err
+    records = stored(collector.store_url, capsys)
+    assert len(records) == 26
+    assert records[0]["accepted"] is True
+    assert records[0]["event"]["event"] == "Collector Page Viewed"
+    assert (
+        sum(r["event"] is not None and r["event"].get("event") == "Concurrent" for r in records)
+        == 24
+    )
+    assert records[-1]["accepted"] is False
+
+
+def test_serve_fire_and_forget_flushes_on_ctrl_c(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    collector = Collector(tmp_path, "--fire-and-forget", "--write-key", "k1", "--threads", "2")
+    try:
+        for i in range(10):
+            url = collector.url.rstrip("/") + segment(
+                "track", {"userId": f"u{i}", "event": "Quick"}
+            )
+            assert requests.get(url, timeout=5).content == GIF
+        status, err = collector.stop(signal.SIGINT)
+    finally:
+        collector.kill()
+    assert status == 0, err
+    assert [r["accepted"] for r in stored(collector.store_url, capsys)] == [True] * 10
+
+
+def test_serve_refuses_a_port_in_use(tmp_path: Path) -> None:
+    first = Collector(tmp_path)
+    try:
+        port = first.url.rsplit(":", 1)[1].strip("/")
+        second = subprocess.run(
+            [*CLI, "serve", "--port", port, "--store", f"sqlite:///{tmp_path}/other.sqlite3"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
+        assert second.returncode == 1
+        assert "cannot listen" in second.stderr
+    finally:
+        first.stop(signal.SIGTERM)
+        first.kill()
