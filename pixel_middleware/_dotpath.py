@@ -14,6 +14,8 @@ from typing import Any
 
 __all__ = ["DotPathBuilder", "SetResult"]
 
+_MISSING: Any = object()
+
 
 class SetResult(Enum):
     """What happened to one parameter."""
@@ -63,20 +65,23 @@ class DotPathBuilder:
         segments = key.split(".")
         if "" in segments:
             return SetResult.EMPTY_SEGMENT
-        if len(segments) > self.max_depth:
+        count = len(segments)
+        if count > self.max_depth:
             return SetResult.TOO_DEEP
-        indexes: list[int | None] = [None]
-        for segment in segments[1:]:
+        indexes: list[int | None] | None = None
+        for position in range(1, count):
+            segment = segments[position]
             if segment.isdigit() and segment.isascii():
                 if len(segment) > self._index_digits:
                     return SetResult.TOO_LARGE
                 index = int(segment)
                 if index > self.max_index:
                     return SetResult.TOO_LARGE
-                indexes.append(index)
-            else:
-                indexes.append(None)
-
+                if indexes is None:
+                    indexes = [None] * count
+                indexes[position] = index
+        if indexes is None:
+            return self._set_in_objects(segments, value)
         node: dict[str, Any] | list[Any] = self.root
         last = len(segments) - 1
         for position, segment in enumerate(segments):
@@ -97,6 +102,29 @@ class DotPathBuilder:
                 return SetResult.CONFLICT
             node = child
         return SetResult.CONFLICT  # pragma: no cover - the loop always returns
+
+    def _set_in_objects(self, segments: list[str], value: str) -> SetResult:
+        """``set`` for a path without numeric segments (the common case): objects only."""
+        node = self.root
+        last = len(segments) - 1
+        for position in range(last):
+            segment = segments[position]
+            child = node.get(segment, _MISSING)
+            if child is _MISSING:
+                built: Any = value
+                for depth in range(last, position, -1):
+                    built = {segments[depth]: built}
+                node[segment] = built
+                return SetResult.SET
+            if type(child) is not dict:
+                # A scalar stands where a container is needed, or an array
+                # where an object key is.
+                return SetResult.CONFLICT
+            node = child
+        if segments[last] in node:
+            return SetResult.CONFLICT
+        node[segments[last]] = value
+        return SetResult.SET
 
     def _create(
         self,

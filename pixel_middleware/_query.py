@@ -9,18 +9,53 @@ decoded size, and to know whether invalid UTF-8 was replaced.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import codecs
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import unquote_to_bytes
 
-__all__ = ["ParsedQuery", "decode_component", "parse_query"]
+__all__ = [
+    "ParsedQuery",
+    "decode_component",
+    "decode_text",
+    "parse_pieces",
+    "parse_query",
+    "percent_decode",
+    "split_query",
+]
 
 
-class ParsedQuery(NamedTuple):
-    """The parameters in query order, their decoded size, and whether UTF-8 was repaired."""
+# Byte values, not one-byte strings: ``37 in data`` is a memchr, while
+# ``b"%" in data`` first tries to read the needle as an int, and raising and
+# swallowing that TypeError costs ten times the search (CPython 3.11-3.13).
+_PERCENT = ord("%")
+_PLUS = ord("+")
 
-    params: list[tuple[str, str]]
-    decoded_bytes: int
-    replaced_utf8: bool
+# (the parameters in query order, their decoded size in bytes, whether
+# invalid UTF-8 was replaced). A plain tuple: a NamedTuple costs a third of
+# a microsecond to build, on every pixel.
+ParsedQuery = tuple[list[tuple[str, str]], int, bool]
+
+
+def _escape_percent_decode(raw: bytes) -> bytes:
+    # %XX -> \\xXX (after doubling every backslash, so no other escape exists)
+    # and let the C escape decoder do the work: ten times faster than
+    # unquote_to_bytes. An invalid or cut-off escape (%zz, a final %4) makes it
+    # raise; unquote_to_bytes then keeps such escapes as they are, like every
+    # WSGI server. The tests check both agree on arbitrary bytes.
+    try:
+        decoded: bytes = _escape_decode(raw.replace(b"\\", b"\\\\").replace(b"%", b"\\x"))[0]
+    except ValueError:
+        return unquote_to_bytes(raw)
+    return decoded
+
+
+# codecs.escape_decode is CPython's (undocumented, present since Python 2);
+# without it, fall back to the documented, slower function.
+_escape_decode: Any = getattr(codecs, "escape_decode", None)
+percent_decode: Callable[[bytes], bytes] = (
+    unquote_to_bytes if _escape_decode is None else _escape_percent_decode
+)
 
 
 def decode_component(raw: bytes) -> bytes:
@@ -28,11 +63,29 @@ def decode_component(raw: bytes) -> bytes:
 
     Invalid escapes such as ``%zz`` are left as they are (like every WSGI server).
     """
-    if b"+" in raw:
+    if _PLUS in raw:
         raw = raw.replace(b"+", b" ")
-    if b"%" in raw:
-        raw = unquote_to_bytes(raw)
+    if _PERCENT in raw:
+        raw = percent_decode(raw)
     return raw
+
+
+def split_query(query: bytes, max_params: int) -> list[bytes] | None:
+    """The non-empty ``&``-separated pieces of ``query``, or ``None`` past ``max_params``."""
+    pieces = query.split(b"&")
+    if b"" in pieces:
+        pieces = [piece for piece in pieces if piece]
+    if len(pieces) > max_params:
+        return None
+    return pieces
+
+
+def decode_text(raw: bytes) -> tuple[str, bool]:
+    """UTF-8 text of ``raw``, invalid sequences replaced; and whether any were."""
+    try:
+        return raw.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", "replace"), True
 
 
 def parse_query(query: bytes, max_params: int) -> ParsedQuery | None:
@@ -41,28 +94,46 @@ def parse_query(query: bytes, max_params: int) -> ParsedQuery | None:
     Empty pieces are skipped; a piece without ``=`` is a key with the value
     ``""``. Returns ``None`` when there are more than ``max_params`` pieces
     (nothing is decoded then). Text is UTF-8 with invalid sequences replaced by
-    U+FFFD, and ``replaced_utf8`` says whether that happened.
+    U+FFFD, and the third item says whether that happened.
     """
-    pieces = [piece for piece in query.split(b"&") if piece]
-    if len(pieces) > max_params:
+    pieces = split_query(query, max_params)
+    if pieces is None:
         return None
+    return parse_pieces(pieces)
+
+
+def parse_pieces(pieces: list[bytes]) -> ParsedQuery:
+    """:func:`parse_query` for pieces already split by :func:`split_query`."""
     params: list[tuple[str, str]] = []
     size = 0
     replaced = False
+    # Runs for every parameter of every pixel: one decode for a piece
+    # without escapes ("=" is ASCII, so splitting the text equals splitting
+    # the bytes), decode_component inlined for the others.
     for piece in pieces:
+        if _PLUS in piece:
+            piece = piece.replace(b"+", b" ")
+        if _PERCENT not in piece:
+            try:
+                text = piece.decode("utf-8")
+            except UnicodeDecodeError:
+                text = piece.decode("utf-8", "replace")
+                replaced = True
+            key, equals, value = text.partition("=")
+            size += len(piece) - len(equals)
+            params.append((key, value))
+            continue
         raw_key, _, raw_value = piece.partition(b"=")
-        key_bytes = decode_component(raw_key)
-        value_bytes = decode_component(raw_value)
-        size += len(key_bytes) + len(value_bytes)
+        if _PERCENT in raw_key:
+            raw_key = percent_decode(raw_key)
+        if _PERCENT in raw_value:
+            raw_value = percent_decode(raw_value)
+        size += len(raw_key) + len(raw_value)
         try:
-            key = key_bytes.decode("utf-8")
+            params.append((raw_key.decode("utf-8"), raw_value.decode("utf-8")))
         except UnicodeDecodeError:
-            key = key_bytes.decode("utf-8", "replace")
+            params.append(
+                (raw_key.decode("utf-8", "replace"), raw_value.decode("utf-8", "replace"))
+            )
             replaced = True
-        try:
-            value = value_bytes.decode("utf-8")
-        except UnicodeDecodeError:
-            value = value_bytes.decode("utf-8", "replace")
-            replaced = True
-        params.append((key, value))
-    return ParsedQuery(params, size, replaced)
+    return params, size, replaced

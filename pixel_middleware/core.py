@@ -26,7 +26,7 @@ Bad request data never raises here: it becomes a rejected record with problems.
 
 from __future__ import annotations
 
-import uuid
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -34,7 +34,13 @@ from typing import Any, Final, Literal, TypedDict
 from urllib.parse import unquote_to_bytes
 
 from pixel_middleware._dotpath import DotPathBuilder, SetResult
-from pixel_middleware._query import ParsedQuery, parse_query
+from pixel_middleware._query import (
+    ParsedQuery,
+    decode_component,
+    decode_text,
+    parse_pieces,
+    split_query,
+)
 from pixel_middleware._segment_data import decode_data
 
 __all__ = [
@@ -342,7 +348,19 @@ _405_HEADERS: Final = (
     ("Content-Type", _TEXT),
     ("Content-Length", str(len(_405_BODY))),
 )
-_DEFAULT_NEW_ID: Final = lambda: str(uuid.uuid4())  # noqa: E731
+
+
+# The variant nibble of a version 4 UUID, from any random hex digit: 10xx.
+_UUID_VARIANT: Final = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
+
+
+def _uuid4() -> str:
+    """``str(uuid.uuid4())`` in two thirds of the time (the default ``new_id``)."""
+    text = os.urandom(16).hex()
+    # RFC 9562 section 5.4: version nibble 4, variant bits 10.
+    return (
+        f"{text[:8]}-{text[8:12]}-4{text[13:16]}-{_UUID_VARIANT[text[16]]}{text[17:20]}-{text[20:]}"
+    )
 
 
 def split_target(target: bytes) -> tuple[str, bytes]:
@@ -359,7 +377,7 @@ def split_target(target: bytes) -> tuple[str, bytes]:
         rest = path.split(b"://", 1)[1]
         slash = rest.find(b"/")
         path = rest[slash:] if slash >= 0 else b"/"
-    if b"%" in path:
+    if 37 in path:  # "%" (an int needle: see _query._PERCENT)
         path = unquote_to_bytes(path)
     return path.decode("latin-1"), query
 
@@ -379,35 +397,33 @@ def match_route(path: str, config: PixelConfig) -> Route | None:
 _ABSENT: Final[Any] = object()
 
 
-class _Notes:
-    """Collects notes, one entry per note id, naming the parameters concerned."""
+# Notes found so far: note id -> the parameter names concerned (a dict used as
+# an ordered set). A plain dict, not an object: it is made for every pixel.
+_Notes = dict[str, dict[str, None]]
 
-    __slots__ = ("_found",)
 
-    def __init__(self) -> None:
-        self._found: dict[str, dict[str, None]] = {}
+def _note(notes: _Notes, note: str, name: str | None = None) -> None:
+    names = notes.get(note)
+    if names is None:
+        names = notes[note] = {}
+    if name is not None:
+        names[name] = None
 
-    def add(self, note: str, name: str | None = None) -> None:
-        names = self._found.get(note)
-        if names is None:
-            names = self._found[note] = {}
-        if name is not None:
-            names[name] = None
 
-    def render(self) -> list[Problem]:
-        rendered: list[Problem] = []
-        for note, names in self._found.items():
-            message = NOTES[note]
-            if names:
-                shown = [
-                    f'"{name[:_NOTE_NAME_CHARS]}{"..." if len(name) > _NOTE_NAME_CHARS else ""}"'
-                    for name in list(names)[:_NOTE_NAMES]
-                ]
-                message = f"{message}: {', '.join(shown)}"
-                if len(names) > _NOTE_NAMES:
-                    message += f" and {len(names) - _NOTE_NAMES} more"
-            rendered.append({"rule": note, "message": message})
-        return rendered
+def _render_notes(notes: _Notes) -> list[Problem]:
+    rendered: list[Problem] = []
+    for note, names in notes.items():
+        message = NOTES[note]
+        if names:
+            shown = [
+                f'"{name[:_NOTE_NAME_CHARS]}{"..." if len(name) > _NOTE_NAME_CHARS else ""}"'
+                for name in list(names)[:_NOTE_NAMES]
+            ]
+            message = f"{message}: {', '.join(shown)}"
+            if len(names) > _NOTE_NAMES:
+                message += f" and {len(names) - _NOTE_NAMES} more"
+        rendered.append({"rule": note, "message": message})
+    return rendered
 
 
 def _problem(rule: str, message: str | None = None) -> Problem:
@@ -421,11 +437,30 @@ def _invalid_field(name: str, kind: str) -> Problem:
 def _utc_naive(moment: datetime) -> datetime:
     if moment.tzinfo is None:
         return moment
-    return moment.astimezone(UTC).replace(tzinfo=None)
+    if moment.tzinfo is not UTC:
+        moment = moment.astimezone(UTC)
+    return moment.replace(tzinfo=None)
 
 
-def _format_time(utc_naive: datetime) -> str:
-    return utc_naive.isoformat(timespec="milliseconds") + "Z"
+# The formatted second of the last time formatted: most pixels arrive within
+# the same second as the previous one, and datetime.isoformat costs a
+# microsecond. One tuple, replaced in one assignment, so threads cannot tear it.
+_last_second: tuple[tuple[int, ...], str] = ((), "")
+
+
+def _format_time(moment: datetime) -> str:
+    """``YYYY-MM-DDTHH:MM:SS.mmmZ`` in UTC (a naive datetime is taken as UTC)."""
+    global _last_second
+    zone = moment.tzinfo
+    if zone is not None and zone is not UTC:
+        moment = moment.astimezone(UTC)
+    # No datetime.replace here: it costs as much as isoformat.
+    key = (moment.year, moment.month, moment.day, moment.hour, moment.minute, moment.second)
+    cached_key, text = _last_second
+    if key != cached_key:
+        text = "{:04d}-{:02d}-{:02d}T{:02d}:{:02d}:{:02d}".format(*key)
+        _last_second = (key, text)
+    return f"{text}.{moment.microsecond // 1000:03d}Z"
 
 
 def _parse_time(text: str) -> datetime | None:
@@ -467,12 +502,12 @@ def _client_ip(request: PixelRequest, trusted: int) -> str | None:
 def _present(value: Any) -> bool:
     """An identity value counts when it is a non-blank string or a number."""
     if isinstance(value, str):
-        return bool(value.strip())
+        return bool(value) and not value.isspace()
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _blank(value: Any) -> bool:
-    return value is None or (isinstance(value, str) and not value.strip())
+    return value is None or (isinstance(value, str) and (not value or value.isspace()))
 
 
 def _first_value(params: list[tuple[str, str]], name: str) -> str | None:
@@ -483,7 +518,7 @@ def _first_value(params: list[tuple[str, str]], name: str) -> str | None:
 
 
 def _usable_key(value: str | None) -> str | None:
-    return value if value is not None and value.strip() else None
+    return value if value and not value.isspace() else None
 
 
 # Decoding -----------------------------------------------------------------
@@ -499,8 +534,8 @@ def _dot_form_event(
     strip_quotes: bool,
 ) -> tuple[dict[str, Any] | None, str | None]:
     """Build an event from dot-notation parameters (RudderStack, Segment unencoded)."""
-    params = parsed.params
-    if parsed.decoded_bytes > limits.max_event_bytes:
+    params, decoded_bytes, _ = parsed
+    if decoded_bytes > limits.max_event_bytes:
         problems.append(_problem("too_large"))
         return None, _usable_key(_first_value(params, "writeKey"))
     root: dict[str, Any] = {}
@@ -509,7 +544,7 @@ def _dot_form_event(
     write_key: str | None = None
     for key, value in params:
         if key in seen:
-            notes.add("duplicate_param", key)
+            _note(notes, "duplicate_param", key)
             continue
         seen.add(key)
         if key == "writeKey":
@@ -518,7 +553,7 @@ def _dot_form_event(
         if key == "type":
             # rudder-server sets type from the route after the parameters.
             if value != call:
-                notes.add("type_overridden")
+                _note(notes, "type_overridden")
             continue
         if (
             strip_quotes
@@ -529,14 +564,14 @@ def _dot_form_event(
         ):
             # AMP sends its cookie JSON-quoted; rudder-server strips ^"(.*)"$.
             value = value[1:-1]
-            notes.add("quotes_stripped")
+            _note(notes, "quotes_stripped")
         result = builder.set(key, value)
         if result is SetResult.SET:
             continue
         if result is SetResult.EMPTY_SEGMENT:
-            notes.add("empty_key_dropped", key)
+            _note(notes, "empty_key_dropped", key)
         elif result is SetResult.CONFLICT:
-            notes.add("conflicting_param", key)
+            _note(notes, "conflicting_param", key)
         elif result is SetResult.TOO_DEEP:
             problems.append(_problem("too_deep"))
             return None, _usable_key(write_key)
@@ -573,50 +608,64 @@ def _rudderstack_event(
     event.update(built)
     if call == "page" and event.get("name") == "":
         event["name"] = "Unknown Page"
-        notes.add("unknown_page_name")
+        _note(notes, "unknown_page_name")
     return event, write_key
 
 
 def _segment_event(
-    parsed: ParsedQuery,
+    pieces: list[bytes],
     call: str,
     limits: Limits,
     notes: _Notes,
     problems: list[Problem],
 ) -> tuple[dict[str, Any] | None, str | None]:
-    data: str | None = None
+    data: bytes | None = None
     query_key: str | None = None
-    seen_data = seen_key = False
+    seen_key = False
     ignored: list[str] = []
-    for key, value in parsed.params:
-        if key == "data":
-            if seen_data:
-                notes.add("duplicate_param", key)
+    for piece in pieces:
+        raw_key, _, raw_value = piece.partition(b"=")
+        # data= stays bytes: base64 never needs to be text.
+        if raw_key == b"data":
+            if data is None:
+                data = decode_component(raw_value)
             else:
-                seen_data = True
-                data = value
+                _note(notes, "duplicate_param", "data")
+            continue
+        key, replaced = decode_text(decode_component(raw_key))
+        if replaced:
+            _note(notes, "invalid_utf8")
+        if key == "data":  # spelled with escapes, like d%61ta
+            if data is None:
+                data = decode_component(raw_value)
+            else:
+                _note(notes, "duplicate_param", "data")
         elif key == "writeKey":
             if seen_key:
-                notes.add("duplicate_param", key)
+                _note(notes, "duplicate_param", key)
             else:
                 seen_key = True
-                query_key = value
+                query_key, replaced = decode_text(decode_component(raw_value))
+                if replaced:
+                    _note(notes, "invalid_utf8")
         else:
             ignored.append(key)
     if data is None:
         # Segment's unencoded form (documented since 2025): dot-notation fields.
-        notes.add("unencoded_form")
+        _note(notes, "unencoded_form")
+        parsed = parse_pieces(pieces)
+        if parsed[2]:
+            _note(notes, "invalid_utf8")
         return _dot_form_event(parsed, call, limits, notes, problems, strip_quotes=False)
     for name in ignored:
-        notes.add("params_ignored", name)
+        _note(notes, "params_ignored", name)
     query_key = _usable_key(query_key)
-    decoded = decode_data(data, max_event_bytes=limits.max_event_bytes, max_depth=limits.max_depth)
-    for note in decoded.notes:
-        notes.add(note)
-    if decoded.rule is not None:
-        problems.append(_problem(decoded.rule))
+    event, rule, data_notes = decode_data(data, limits.max_event_bytes, limits.max_depth)
+    for note in data_notes:
+        _note(notes, note)
+    if rule is not None:
+        problems.append(_problem(rule))
         return None, query_key
-    event = decoded.value
     if not isinstance(event, dict):
         problems.append(_problem("not_an_object"))
         return None, query_key
@@ -627,43 +676,46 @@ def _segment_event(
     event_key = _usable_key(event_key)
     if event_key is None:
         if query_key is not None:
-            notes.add("write_key_from_query")
+            _note(notes, "write_key_from_query")
         return event, query_key
     if query_key is not None and query_key != event_key:
-        notes.add("write_key_query_ignored")
+        _note(notes, "write_key_query_ignored")
     return event, event_key
 
 
 # Validation and enrichment --------------------------------------------------
 
-_OBJECT_FIELDS: Final = ("properties", "traits", "context", "integrations")
-_STRING_FIELDS: Final = (
-    "event",
-    "name",
-    "groupId",
-    "previousId",
-    "timestamp",
-    "originalTimestamp",
-    "sentAt",
-)
+# The spec fields whose type we check, with the exact types allowed (JSON and
+# dot-notation only ever make these, never subclasses) and how to say it.
+# JSON null counts as absent: libraries serialise unset fields that way.
+_FieldKind = tuple[frozenset[type], str]
+_OBJECT: Final[_FieldKind] = (frozenset((dict, type(None))), "an object")
+_STRING: Final[_FieldKind] = (frozenset((str, type(None))), "a string")
+_IDENTITY: Final[_FieldKind] = (frozenset((str, int, float, type(None))), "a string or a number")
+_FIELD_KINDS: Final[dict[str, _FieldKind]] = {
+    "properties": _OBJECT,
+    "traits": _OBJECT,
+    "context": _OBJECT,
+    "integrations": _OBJECT,
+    "event": _STRING,
+    "name": _STRING,
+    "groupId": _STRING,
+    "previousId": _STRING,
+    "timestamp": _STRING,
+    "originalTimestamp": _STRING,
+    "sentAt": _STRING,
+    "userId": _IDENTITY,
+    "anonymousId": _IDENTITY,
+}
 
 
 def _validate(event: dict[str, Any], call: str, problems: list[Problem]) -> None:
-    # JSON null counts as absent: libraries serialise unset fields that way.
-    for name in _OBJECT_FIELDS:
-        value = event.get(name)
-        if value is not None and not isinstance(value, dict):
-            problems.append(_invalid_field(name, "an object"))
-    for name in _STRING_FIELDS:
-        value = event.get(name)
-        if value is not None and not isinstance(value, str):
-            problems.append(_invalid_field(name, "a string"))
-    for name in ("userId", "anonymousId"):
-        value = event.get(name)
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, (str, int, float))
-        ):
-            problems.append(_invalid_field(name, "a string or a number"))
+    # One pass over the event's fields, in its order (so problems come in a
+    # deterministic order), usually fewer than _FIELD_KINDS.
+    for name, value in event.items():
+        kind = _FIELD_KINDS.get(name)
+        if kind is not None and type(value) not in kind[0]:
+            problems.append(_invalid_field(name, kind[1]))
     if call == "alias":
         if not _present(event.get("userId")):
             problems.append(_problem("missing_user_id"))
@@ -678,7 +730,7 @@ def _validate(event: dict[str, Any], call: str, problems: list[Problem]) -> None
         problems.append(_problem("missing_group_id"))
 
 
-def _timestamp(event: dict[str, Any], received: datetime, received_at: str) -> str:
+def _timestamp(event: dict[str, Any], now: datetime, received_at: str) -> str:
     # Segment: timestamp = receivedAt - (sentAt - originalTimestamp), which
     # corrects the client's clock by the difference it reported itself.
     original = event.get("originalTimestamp")
@@ -690,7 +742,7 @@ def _timestamp(event: dict[str, Any], received: datetime, received_at: str) -> s
         original_time = _parse_time(original)
         if sent_time is not None and original_time is not None:
             try:
-                return _format_time(received - (sent_time - original_time))
+                return _format_time(_utc_naive(now) - (sent_time - original_time))
             except OverflowError:
                 pass
     return original
@@ -699,8 +751,7 @@ def _timestamp(event: dict[str, Any], received: datetime, received_at: str) -> s
 def _enrich(
     event: dict[str, Any],
     call: str,
-    *,
-    received: datetime,
+    now: datetime,
     received_at: str,
     ip: str | None,
     user_agent: str | None,
@@ -708,24 +759,28 @@ def _enrich(
     notes: _Notes,
     problems: list[Problem],
 ) -> None:
+    """Add what the server adds: type, messageId, receivedAt, timestamp, context."""
     sent_type = event.get("type", _ABSENT)
     if sent_type is not _ABSENT and sent_type != call:
-        notes.add("type_overridden")
+        _note(notes, "type_overridden")
     event["type"] = call
     message_id = event.get("messageId", _ABSENT)
     if not (
-        isinstance(message_id, str) and message_id.strip() and len(message_id) <= _MAX_MESSAGE_ID
+        type(message_id) is str
+        and message_id
+        and len(message_id) <= _MAX_MESSAGE_ID
+        and not message_id.isspace()
     ):
         if isinstance(message_id, str) and len(message_id) > _MAX_MESSAGE_ID:
             problems.append(_problem("message_id_too_long"))
         elif message_id is not _ABSENT:
-            notes.add("message_id_generated")
+            _note(notes, "message_id_generated")
         event["messageId"] = new_id()
     if "receivedAt" in event:
-        notes.add("received_at_overwritten")
+        _note(notes, "received_at_overwritten")
     event["receivedAt"] = received_at
     if "timestamp" not in event:
-        event["timestamp"] = _timestamp(event, received, received_at)
+        event["timestamp"] = _timestamp(event, now, received_at)
     context = event.get("context", _ABSENT)
     if context is _ABSENT and (ip is not None or user_agent):
         context = event["context"] = {}
@@ -744,50 +799,39 @@ def _decode_record(
     new_id: Callable[[], str],
 ) -> PixelRecord:
     record_id = new_id()
-    received = _utc_naive(now)
-    received_at = _format_time(received)
+    received_at = _format_time(now)
     limits = config.limits
     query = request.query
     ip = _client_ip(request, config.trusted_proxies)
     user_agent = request.user_agent
     if user_agent is not None:
         user_agent = _header_text(user_agent)
-    notes = _Notes()
+    notes: _Notes = {}
     problems: list[Problem] = []
     event: dict[str, Any] | None = None
     write_key: str | None = None
     if len(query) > limits.max_query_bytes:
         problems.append(_problem("too_large"))
     else:
-        parsed = parse_query(query, limits.max_params)
-        if parsed is None:
+        pieces = split_query(query, limits.max_params)
+        if pieces is None:
             problems.append(_problem("too_many_params"))
+        elif route.dialect == "segment":
+            event, write_key = _segment_event(pieces, route.call, limits, notes, problems)
         else:
-            if parsed.replaced_utf8:
-                notes.add("invalid_utf8")
-            if route.dialect == "segment":
-                event, write_key = _segment_event(parsed, route.call, limits, notes, problems)
-            else:
-                event, write_key = _rudderstack_event(
-                    parsed, route.call, limits, notes, problems, received_at
-                )
+            parsed = parse_pieces(pieces)
+            if parsed[2]:
+                _note(notes, "invalid_utf8")
+            event, write_key = _rudderstack_event(
+                parsed, route.call, limits, notes, problems, received_at
+            )
     if event is not None:
         if write_key is None:
             problems.append(_problem("missing_write_key"))
         elif config.write_keys is not None and write_key not in config.write_keys:
             problems.append(_problem("unknown_write_key"))
         _validate(event, route.call, problems)
-        _enrich(
-            event,
-            route.call,
-            received=received,
-            received_at=received_at,
-            ip=ip,
-            user_agent=user_agent,
-            new_id=new_id,
-            notes=notes,
-            problems=problems,
-        )
+        _enrich(event, route.call, now, received_at, ip, user_agent, new_id, notes, problems)
     return {
         "id": record_id,
         "receivedAt": received_at,
@@ -796,12 +840,14 @@ def _decode_record(
         "writeKey": write_key,
         "accepted": not problems,
         "problems": problems,
-        "notes": notes.render(),
+        "notes": _render_notes(notes) if notes else [],
         "event": event,
         "request": {
             "method": request.method,
             "path": request.path,
-            "query": query[: limits.max_query_bytes].decode("utf-8", "backslashreplace"),
+            "query": (
+                query if len(query) <= limits.max_query_bytes else query[: limits.max_query_bytes]
+            ).decode("utf-8", "backslashreplace"),
             "ip": ip,
             "userAgent": user_agent,
         },
@@ -836,7 +882,7 @@ def decode_pixel(
     *,
     config: PixelConfig,
     now: datetime,
-    new_id: Callable[[], str] = _DEFAULT_NEW_ID,
+    new_id: Callable[[], str] = _uuid4,
 ) -> PixelOutcome | None:
     """Decode one request; ``None`` when its path is not a pixel route.
 
