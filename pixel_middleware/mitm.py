@@ -450,12 +450,12 @@ def escape(text: str) -> str:
     return "".join(out)
 
 
-def _shown(value: object, limit: int = 60) -> str:
+def _shown(value: object, limit: int = 60, *, quote: bool = False) -> str:
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
     if len(text) > limit:
         text = text[: limit - 1] + "…"
     text = escape(text)
-    if not text or any(c in text for c in ' "=,'):
+    if quote or not text or any(c in text for c in ' "=,[]()'):
         return '"' + text.replace('"', '\\"') + '"'
     return text
 
@@ -465,7 +465,7 @@ def _event_name(record: dict[str, Any]) -> str | None:
     for key in ("event", "name", "groupId", "previousId"):
         value = event.get(key)
         if value not in (None, ""):
-            return _shown(value)
+            return _shown(value, quote=True)
     return None
 
 

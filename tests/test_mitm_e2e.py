@@ -1,0 +1,410 @@
+"""The addon in real mitmdump processes, driven by a real HTTP client.
+
+One mitmdump per mode (regular proxy, reverse proxy, ``pixel_answer``, collector
+down), each in front of a real collector: a werkzeug server running
+``PixelMiddleware``, so every pixel is decoded twice, by the collector and by the
+addon, and the two records can be compared.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import requests
+from werkzeug.serving import BaseWSGIServer, make_server
+
+from pixel_middleware import GIF, PixelMiddleware, PixelRecord
+from pixel_middleware.stores import open_store
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIEnvironment
+
+pytestmark = pytest.mark.mitmproxy
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "addons" / "pixel_capture.py"
+MITMDUMP = Path(sys.executable).with_name("mitmdump")
+CLI = Path(sys.executable).with_name("pixel-middleware")
+
+if not MITMDUMP.exists():
+    pytest.skip("mitmdump is not installed beside this Python", allow_module_level=True)
+
+LISTENING = re.compile(r"listening at 127\.0\.0\.1:(\d+)\.")
+
+
+def b64(event: dict[str, Any]) -> str:
+    return base64.b64encode(json.dumps(event).encode()).decode()
+
+
+TRACK = "/v1/pixel/track?data=" + b64(
+    {"writeKey": "wk_1", "event": "Email Opened", "userId": "u-1", "properties": {"n": 1}}
+)
+RS_PAGE = "/pixel/v1/page?writeKey=wk_2&anonymousId=a-9&name=Pricing"
+RS_REJECTED = "/pixel/v1/track?anonymousId=a-9"  # no write key, no event: 400 (seed)
+NASTY = "/v1/pixel/track?data=" + b64({"writeKey": "k", "event": "\x1b[2Jgone", "userId": "u"})
+
+
+# -- the collector and mitmdump ---------------------------------------------------
+
+
+def not_found(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+    start_response("404 Not Found", [("Content-Type", "text/plain"), ("Content-Length", "9")])
+    return [b"not found"]
+
+
+class Collector:
+    """A real collector on 127.0.0.1:<free port>: PixelMiddleware over a 404 app."""
+
+    def __init__(self, *, tls: bool = False) -> None:
+        self.middleware = PixelMiddleware(not_found, store="memory://")
+        self.server: BaseWSGIServer = make_server(
+            "127.0.0.1", 0, self.middleware, threaded=True, ssl_context="adhoc" if tls else None
+        )
+        self.port = self.server.server_port
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def records(self) -> list[PixelRecord]:
+        assert self.middleware.store is not None
+        return [record for _, record in self.middleware.store.read()]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.middleware.close()
+
+
+@pytest.fixture(scope="module")
+def collector() -> Iterator[Collector]:
+    server = Collector()
+    yield server
+    server.close()
+
+
+def dead_port() -> int:
+    """A port on which nothing listens (bound, then closed, without listening)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+class Mitmdump:
+    """A real ``mitmdump -s addons/pixel_capture.py`` on a free port."""
+
+    def __init__(self, workdir: Path, *args: str, store: bool = True) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = workdir
+        # Four slashes: an absolute path (SQLAlchemy's convention).
+        self.store_url = f"sqlite:///{workdir}/pixels.sqlite3" if store else ""
+        cmd = [
+            str(MITMDUMP),
+            "--listen-host",
+            "127.0.0.1",
+            "-p",
+            "0",
+            "--flow-detail",
+            "0",
+            "--set",
+            f"confdir={workdir}/conf",
+            "-s",
+            str(SCRIPT),
+            *(["--set", f"pixel_store={self.store_url}"] if store else []),
+            *args,
+        ]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"}
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=workdir,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            encoding="utf-8",
+            errors="backslashreplace",
+        )
+        self.lines: list[str] = []
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.port = self._wait_listening()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def _wait_listening(self) -> int:
+        while True:
+            try:
+                line = self._lines.get(timeout=30)
+            except queue.Empty:
+                self.proc.kill()
+                pytest.fail("mitmdump did not start listening:\n" + "\n".join(self.lines))
+            if line is None:
+                pytest.fail("mitmdump exited:\n" + "\n".join(self.lines))
+            if match := LISTENING.search(line):
+                return int(match.group(1))
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.workdir / "conf" / "mitmproxy-ca-cert.pem"
+
+    def stop(self) -> str:
+        """SIGTERM (the addon's done() flushes the store), then the whole output."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            pytest.fail("mitmdump did not stop on SIGTERM:\n" + "\n".join(self.lines))
+        self._reader.join(timeout=10)
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+        return "\n".join(self.lines)
+
+    def records(self) -> list[dict[str, Any]]:
+        """The stored records, read back as a user would after mitmdump stopped."""
+        return read_store(self.store_url)
+
+    def pixel_lines(self) -> list[str]:
+        return [line for line in self.lines if "pixel " in line and "] pixel" in line]
+
+
+def read_store(url: str) -> list[dict[str, Any]]:
+    if CLI.exists() and _cli_has_events():
+        out = subprocess.run(
+            [str(CLI), "events", "--store", url, "--format", "jsonl"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        ).stdout
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+    store = open_store(url)
+    try:
+        return [dict(record) for _, record in store.read()]
+    finally:
+        store.close()
+
+
+def _cli_has_events() -> bool:
+    try:
+        from pixel_middleware import cli  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def via(proxy: Mitmdump, **kwargs: Any) -> requests.Session:
+    session = requests.Session()
+    session.trust_env = False  # no proxy or CA settings from the environment
+    session.proxies = {"http": proxy.url, "https": proxy.url}
+    for key, value in kwargs.items():
+        setattr(session, key, value)
+    return session
+
+
+# Generated per request, by the collector and by the addon separately.
+GENERATED = ("id", "receivedAt")
+GENERATED_EVENT = ("messageId", "receivedAt", "timestamp", "originalTimestamp", "sentAt")
+
+
+def without_generated(record: dict[str, Any] | PixelRecord) -> dict[str, Any]:
+    record = json.loads(json.dumps(record))
+    for key in (*GENERATED, "upstream"):
+        record.pop(key, None)
+    for key in GENERATED_EVENT:
+        (record.get("event") or {}).pop(key, None)
+    return record
+
+
+# -- regular proxy ------------------------------------------------------------------
+
+
+def test_regular_proxy_records_pixels_and_changes_nothing(
+    collector: Collector, tmp_path: Path
+) -> None:
+    proxy = Mitmdump(tmp_path)
+    try:
+        with via(proxy) as client:
+            answers = {
+                target: client.get(collector.url + target, headers={"User-Agent": "Mail/1.0"})
+                for target in (TRACK, RS_PAGE, RS_REJECTED, "/not-a-pixel?x=1", NASTY)
+            }
+    finally:
+        output = proxy.stop()
+    # The client got what the collector answered, untouched.
+    assert (answers[TRACK].status_code, answers[TRACK].content) == (200, GIF)
+    assert (answers[RS_PAGE].status_code, answers[RS_PAGE].content) == (200, b"OK")
+    assert answers[RS_REJECTED].status_code == 400
+    assert (answers["/not-a-pixel?x=1"].status_code, answers["/not-a-pixel?x=1"].text) == (
+        404,
+        "not found",
+    )
+
+    records = proxy.records()
+    assert [(r["call"], r["accepted"]) for r in records] == [
+        ("track", True),
+        ("page", True),
+        ("track", False),
+        ("track", True),
+    ]
+    # The collector received the same requests and decoded them the same way.
+    collected = collector.records()[-4:]
+    assert [without_generated(r) for r in records] == [without_generated(r) for r in collected]
+    assert [r["upstream"]["status"] for r in records] == [200, 200, 400, 200]
+    assert records[0]["upstream"]["contentType"] == "image/gif"
+    assert all(r["upstream"]["ms"] >= 0 for r in records)
+    assert records[0]["request"]["userAgent"] == "Mail/1.0"
+
+    # One readable line per pixel; the sender's terminal escapes shown, not obeyed.
+    lines = proxy.pixel_lines()
+    assert len(lines) == 4, output
+    assert re.search(
+        r'pixel segment track "Email Opened" userId=u-1 writeKey=wk_1 accepted'
+        r" upstream 200 in [\d.]+ ms host=127\.0\.0\.1$",
+        lines[0],
+    )
+    assert "REJECTED [missing_write_key,missing_event] upstream 400" in lines[2]
+    assert r'pixel segment track "\x1b[2Jgone" userId=u' in lines[3]
+    assert "\x1b" not in output
+    assert "pixel: 4 pixel(s); 3 accepted; 1 rejected" in output  # at exit
+
+
+def test_https_pixel_through_mitmproxys_ca(tmp_path: Path) -> None:
+    """The doc's HTTPS path: the client trusts mitmproxy's CA, the proxy the collector."""
+    collector = Collector(tls=True)
+    proxy = Mitmdump(tmp_path, "--set", "ssl_insecure=true")  # the collector's cert is adhoc
+    try:
+        with via(proxy, verify=str(proxy.ca_cert)) as client:
+            answer = client.get(collector.url + TRACK)
+    finally:
+        proxy.stop()
+        collector.close()
+    assert (answer.status_code, answer.content) == (200, GIF)
+    (record,) = proxy.records()
+    assert (record["call"], record["upstream"]["status"]) == ("track", 200)
+    assert without_generated(record) == without_generated(collector.records()[0])
+
+
+# -- reverse proxy --------------------------------------------------------------------
+
+
+def test_reverse_proxy_matches_on_the_path(collector: Collector, tmp_path: Path) -> None:
+    proxy = Mitmdump(tmp_path, "--mode", f"reverse:{collector.url}")
+    try:
+        with requests.Session() as client:
+            client.trust_env = False
+            pixel = client.get(proxy.url + RS_PAGE, headers={"Host": "pixels.example"})
+            other = client.get(proxy.url + "/v1/pixel/track/")  # not a route: trailing slash
+    finally:
+        proxy.stop()
+    assert (pixel.status_code, pixel.content) == (200, b"OK")
+    assert other.status_code == 404
+    (record,) = proxy.records()
+    assert (record["dialect"], record["call"]) == ("rudderstack", "page")
+    assert record["upstream"]["status"] == 200
+    assert without_generated(record) == without_generated(collector.records()[-1])
+
+
+# -- answering locally, and the collector down ------------------------------------------
+
+
+def test_pixel_answer_makes_no_upstream_connection(tmp_path: Path) -> None:
+    nowhere = f"http://127.0.0.1:{dead_port()}"
+    proxy = Mitmdump(tmp_path, "--set", "pixel_answer=true")
+    try:
+        with via(proxy) as client:
+            pixel = client.get(nowhere + TRACK)
+            rejected = client.get(nowhere + RS_REJECTED)
+            other = client.get(nowhere + "/not-a-pixel")
+    finally:
+        proxy.stop()
+    assert (pixel.status_code, pixel.content) == (200, GIF)
+    assert pixel.headers["Cache-Control"] == "no-cache, no-store, must-revalidate"
+    assert rejected.status_code == 400  # RudderStack's "seed" answer
+    assert other.status_code == 502  # not a pixel: passed on, and nothing listens
+    records = proxy.records()
+    assert [r["upstream"] for r in records] == [{"answeredLocally": True}] * 2
+    assert [r["accepted"] for r in records] == [True, False]
+
+
+def test_collector_down_is_recorded_with_the_error(tmp_path: Path) -> None:
+    nowhere = f"http://127.0.0.1:{dead_port()}"
+    proxy = Mitmdump(tmp_path, "--mode", f"reverse:{nowhere}", "--set", "connection_strategy=lazy")
+    try:
+        with requests.Session() as client:
+            client.trust_env = False
+            answer = client.get(proxy.url + TRACK)
+    finally:
+        proxy.stop()
+    assert answer.status_code == 502
+    (record,) = proxy.records()
+    assert record["accepted"] is True
+    assert set(record["upstream"]) == {"error"}
+    assert "connect call failed" in record["upstream"]["error"].lower()
+    assert "upstream failed (" in proxy.pixel_lines()[0]
+
+
+def test_without_a_store_nothing_is_written(tmp_path: Path) -> None:
+    proxy = Mitmdump(tmp_path, "--set", "pixel_answer=true", store=False)
+    try:
+        with via(proxy) as client:
+            assert client.get(f"http://127.0.0.1:{dead_port()}{TRACK}").status_code == 200
+    finally:
+        proxy.stop()
+    assert len(proxy.pixel_lines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conf"]
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        pytest.param("pixel_filter=~d (", "pixel_filter: '~d (' is not a flow filter", id="filter"),
+        pytest.param("pixel_store=ftp://x", "pixel_store: cannot open 'ftp://x'", id="store"),
+        pytest.param("pixel_dialects=amp", "pixel_dialects: 'amp' is not accepted", id="dialect"),
+    ],
+)
+def test_bad_option_stops_mitmdump_with_the_reason(
+    tmp_path: Path, option: str, message: str
+) -> None:
+    result = subprocess.run(
+        [
+            str(MITMDUMP),
+            "--listen-host",
+            "127.0.0.1",
+            "-p",
+            "0",
+            "--set",
+            f"confdir={tmp_path}/conf",
+            "-s",
+            str(SCRIPT),
+            "--set",
+            option,
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr
