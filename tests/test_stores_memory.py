@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from records import make_record
 
-from pixel_middleware.stores import StoreError, open_store
+from pixel_middleware.stores import RecordError, StoreError, open_store
 from pixel_middleware.stores.memory import MemoryStore
 
 
@@ -33,3 +33,10 @@ def test_after_close_reads_work_and_writes_fail() -> None:
     assert [r["id"] for _, r in store.read()] == ["kept"]
     with pytest.raises(StoreError, match="closed"):
         store.write([make_record()])
+
+
+def test_a_record_that_is_not_json_is_a_record_error() -> None:
+    store = MemoryStore()
+    with pytest.raises(RecordError, match="cannot be stored"):
+        store.write([make_record(), make_record(event={"when": object()})])
+    assert store.read() == [], "all or nothing"

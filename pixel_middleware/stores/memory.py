@@ -6,12 +6,12 @@ empty store; nothing survives the process. Positions are the records' indexes.
 
 from __future__ import annotations
 
-import copy
+import json
 import threading
 from collections.abc import Sequence
 
 from pixel_middleware.core import PixelRecord
-from pixel_middleware.stores import StoreError, _check_limit, _parse_position
+from pixel_middleware.stores import RecordError, StoreError, _check_limit, _parse_position
 
 __all__ = ["MemoryStore"]
 
@@ -30,7 +30,11 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._records: list[PixelRecord] = []
+        # (accepted, call, the record as JSON): kept as text, so that a caller
+        # changing a record afterwards does not change what was kept, and so
+        # that what a memory store takes and gives back is what a store on
+        # disk would (a record that is not JSON fails here too).
+        self._records: list[tuple[bool, str, str]] = []
         self._closed = False
 
     @classmethod
@@ -40,9 +44,12 @@ class MemoryStore:
         return cls()
 
     def write(self, records: Sequence[PixelRecord]) -> None:
-        # Copies, so that a caller changing a record afterwards does not change
-        # what was kept, just as with a store on disk.
-        kept = [copy.deepcopy(record) for record in records]
+        try:
+            kept = [
+                (bool(record["accepted"]), record["call"], json.dumps(record)) for record in records
+            ]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RecordError(f"a record cannot be stored: {exc!r}") from exc
         with self._lock:
             if self._closed:
                 raise StoreError("the memory store is closed")
@@ -60,14 +67,14 @@ class MemoryStore:
         _check_limit(limit)
         with self._lock:
             found = [
-                (str(index), copy.deepcopy(record))
-                for index, record in enumerate(self._records[start:], start)
-                if (accepted is None or record["accepted"] is accepted)
-                and (call is None or record["call"] == call)
+                (index, text)
+                for index, (is_accepted, its_call, text) in enumerate(self._records[start:], start)
+                if (accepted is None or is_accepted is accepted)
+                and (call is None or its_call == call)
             ]
         if limit is not None and limit < len(found):
             found = found[len(found) - limit :]
-        return found
+        return [(str(index), json.loads(text)) for index, text in found]
 
     def close(self) -> None:
         """Refuse further writes; what was kept stays readable."""
