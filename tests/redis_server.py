@@ -1,8 +1,9 @@
 """A real ``redis-server`` for the tests: a free loopback port, a temporary directory.
 
-``RedisServer`` starts one without persistence (``--save "" --appendonly no``), waits
-until it answers PING, and can stop and start it again on the same port, so that a
-test can take Redis away under a store and bring it back.
+``RedisServer`` starts one without persistence (``--save "" --appendonly no``; with
+``persistent=True`` an append-only file synced on every write), waits until it
+answers PING, and can stop and start it again on the same port, so that a test can
+take Redis away under a store and bring it back.
 
 The ``redis_server`` fixture (one server per test module, emptied before each test)
 is registered by ``pytest_plugins = ["redis_server"]`` in a test module; tests that
@@ -29,10 +30,16 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(
+        self, directory: Path, port: int | None = None, *, persistent: bool = False
+    ) -> None:
         self.directory = directory
         self.port = port or free_port()
+        # persistent: an append-only file synced on every write, so that what Redis
+        # acknowledged survives stop() (a kill -9) and is there again after start().
+        self.persistent = persistent
         self.process: subprocess.Popen[bytes] | None = None
+        self.started_once = False
 
     @property
     def url(self) -> str:
@@ -42,6 +49,18 @@ class RedisServer:
         return redis.Redis(host="127.0.0.1", port=self.port, password=password, socket_timeout=5)
 
     def start(self) -> None:
+        """Start the server; the first time, on another port if this one was taken."""
+        for _ in range(5):
+            try:
+                self._start()
+                break
+            except RuntimeError:
+                if self.started_once:
+                    raise
+                self.port = free_port()
+        self.started_once = True
+
+    def _start(self) -> None:
         assert self.process is None, "already running"
         self.process = subprocess.Popen(
             [
@@ -53,7 +72,9 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes" if self.persistent else "no",
+                "--appendfsync",
+                "always",
                 "--dir",
                 str(self.directory),
             ],
@@ -63,7 +84,8 @@ class RedisServer:
         deadline = time.monotonic() + 10
         while True:
             if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.process.returncode}")
+                code, self.process = self.process.returncode, None
+                raise RuntimeError(f"redis-server exited with {code} (port {self.port} taken?)")
             try:
                 with self.client() as client:
                     if client.ping():
