@@ -253,6 +253,22 @@ class Recorder:
 
     def _run(self) -> None:
         try:
+            self._write_until_closed()
+        finally:
+            with self._lock:
+                if not self._closed:
+                    # Only a BaseException (SystemExit raised by a store, say)
+                    # gets here: whatever waits would wait forever.
+                    lost = sum(len(batch.records) for batch in self._batches)
+                    logger.critical("recorder writer stopped: %d queued records not kept", lost)
+                    self._closed = True
+                    self._space.notify_all()
+                waiting, self._batches = list(self._batches), deque()
+            for batch in waiting:
+                batch.done.set()
+
+    def _write_until_closed(self) -> None:
+        try:
             self._spool.adopt()
         except OSError as exc:
             logger.error("cannot adopt old spool files in %s: %s", self.spool_path, exc)

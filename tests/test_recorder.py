@@ -532,3 +532,28 @@ def test_a_forked_child_records_through_its_own_writer(tmp_path: Path) -> None:
     assert status == "0"
     expected = sorted(["parent-before", "parent-after"] + [f"child-{n}" for n in range(10)])
     assert ids.strip() == repr(expected)
+
+
+# The writer thread does die of it, as it should: pytest reports that.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_writer_killed_by_its_store_leaves_nobody_waiting(
+    make_recorder: Callable[..., Recorder], caplog: pytest.LogCaptureFixture
+) -> None:
+    store = FlakyStore(error=SystemExit)  # not an Exception: ends the thread
+    store.gate.clear()
+    recorder = make_recorder(store)
+    waiters = [
+        threading.Thread(target=recorder.record, args=(make_record(id=f"r{n}"),)) for n in range(3)
+    ]
+    with caplog.at_level(logging.ERROR, logger="pixel_middleware.recorder"):
+        for waiter in waiters:
+            waiter.start()
+        wait_until(lambda: recorder._pending == 3)
+        store.failing.set()
+        store.gate.set()
+        for waiter in waiters:
+            waiter.join(timeout=5)
+            assert not waiter.is_alive()
+        recorder.record(make_record(id="later"))  # logged, not kept, no hang
+    assert "writer stopped" in caplog.text
+    assert "is closed: record later not kept" in caplog.text
