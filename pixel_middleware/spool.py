@@ -72,10 +72,11 @@ class Spool:
         self._files: list[_SpoolFile] = []
         self._own: _SpoolFile | None = None
         self._peeked: list[int] = []  # end offsets of the records peek() returned
+        self._left = 0  # records close() left on disk for the next spool
 
     def __len__(self) -> int:
-        """The number of records waiting."""
-        return sum(file.count for file in self._files)
+        """The number of records waiting (after :meth:`close`: left on disk)."""
+        return self._left + sum(file.count for file in self._files)
 
     def __repr__(self) -> str:
         return f"Spool({str(self.directory)!r}, {len(self)} records)"
@@ -177,6 +178,7 @@ class Spool:
 
     def close(self) -> None:
         """Let go of the files: empty ones are removed, others wait for adoption."""
+        self._left += sum(max(file.count, 0) for file in self._files)
         for file in self._files:
             if file.count <= 0:
                 _unlink_and_close(file)
@@ -194,6 +196,7 @@ class Spool:
             # and keeps the file adoptable once the parent is gone.
             with contextlib.suppress(OSError):
                 os.close(file.fd)
+        self._left = 0
         self._files = []
         self._own = None
         self._peeked = []

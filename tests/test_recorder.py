@@ -326,6 +326,7 @@ def test_the_spool_outlives_the_recorder(
     for n in range(5):
         first.record(make_record(id=f"r{n}"))
     first.close(timeout=5)  # the store still fails: the records stay spooled
+    assert first.spooled == 5
     assert len(list(spool_dir.glob("*.jsonl"))) == 1
     up = FlakyStore()
     make_recorder(up)

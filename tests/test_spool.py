@@ -97,6 +97,7 @@ def test_close_keeps_unconsumed_records_for_the_next_spool(tmp_path: Path) -> No
     assert first.peek(2)
     first.consume(2)  # not written down: a restart hands them on again
     first.close()
+    assert len(first) == 3, "still waiting for a store"
     second = Spool(tmp_path)
     assert second.adopt() == 5
     assert drain(second) == [f"a{i}" for i in range(5)]
