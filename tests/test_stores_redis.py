@@ -66,7 +66,7 @@ class TestURL:
         [
             ("redis://127.0.0.1:6379/0", "pixel-events", None, 2.0),
             ("redis://h/1?stream=s&maxlen=1000&timeout=0.5", "s", 1000, 0.5),
-            ("rediss://:secret@h:6380/0?ssl_cert_reqs=none", "pixel-events", None, 2.0),
+            ("rediss://h:6380/0?ssl_cert_reqs=none", "pixel-events", None, 2.0),
         ],
         ids=["defaults", "options", "tls-passthrough"],
     )
@@ -103,6 +103,7 @@ class TestURL:
             with redis_server.client(password="right") as client:
                 client.config_set("requirepass", "")
         assert "hunter2" not in str(info.value)
+        assert s.url == redis_server.url.replace("redis://", "redis://:***@")
 
 
 class TestWriteRead:

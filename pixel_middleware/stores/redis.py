@@ -105,7 +105,12 @@ class RedisStore:
                 known = ", ".join(sorted(_OPTIONS | _PASSTHROUGH))
                 raise ValueError(f"unknown option {key!r} in Redis store URL; known: {known}")
 
+        # Printed by the recorder's logs and the CLI: never with the password.
         self.url = url
+        if parts.password is not None:
+            userinfo, _, hostport = parts.netloc.rpartition("@")
+            user = userinfo.partition(":")[0]
+            self.url = urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
         self.stream = options.get("stream", DEFAULT_STREAM)
         if not self.stream:
             raise ValueError("stream= must name a stream key")
