@@ -9,7 +9,7 @@ real collector answered, without changing the sender::
     mitmdump -s addons/pixel_capture.py --mode reverse:http://127.0.0.1:8000
     mitmweb -s addons/pixel_capture.py --set pixel_answer=true
 
-The options (``--set name=value``; ``mitmdump --options`` lists them with help):
+The options (``--set name=value``; add ``--options`` to list them with help):
 pixel_store, pixel_answer, pixel_filter, pixel_prefix, pixel_dialects,
 pixel_write_keys, pixel_trusted_proxies, pixel_rudderstack_response.
 Commands (mitmproxy's and mitmweb's command prompt): pixel.export PATH,

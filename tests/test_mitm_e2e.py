@@ -310,7 +310,8 @@ def test_https_pixel_through_mitmproxys_ca(tmp_path: Path) -> None:
 
 
 def test_reverse_proxy_matches_on_the_path(collector: Collector, tmp_path: Path) -> None:
-    proxy = Mitmdump(tmp_path, "--mode", f"reverse:{collector.url}")
+    saved = tmp_path / "flows.mitm"
+    proxy = Mitmdump(tmp_path / "live", "--mode", f"reverse:{collector.url}", "-w", str(saved))
     try:
         with requests.Session() as client:
             client.trust_env = False
@@ -324,6 +325,33 @@ def test_reverse_proxy_matches_on_the_path(collector: Collector, tmp_path: Path)
     assert (record["dialect"], record["call"]) == ("rudderstack", "page")
     assert record["upstream"]["status"] == 200
     assert without_generated(record) == without_generated(collector.records()[-1])
+
+    # The saved flows, read back later (mitmdump -nr), give the same record, with
+    # the time the request was received.
+    replay = tmp_path / "replay"
+    result = subprocess.run(
+        [
+            str(MITMDUMP),
+            "-nr",
+            str(saved),
+            "--flow-detail",
+            "0",
+            "--set",
+            f"confdir={replay}/conf",
+            "-s",
+            str(SCRIPT),
+            "--set",
+            f"pixel_store=jsonl:///{replay}/pixels.jsonl",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    (again,) = read_store(f"jsonl:///{replay}/pixels.jsonl")
+    assert again["receivedAt"] == record["receivedAt"]
+    assert again["upstream"]["status"] == 200
+    assert without_generated(again) == without_generated(record)
 
 
 # -- answering locally, and the collector down ------------------------------------------
