@@ -243,6 +243,9 @@ class Recorder:
         self._closing = False
         self._closed = False
         self._thread: threading.Thread | None = None
+        # What went through the spool since it was last empty, for the log.
+        self._replayed = 0
+        self._spooling_since = time.monotonic()
 
     def _start(self) -> None:
         """Start the writer; call with the lock held."""
@@ -345,6 +348,8 @@ class Recorder:
                 time.sleep(self.retry_interval)
                 continue
             if failure is not None:
+                self._replayed = 0
+                self._spooling_since = time.monotonic()
                 logger.warning(
                     "store %s failed (%s): spooling, %d records waiting in %s;"
                     " trying the store again every %gs",
@@ -401,10 +406,14 @@ class Recorder:
             return False
         else:
             self._spool.consume(len(records))
+        self._replayed += len(records)
         if not self._spooled():
             logger.warning(
-                "spool drained: the store %s took every spooled record, 0 waiting in %s",
+                "spool drained: the store %s took the %d spooled records after %.1fs;"
+                " 0 waiting in %s",
                 _url(self.store),
+                self._replayed,
+                time.monotonic() - self._spooling_since,
                 self.spool_path,
             )
         return True

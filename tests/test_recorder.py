@@ -281,7 +281,7 @@ def test_a_failing_store_spools_then_replays_in_order(
         wait_until(lambda: recorder.spooled == 0)
         recorder.record(make_record(id="after"))
     assert store.ids() == [f"r{n}" for n in range(15)] + ["after"]
-    assert "spool drained" in caplog.text
+    assert "took the 15 spooled records" in caplog.text
     assert list(recorder.spool_path.glob("*.jsonl")) == []
 
 
