@@ -27,7 +27,6 @@ import requests
 from werkzeug.serving import BaseWSGIServer, make_server
 
 from pixel_middleware import GIF, PixelMiddleware, PixelRecord
-from pixel_middleware.stores import open_store
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -190,28 +189,15 @@ class Mitmdump:
 
 
 def read_store(url: str) -> list[dict[str, Any]]:
-    if CLI.exists() and _cli_has_events():
-        out = subprocess.run(
-            [str(CLI), "events", "--store", url, "--format", "jsonl"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=60,
-        ).stdout
-        return [json.loads(line) for line in out.splitlines() if line.strip()]
-    store = open_store(url)
-    try:
-        return [dict(record) for _, record in store.read()]
-    finally:
-        store.close()
-
-
-def _cli_has_events() -> bool:
-    try:
-        from pixel_middleware import cli  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """A store's records, oldest first, as a user reads them: with the CLI."""
+    out = subprocess.run(
+        [str(CLI), "events", "--store", url, "--format", "jsonl", "--limit", "1000000"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
 def via(proxy: Mitmdump, **kwargs: Any) -> requests.Session:
