@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["DataResult", "decode_data", "exceeds_depth", "repair_surrogates"]
+__all__ = ["DataResult", "decode_data", "exceeds_depth", "repair_surrogates", "repair_text"]
 
 # Byte values: ``45 in data`` is a memchr, ``b"-" in data`` ten times slower
 # (CPython first tries the needle as an int and swallows the TypeError).
@@ -76,11 +76,13 @@ def exceeds_depth(value: Any, max_depth: int) -> bool:
     return False
 
 
-def _repair_text(text: str) -> str:
+def repair_text(text: str) -> str:
+    """``text`` with each lone surrogate replaced by one U+FFFD (``text`` itself if none)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+        # UTF-16 pairs what can be paired and reports each lone half once.
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
     return text
 
 
@@ -97,10 +99,10 @@ def repair_surrogates(value: Any) -> bool:
             items = list(node.items())
             node.clear()
             for key, child in items:
-                fixed_key = _repair_text(key)
+                fixed_key = repair_text(key)
                 changed = changed or fixed_key is not key
                 if isinstance(child, str):
-                    fixed = _repair_text(child)
+                    fixed = repair_text(child)
                     changed = changed or fixed is not child
                     child = fixed
                 elif isinstance(child, (dict, list)):
@@ -109,7 +111,7 @@ def repair_surrogates(value: Any) -> bool:
         else:
             for index, child in enumerate(node):
                 if isinstance(child, str):
-                    fixed = _repair_text(child)
+                    fixed = repair_text(child)
                     if fixed is not child:
                         node[index] = fixed
                         changed = True

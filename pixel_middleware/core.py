@@ -41,7 +41,7 @@ from pixel_middleware._query import (
     parse_pieces,
     split_query,
 )
-from pixel_middleware._segment_data import decode_data
+from pixel_middleware._segment_data import decode_data, repair_text
 
 __all__ = [
     "ALLOWED_METHODS",
@@ -480,7 +480,7 @@ def _header_text(value: str) -> str:
         raw = value.encode("latin-1")
     except UnicodeEncodeError:
         # Not WSGI-style text: keep it, but never let a lone surrogate through.
-        raw = value.encode("utf-8", "surrogatepass")
+        return repair_text(value)
     return raw.decode("utf-8", "replace")
 
 

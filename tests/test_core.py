@@ -1,0 +1,641 @@
+"""Tests for pixel_middleware.core: the shared case table, configuration, routes, limits."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import time
+import uuid
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from cases import CASES, NOT_PIXELS, PEER, Case, case_config, case_request, segment_data
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from pixel_middleware.core import (
+    ALLOWED_METHODS,
+    GIF,
+    NOTES,
+    RULES,
+    Limits,
+    PixelConfig,
+    PixelOutcome,
+    PixelRecord,
+    PixelRequest,
+    Route,
+    decode_pixel,
+    match_route,
+    split_target,
+)
+
+NOW = datetime(2026, 11, 23, 16, 20, 5, 123456, tzinfo=UTC)
+NOW_TEXT = "2026-11-23T16:20:05.123Z"
+DEFAULT = PixelConfig()
+NO_CACHE = {
+    "Cache-Control": "no-cache, no-store, must-revalidate",
+    "Pragma": "no-cache",
+    "Expires": "0",
+}
+
+
+def decode(request: PixelRequest, config: PixelConfig = DEFAULT, **kwargs: Any) -> PixelOutcome:
+    outcome = decode_pixel(request, config=config, now=kwargs.pop("now", NOW), **kwargs)
+    assert outcome is not None
+    return outcome
+
+
+def get(target: bytes, config: PixelConfig = DEFAULT, **request: Any) -> PixelOutcome:
+    path, query = split_target(target)
+    return decode(PixelRequest("GET", path, query, **request), config)
+
+
+def rules(record: PixelRecord | None) -> set[str]:
+    assert record is not None
+    return {problem["rule"] for problem in record["problems"]}
+
+
+def notes(record: PixelRecord | None) -> set[str]:
+    assert record is not None
+    return {note["rule"] for note in record["notes"]}
+
+
+def assert_plain_json(record: PixelRecord) -> None:
+    """Storable anywhere: strict JSON, encodable as UTF-8, and back to the same data."""
+    text = json.dumps(record, allow_nan=False, ensure_ascii=False)
+    text.encode("utf-8")
+    assert json.loads(text) == record
+
+
+# --- the shared table -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_case(case: Case) -> None:
+    outcome = decode(case_request(case), case_config(case))
+    assert outcome.status == case.expect_status
+    headers = dict(outcome.headers)
+    assert len(headers) == len(outcome.headers), "a header is repeated"
+    assert NO_CACHE.items() <= headers.items()
+    rejected = headers.get("X-Pixel-Rejected")
+    assert (set(rejected.split(", ")) if rejected else set()) == case.expect_rules
+
+    if case.method == "HEAD":
+        assert outcome.body == b""
+        assert outcome.record is None
+        as_get = decode(dataclasses.replace(case_request(case), method="GET"), case_config(case))
+        assert (outcome.status, outcome.headers) == (as_get.status, as_get.headers)
+        return
+    assert headers["Content-Length"] == str(len(outcome.body))
+    if outcome.status == 405:
+        assert headers["Allow"] == ALLOWED_METHODS
+        assert headers["Content-Type"].startswith("text/plain")
+        assert outcome.record is None
+        assert case.expect_accepted is None
+        return
+
+    record = outcome.record
+    assert record is not None
+    assert record["accepted"] is case.expect_accepted
+    assert record["accepted"] == (not record["problems"])
+    assert rules(record) == case.expect_rules
+    assert notes(record) == case.expect_notes
+    assert record["receivedAt"] == NOW_TEXT
+    assert record["request"]["method"] == "GET"
+    assert_plain_json(record)
+    if case.check is not None:
+        case.check(record["event"])
+
+    if outcome.status == 400:
+        assert headers["Content-Type"] == "text/plain; charset=utf-8"
+        assert outcome.body.decode("utf-8").splitlines() == list(
+            dict.fromkeys(problem["message"] for problem in record["problems"])
+        )
+    elif headers["Content-Type"] == "image/gif":
+        assert outcome.body == GIF
+    else:
+        assert (outcome.body, headers["Content-Type"]) == (b"OK", "text/plain; charset=utf-8")
+
+
+def test_the_table_covers_every_rule_and_note() -> None:
+    assert set().union(*(case.expect_rules for case in CASES)) == set(RULES)
+    assert set().union(*(case.expect_notes for case in CASES)) == set(NOTES)
+    for dialect in ("segment", "rudderstack"):
+        ids = [case.id for case in CASES if case.id.startswith(dialect)]
+        assert len(ids) > 20, dialect
+
+
+def test_case_ids_are_unique() -> None:
+    assert len({case.id for case in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("target", NOT_PIXELS, ids=lambda target: target.decode())
+@pytest.mark.parametrize("method", ["GET", "HEAD", "POST"])
+def test_not_a_pixel(target: bytes, method: str) -> None:
+    path, query = split_target(target)
+    assert match_route(path, DEFAULT) is None
+    assert decode_pixel(PixelRequest(method, path, query), config=DEFAULT, now=NOW) is None
+
+
+def test_segment_always_answers_the_gif() -> None:
+    for case in CASES:
+        if case.target.startswith(b"/v1/") and case.method == "GET":
+            outcome = decode(case_request(case), case_config(case))
+            assert (outcome.status, outcome.body) == (200, GIF), case.id
+
+
+def test_record_shape() -> None:
+    outcome = get(
+        b"/v1/pixel/page?data=" + segment_data({"writeKey": "k", "userId": "u"}).encode(),
+        peer="203.0.113.9",
+        user_agent="UA/1",
+    )
+    record = outcome.record
+    assert record is not None
+    assert list(record) == [
+        "id",
+        "receivedAt",
+        "dialect",
+        "call",
+        "writeKey",
+        "accepted",
+        "problems",
+        "notes",
+        "event",
+        "request",
+    ]
+    assert record["dialect"] == "segment"
+    assert record["call"] == "page"
+    assert record["writeKey"] == "k"
+    assert record["request"] == {
+        "method": "GET",
+        "path": "/v1/pixel/page",
+        "query": "data=" + segment_data({"writeKey": "k", "userId": "u"}),
+        "ip": "203.0.113.9",
+        "userAgent": "UA/1",
+    }
+    assert record["event"] == {
+        "userId": "u",
+        "type": "page",
+        "messageId": record["event"]["messageId"],  # type: ignore[index]
+        "receivedAt": NOW_TEXT,
+        "timestamp": NOW_TEXT,
+        "context": {"ip": "203.0.113.9", "userAgent": "UA/1"},
+    }
+
+
+def test_write_key_kept_when_the_event_cannot_be_decoded() -> None:
+    record = get(b"/v1/pixel/track?data=!!&writeKey=k").record
+    assert record is not None
+    assert (record["writeKey"], record["event"], rules(record)) == ("k", None, {"bad_base64"})
+
+
+# --- ids and time ---------------------------------------------------------------------
+
+
+def test_default_ids_are_uuid4() -> None:
+    record = get(b"/pixel/v1/track?writeKey=k&anonymousId=a&event=E").record
+    assert record is not None
+    assert record["event"] is not None
+    for text in (record["id"], record["event"]["messageId"]):
+        parsed = uuid.UUID(text)
+        assert (str(parsed), parsed.version, parsed.variant) == (text, 4, uuid.RFC_4122)
+    assert record["id"] != record["event"]["messageId"]
+
+
+def test_same_request_same_record_bar_ids() -> None:
+    request = case_request(CASES[0])
+    counter = itertools.count()
+    first = decode(request, new_id=lambda: f"a{next(counter)}").record
+    second = decode(request).record
+    assert first is not None
+    assert second is not None
+    assert first["event"] is not None
+    assert (first["id"], first["event"]["messageId"]) == ("a0", "a1")
+    first["id"] = second["id"]
+    first["event"]["messageId"] = second["event"]["messageId"]  # type: ignore[index]
+    assert first == second
+
+
+@pytest.mark.parametrize(
+    ("now", "expected"),
+    [
+        (datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC), "2026-01-02T03:04:05.678Z"),
+        (datetime(2026, 1, 2, 3, 4, 5, 999999), "2026-01-02T03:04:05.999Z"),  # naive: UTC
+        (
+            datetime(2026, 1, 2, 4, 4, 6, tzinfo=timezone(timedelta(hours=1))),
+            "2026-01-02T03:04:06.000Z",
+        ),
+        (datetime(1, 1, 1, tzinfo=UTC), "0001-01-01T00:00:00.000Z"),
+    ],
+    ids=["utc", "naive", "plus-one-hour", "year-one"],
+)
+def test_received_at(now: datetime, expected: str) -> None:
+    path, query = split_target(b"/pixel/v1/track?writeKey=k&anonymousId=a&event=E")
+    record = decode(PixelRequest("GET", path, query), now=now).record
+    assert record is not None
+    assert record["event"] is not None
+    assert record["receivedAt"] == record["event"]["receivedAt"] == expected
+
+
+@pytest.mark.parametrize(
+    ("sent", "expected"),
+    [
+        ({}, NOW_TEXT),
+        ({"originalTimestamp": "2020-01-01T00:00:00Z"}, "2020-01-01T00:00:00Z"),
+        (
+            {"originalTimestamp": "2020-01-01T00:00:00Z", "sentAt": "2020-01-01T00:00:01.5Z"},
+            "2026-11-23T16:20:03.623Z",
+        ),
+        (  # offsets and naive times (taken as UTC) mix
+            {"originalTimestamp": "2020-01-01T01:00:00+01:00", "sentAt": "2020-01-01T00:00:02"},
+            "2026-11-23T16:20:03.123Z",
+        ),
+        (
+            {"originalTimestamp": "2020-01-01T00:00:00Z", "sentAt": "yesterday"},
+            "2020-01-01T00:00:00Z",
+        ),
+        (  # the correction overflows: fall back to originalTimestamp
+            {"originalTimestamp": "0001-01-01T00:00:00Z", "sentAt": "9999-12-31T00:00:00Z"},
+            "0001-01-01T00:00:00Z",
+        ),
+        ({"sentAt": "2020-01-01T00:00:00Z"}, NOW_TEXT),
+        ({"originalTimestamp": 5}, NOW_TEXT),  # invalid_field, and no timestamp from it
+    ],
+    ids=["none", "original", "corrected", "offsets", "bad-sent", "overflow", "sent-only", "num"],
+)
+def test_timestamp(sent: dict[str, Any], expected: str) -> None:
+    data = segment_data({"writeKey": "k", "userId": "u", "event": "E", **sent})
+    record = get(f"/v1/pixel/track?data={data}".encode()).record
+    assert record is not None
+    assert record["event"] is not None
+    assert record["event"]["timestamp"] == expected
+
+
+# --- the client ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("trusted", "forwarded", "expected"),
+    [
+        (0, "198.51.100.1", PEER),
+        (1, "198.51.100.1", "198.51.100.1"),
+        (1, "198.51.100.1, 203.0.113.5", "203.0.113.5"),
+        (2, "198.51.100.1, 203.0.113.5", "198.51.100.1"),
+        (3, "198.51.100.1, 203.0.113.5", PEER),
+        (2, "198.51.100.1,, 203.0.113.5 ,", "198.51.100.1"),  # empty entries do not count
+        (1, "", PEER),
+        (1, None, PEER),
+    ],
+)
+def test_client_ip(trusted: int, forwarded: str | None, expected: str) -> None:
+    config = PixelConfig(trusted_proxies=trusted)
+    record = get(
+        b"/pixel/v1/track?writeKey=k&anonymousId=a&event=E",
+        config,
+        peer=PEER,
+        forwarded_for=forwarded,
+    ).record
+    assert record is not None
+    assert record["event"] is not None
+    assert record["request"]["ip"] == record["event"]["context"]["ip"] == expected
+
+
+def test_no_peer_no_ip() -> None:
+    record = get(b"/pixel/v1/track?writeKey=k&anonymousId=a&event=E").record
+    assert record is not None
+    assert record["request"]["ip"] is None
+    assert "context" not in record["event"]  # type: ignore[operator]
+
+
+@pytest.mark.parametrize(
+    ("wsgi_text", "shown"),
+    [
+        ("curl/8.5", "curl/8.5"),
+        ("caf\xc3\xa9/1", "café/1"),  # UTF-8 bytes, read as latin-1 by WSGI
+        ("caf\xe9/1", "caf\ufffd/1"),  # latin-1 bytes: not UTF-8
+        ("ü€", "ü€"),  # already text (not WSGI-style): kept
+        ("a\udce9b€", "a\ufffdb€"),  # a lone surrogate never reaches the record
+    ],
+    ids=["ascii", "utf8", "latin1", "text", "surrogate"],
+)
+def test_user_agent_text(wsgi_text: str, shown: str) -> None:
+    record = get(b"/pixel/v1/track?writeKey=k&anonymousId=a&event=E", user_agent=wsgi_text).record
+    assert record is not None
+    assert record["request"]["userAgent"] == record["event"]["context"]["userAgent"] == shown  # type: ignore[index]
+    assert_plain_json(record)
+
+
+# --- answers ---------------------------------------------------------------------------
+
+
+def test_rejection_text_never_echoes_input() -> None:
+    hostile = "%3Cscript%3Ealert(1)%3C%2Fscript%3E"
+    config = PixelConfig(write_keys=frozenset({"k"}))
+    outcome = get(
+        f"/pixel/v1/track?writeKey={hostile}&anonymousId=&event=&properties={hostile}"
+        f"&messageId={'m' * 200}".encode(),
+        config,
+    )
+    assert outcome.status == 400
+    headers = dict(outcome.headers)
+    for text in (outcome.body.decode(), headers["X-Pixel-Rejected"]):
+        assert "script" not in text
+        assert "mmm" not in text
+    assert rules(outcome.record) == {
+        "unknown_write_key",
+        "missing_identity",
+        "missing_event",
+        "invalid_field",
+        "message_id_too_long",
+    }
+
+
+def test_header_lists_are_fresh() -> None:
+    first = get(b"/v1/pixel/track?data=!")
+    first.headers.append(("X-Mine", "1"))
+    second = get(b"/v1/pixel/track?data=!")
+    assert ("X-Mine", "1") not in second.headers
+
+
+def test_notes_name_parameters_briefly() -> None:
+    names = [f"p{i}" for i in range(12)] + ["x" * 100]
+    query = "&".join(f"{name}=1" for name in names)
+    record = get(f"/v1/pixel/track?data=e30&{query}".encode()).record
+    assert record is not None
+    (note,) = [note for note in record["notes"] if note["rule"] == "params_ignored"]
+    assert note["message"].endswith('"p9" and 3 more')
+    assert '"p0", "p1"' in note["message"]
+    long_record = get(f"/v1/pixel/track?data=e30&{'y' * 100}=1".encode()).record
+    assert long_record is not None
+    (long_note,) = [note for note in long_record["notes"] if note["rule"] == "params_ignored"]
+    assert long_note["message"].endswith('"' + "y" * 64 + '..."')
+
+
+# --- configuration ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"prefix": "collect"}, "prefix must be '' or start with '/'"),
+        ({"prefix": "/collect/"}, "not end with '/'"),
+        ({"prefix": "/"}, "not end with '/'"),
+        ({"prefix": None}, "prefix must be"),
+        ({"dialects": frozenset()}, "non-empty subset"),
+        ({"dialects": frozenset({"snowplow"})}, "non-empty subset of"),
+        ({"dialects": "segment"}, r"frozenset\(\{'segment'\}\), not a string"),
+        ({"dialects": 5}, "set of names"),
+        ({"write_keys": "abc"}, "not a string"),
+        ({"write_keys": frozenset()}, "pass None to accept any key"),
+        ({"write_keys": frozenset({""})}, "non-empty strings"),
+        ({"write_keys": 5}, "set of strings or None"),
+        ({"trusted_proxies": -1}, "trusted_proxies must be an integer >= 0"),
+        ({"trusted_proxies": True}, "trusted_proxies"),
+        ({"trusted_proxies": 1.0}, "trusted_proxies"),
+        ({"limits": {"max_depth": 3}}, r"Limits\(\.\.\.\) instance"),
+        ({"rudderstack_response": "ok"}, "'seed' .* or 'gif'"),
+    ],
+    ids=lambda value: str(value)[:40] if isinstance(value, dict) else None,
+)
+def test_bad_config(options: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        PixelConfig(**options)
+
+
+@pytest.mark.parametrize("name", ["max_query_bytes", "max_event_bytes", "max_depth", "max_params"])
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "10"])
+def test_bad_limits(name: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=f"Limits.{name} must be a positive integer"):
+        Limits(**{name: value})
+
+
+def test_config_normalises_collections() -> None:
+    config = PixelConfig(dialects={"segment"}, write_keys=["a", "b"])  # type: ignore[arg-type]
+    assert config.dialects == frozenset({"segment"})
+    assert config.write_keys == frozenset({"a", "b"})
+    assert config == PixelConfig(dialects=frozenset({"segment"}), write_keys=frozenset("ab"))
+    assert hash(config) == hash(dataclasses.replace(config))
+    assert "routes" not in repr(config)
+
+
+def test_replace_recomputes_routes() -> None:
+    config = dataclasses.replace(DEFAULT, prefix="/x")
+    assert match_route("/x/v1/pixel/track", config) == Route("segment", "track")
+    assert match_route("/v1/pixel/track", config) is None
+
+
+# --- routes and targets ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "config", "expected"),
+    [
+        ("/v1/pixel/track", DEFAULT, Route("segment", "track")),
+        ("/v1/pixel/identify", DEFAULT, Route("segment", "identify")),
+        ("/pixel/v1/page", DEFAULT, Route("rudderstack", "page")),
+        ("/pixel/v1/page", PixelConfig(dialects=frozenset({"segment"})), None),
+        ("/v1/pixel/page", PixelConfig(dialects=frozenset({"rudderstack"})), None),
+        ("/p/pixel/v1/track", PixelConfig(prefix="/p"), Route("rudderstack", "track")),
+        ("/pixel/v1/track", PixelConfig(prefix="/p"), None),
+        ("/p/v1/pixel/alias", PixelConfig(prefix="/p"), Route("segment", "alias")),
+        ("", DEFAULT, None),
+    ],
+)
+def test_match_route(path: str, config: PixelConfig, expected: Route | None) -> None:
+    assert match_route(path, config) == expected
+
+
+def test_every_call_has_a_route() -> None:
+    for dialect, root in (("segment", "/v1/pixel/"), ("rudderstack", "/pixel/v1/")):
+        for call in ("page", "track"):
+            assert match_route(root + call, DEFAULT) == Route(dialect, call)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("target", "path", "query"),
+    [
+        (b"/v1/pixel/track?data=abc", "/v1/pixel/track", b"data=abc"),
+        (b"/v1/pixel/tr%61ck?x=%41", "/v1/pixel/track", b"x=%41"),
+        (b"/a%2Fb", "/a/b", b""),
+        (b"/a%zz%4", "/a%zz%4", b""),
+        (b"/caf%C3%A9", "/caf\xc3\xa9", b""),  # bytes read as latin-1, as PATH_INFO
+        (b"/caf\xc3\xa9", "/caf\xc3\xa9", b""),
+        (b"/p?a?b", "/p", b"a?b"),
+        (b"/p?", "/p", b""),
+        (b"http://example.com:8080/v1/pixel/track?d=1", "/v1/pixel/track", b"d=1"),
+        (b"https://example.com?d=1", "/", b"d=1"),
+        (b"", "", b""),
+        (b"*", "*", b""),
+    ],
+)
+def test_split_target(target: bytes, path: str, query: bytes) -> None:
+    assert split_target(target) == (path, query)
+
+
+# --- limits: rejected, and fast -------------------------------------------------------
+
+
+def _fast(target: bytes, config: PixelConfig = DEFAULT) -> PixelOutcome:
+    start = time.perf_counter()
+    outcome = get(target, config)
+    assert time.perf_counter() - start < 1.0
+    return outcome
+
+
+BIG = PixelConfig(limits=Limits(max_query_bytes=10**7, max_event_bytes=10**7))
+
+
+@pytest.mark.parametrize(
+    ("target", "config", "rule"),
+    [
+        (b"/v1/pixel/track?data=" + b"A" * 10**7, DEFAULT, "too_large"),
+        (b"/pixel/v1/page?" + b"&".join([b"a=1"] * 10_000), DEFAULT, "too_many_params"),
+        (b"/pixel/v1/page?" + b"&" * 100_000 + b"a=1", DEFAULT, None),  # empty pieces skipped
+        (b"/v1/pixel/track?data=" + b"%5B" * 100_000, BIG, "too_deep"),
+        (b"/v1/pixel/track?data=" + b"%7B%22a%22%3A" * 100_000, BIG, "too_deep"),
+        (
+            b"/v1/pixel/track?data="
+            + segment_data(
+                {"a": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}
+            ).encode(),
+            DEFAULT,
+            "too_deep",
+        ),
+        (b"/v1/pixel/track?data=" + b"%5B" * 100_000, DEFAULT, "too_large"),
+        (b"/pixel/v1/page?a." + b"b." * 100_000 + b"c=1", BIG, "too_deep"),
+        (b"/pixel/v1/page?properties.items.1000000000=x", DEFAULT, "too_large"),
+        (b"/pixel/v1/page?properties.items." + b"9" * 5000 + b"=x", DEFAULT, "too_large"),
+        (b"/pixel/v1/page?" + b"&".join(b"a%d.1=x" % i for i in range(999)), DEFAULT, "too_large"),
+        (b"/v1/pixel/track?data=" + b"1" * 20_000, DEFAULT, "bad_json"),  # not too many digits
+        (b"/v1/pixel/track?data=%7B%22a%22%3A1e999%7D", DEFAULT, "bad_json"),  # no Infinity
+    ],
+    ids=[
+        "10MB-query",
+        "10k-params",
+        "100k-ampersands",
+        "100k-arrays",
+        "100k-objects",
+        "33-levels",
+        "deep-but-too-large-first",
+        "100k-segments",
+        "index-1e9",
+        "index-5000-digits",
+        "many-arrays",
+        "huge-int",
+        "float-overflow",
+    ],
+)
+def test_limits(target: bytes, config: PixelConfig, rule: str | None) -> None:
+    outcome = _fast(target, config)
+    record = outcome.record
+    assert record is not None
+    if rule is not None:
+        assert rules(record) == {rule}
+        assert record["event"] is None
+    assert_plain_json(record)
+
+
+def test_dot_form_size_is_decoded_keys_and_values() -> None:
+    config = PixelConfig(limits=Limits(max_event_bytes=20))
+    fits = get(b"/pixel/v1/page?writeKey=k&a=%41%41%41", config)  # 8+1 + 1+3 = 13 bytes
+    assert fits.record is not None
+    assert "too_large" not in rules(fits.record)
+    over = get(b"/pixel/v1/page?writeKey=k&anonymousId=abcdef", config)  # 9 + 17 = 26
+    assert over.record is not None
+    assert rules(over.record) == {"too_large"}
+
+
+# --- never raises ----------------------------------------------------------------------
+
+query_bytes = st.one_of(
+    st.binary(max_size=400),
+    st.lists(
+        st.tuples(
+            st.text(alphabet='ab.0129%+=&_- "writeKeyanonymousIdtypedatanameevent', max_size=14),
+            st.text(max_size=12),
+        ),
+        max_size=12,
+    ).map(
+        lambda pairs: "&".join(f"{key}={value}" for key, value in pairs).encode(
+            "utf-8", "surrogatepass"
+        )
+    ),
+    st.recursive(
+        st.none() | st.booleans() | st.floats(allow_nan=False) | st.integers() | st.text(),
+        lambda children: (
+            st.lists(children, max_size=3)
+            | st.dictionaries(st.text(max_size=8), children, max_size=4)
+        ),
+        max_leaves=12,
+    ).map(lambda value: b"data=" + segment_data(value).encode()),
+)
+pixel_paths = st.sampled_from(
+    [
+        "/v1/pixel/track",
+        "/v1/pixel/identify",
+        "/v1/pixel/group",
+        "/v1/pixel/alias",
+        "/pixel/v1/page",
+        "/pixel/v1/track",
+    ]
+)
+any_text = st.text(max_size=40) | st.none()
+
+
+@settings(max_examples=300, deadline=None)
+@given(path=pixel_paths, query=query_bytes, peer=any_text, agent=any_text, forwarded=any_text)
+@example(path="/pixel/v1/page", query=b"a.0=x&a.0.b=y&a=1", peer=None, agent=None, forwarded=None)
+@example(
+    path="/v1/pixel/page", query=b"data=%7B%22%5Cud800%22:1}", peer="", agent="", forwarded=","
+)
+def test_never_raises(
+    path: str, query: bytes, peer: str | None, agent: str | None, forwarded: str | None
+) -> None:
+    for trusted in (0, 1):
+        config = PixelConfig(trusted_proxies=trusted, rudderstack_response="seed")
+        request = PixelRequest("GET", path, query, peer, agent, forwarded)
+        outcome = decode(request, config)
+        record = outcome.record
+        assert record is not None
+        assert record["accepted"] == (not record["problems"])
+        assert set(RULES) >= rules(record)
+        assert set(NOTES) >= notes(record)
+        assert_plain_json(record)
+        head = decode(dataclasses.replace(request, method="HEAD"), config)
+        assert (head.status, head.headers, head.body, head.record) == (
+            outcome.status,
+            outcome.headers,
+            b"",
+            None,
+        )
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    method=st.text(max_size=10),
+    path=st.text(max_size=30) | pixel_paths,
+    query=st.binary(max_size=50),
+)
+def test_any_method_and_path(method: str, path: str, query: bytes) -> None:
+    outcome = decode_pixel(PixelRequest(method, path, query), config=DEFAULT, now=NOW)
+    if match_route(path, DEFAULT) is None:
+        assert outcome is None
+        return
+    assert outcome is not None
+    if method in ("GET", "HEAD"):
+        assert outcome.status in (200, 400)
+    else:
+        assert (outcome.status, outcome.record) == (405, None)
+        assert ("Allow", "GET, HEAD") in outcome.headers
+
+
+@settings(max_examples=200, deadline=None)
+@given(target=st.binary(max_size=60))
+def test_split_target_never_raises(target: bytes) -> None:
+    path, query = split_target(target)
+    assert isinstance(path, str)
+    assert query in target or query == b""
+    path.encode("latin-1")
