@@ -99,7 +99,7 @@ class PixelCapture:
         self._recorder: Recorder | None = None
         # Records decoded in ``request`` whose outcome (response or error) is not
         # known yet, by flow id.
-        self._pending: dict[str, dict[str, Any]] = {}
+        self._pending: dict[str, tuple[http.HTTPFlow, dict[str, Any]]] = {}
         self._view = PixelContentview(self)
 
     # -- options ----------------------------------------------------------------
@@ -259,6 +259,13 @@ class PixelCapture:
             )
 
     def done(self) -> None:
+        # Pixels still waiting for the collector are recorded too: seen, not answered.
+        pending, self._pending = self._pending, {}
+        for flow, record in pending.values():
+            record.setdefault("upstream", {"error": "mitmproxy stopped before the answer"})
+            self._show(flow, record)
+            if self._recorder is not None:
+                self._recorder.record(typing.cast(PixelRecord, record))  # no event loop now
         if self.records:
             logger.info("pixel: %s", self.summary())
         if self._recorder is not None:
@@ -305,14 +312,15 @@ class PixelCapture:
         record: dict[str, Any] = dict(outcome.record)
         if answered_locally:
             record["upstream"] = {"answeredLocally": True}
-        self._pending[flow.id] = record
+        self._pending[flow.id] = (flow, record)
         self._annotate(flow, record)
 
     async def response(self, flow: http.HTTPFlow) -> None:
         # It fires for flows answered locally too; only those we decoded are ours.
-        record = self._pending.pop(flow.id, None)
-        if record is None:
+        pending = self._pending.pop(flow.id, None)
+        if pending is None:
             return
+        record = pending[1]
         if "upstream" not in record and flow.response is not None:
             resp = flow.response
             end = resp.timestamp_end or resp.timestamp_start
@@ -324,14 +332,23 @@ class PixelCapture:
         await self._finish(flow, record)
 
     async def error(self, flow: http.HTTPFlow) -> None:
-        record = self._pending.pop(flow.id, None)
-        if record is None:
+        pending = self._pending.pop(flow.id, None)
+        if pending is None:
             return
+        record = pending[1]
         if "upstream" not in record:
             record["upstream"] = {"error": flow.error.msg if flow.error else "unknown error"}
         await self._finish(flow, record)
 
     async def _finish(self, flow: http.HTTPFlow, record: dict[str, Any]) -> None:
+        self._show(flow, record)
+        if self._recorder is not None:
+            # The recorder only queues (durable=False), but it blocks when its
+            # queue is full: keep that wait off mitmproxy's event loop.
+            await asyncio.to_thread(self._recorder.record, typing.cast(PixelRecord, record))
+
+    def _show(self, flow: http.HTTPFlow, record: dict[str, Any]) -> None:
+        """Annotate the flow, keep the record in memory and log its line."""
         self._annotate(flow, record)
         self.records.append(record)
         accepted = bool(record.get("accepted"))
@@ -340,10 +357,6 @@ class PixelCapture:
             log_line(record, flow.request.pretty_host),
             extra={"client": flow.client_conn.peername},
         )
-        if self._recorder is not None:
-            # The recorder only queues (durable=False), but it blocks when its
-            # queue is full: keep that wait off mitmproxy's event loop.
-            await asyncio.to_thread(self._recorder.record, typing.cast(PixelRecord, record))
 
     def _annotate(self, flow: http.HTTPFlow, record: dict[str, Any]) -> None:
         flow.metadata["pixel"] = record

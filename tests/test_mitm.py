@@ -314,6 +314,22 @@ def test_failed_connection_is_recorded_with_the_error(addon: PixelCapture) -> No
     assert list(addon.records) == [record]
 
 
+def test_pixels_in_flight_at_exit_are_recorded(addon: PixelCapture, tmp_path: Path) -> None:
+    url = f"jsonl:///{tmp_path}/pixels.jsonl"
+    configure(addon, pixel_store=url)
+    flow = tflow.tflow(req=http.Request.make("GET", TRACK))
+    addon.request(flow)  # the collector has not answered yet
+    addon.done()
+    (record,) = addon.records
+    assert record["upstream"] == {"error": "mitmproxy stopped before the answer"}
+    assert flow.marked == ":warning:"
+    store = open_store(url)
+    try:
+        assert [r for _, r in store.read()] == [record]
+    finally:
+        store.close()
+
+
 def test_pixel_answer_answers_locally(addon: PixelCapture) -> None:
     configure(addon, pixel_answer=True)
     flow = tflow.tflow(req=http.Request.make("GET", TRACK))
