@@ -9,9 +9,13 @@ same directory adopts it and hands its records on first.
 
 Reading is peek-then-consume: :meth:`Spool.peek` gives the oldest records,
 and :meth:`Spool.consume` drops them once the store has taken them. A file is
-removed when all its records are consumed. Consumption is not written down,
-so a process that dies between the store's write and the removal of the file
-hands those records to the store again: at least once, never lost.
+removed when all its records are consumed, and :meth:`Spool.close` rewrites a
+partly consumed one without its consumed records. A process that dies in
+between (without closing) leaves the file whole, and the records it had
+already handed on go to the store again: at least once, never lost.
+
+Files are made under a ``.new`` name and renamed only once locked and
+complete, so an adopter never mistakes a file being made for an orphan.
 
 A :class:`Spool` is not thread-safe: the recorder's writer thread is its only
 user.
@@ -25,6 +29,7 @@ import json
 import logging
 import os
 import secrets
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import cast
@@ -37,6 +42,9 @@ __all__ = ["Spool"]
 logger = logging.getLogger(__name__)
 
 _BLOCK = 256 * 1024
+# A half-made spool file older than this (seconds) and unlocked was left by a
+# process that died making it.
+_ABANDONED_AFTER = 60.0
 
 
 class _SpoolFile:
@@ -153,9 +161,13 @@ class Spool:
         """Take over the files of processes that are gone; the number of records gained."""
         try:
             with os.scandir(self.directory) as entries:
-                found = [Path(entry.path) for entry in entries if entry.name.endswith(".jsonl")]
+                names = [Path(entry.path) for entry in entries]
         except FileNotFoundError:
             return 0
+        found = [path for path in names if path.suffix == ".jsonl"]
+        for path in names:
+            if path.suffix == ".new":
+                _remove_if_abandoned(path)
         mine = {file.path for file in self._files}
         gained = 0
         adopted: list[_SpoolFile] = []
@@ -182,8 +194,14 @@ class Spool:
         for file in self._files:
             if file.count <= 0:
                 _unlink_and_close(file)
-            else:
-                os.close(file.fd)
+                continue
+            if file.offset > 0:
+                try:
+                    self._drop_consumed(file)
+                except OSError as exc:
+                    # Harmless: the consumed records go to the store again.
+                    logger.warning("spool %s: cannot drop consumed records: %s", file.path, exc)
+            os.close(file.fd)
         self._files = []
         self._own = None
         self._peeked = []
@@ -204,20 +222,46 @@ class Spool:
     def _create(self) -> _SpoolFile:
         # Private: a spool holds what the pixels said, IP addresses included.
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path = self.directory / f"{os.getpid()}-{secrets.token_hex(4)}.jsonl"
-        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-        fd = os.open(path, flags, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            _fsync_directory(self.directory)
-        except OSError:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                path.unlink()
-            raise
+        fd, path = self._new_file()
         self._own = _SpoolFile(path, fd, 0)
         self._files.append(self._own)
         return self._own
+
+    def _new_file(self, *, source: int | None = None, offset: int = 0) -> tuple[int, Path]:
+        """A new spool file, locked, holding a copy of ``source`` from ``offset`` if given.
+
+        It is made under a name adoption ignores and renamed once locked and
+        complete: an adopter must never see a file that is still being made,
+        which it could take for a dead process's and remove.
+        """
+        name = f"{os.getpid()}-{secrets.token_hex(4)}"
+        temporary = self.directory / f"{name}.new"
+        path = self.directory / f"{name}.jsonl"
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        fd = os.open(temporary, flags, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if source is not None:
+                _copy_from(source, offset, fd)
+            os.rename(temporary, path)
+            _fsync_directory(self.directory)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                temporary.unlink()
+            raise
+        return fd, path
+
+    def _drop_consumed(self, file: _SpoolFile) -> None:
+        """Copy the records ``file`` has not handed on yet to a file of their own
+        (synced, with the old file's age), then remove ``file``, so that the
+        next spool does not hand the store what it already took."""
+        fd, _ = self._new_file(source=file.fd, offset=file.offset)
+        os.close(fd)
+        # The copy is whole before the original goes: a crash in between
+        # leaves both, which hands some records on twice but loses none.
+        file.path.unlink()
+        _fsync_directory(self.directory)
 
     def _remove(self, file: _SpoolFile) -> None:
         self._files.remove(file)
@@ -308,6 +352,35 @@ def _unlink_and_close(file: _SpoolFile) -> None:
     with contextlib.suppress(OSError):
         file.path.unlink()
     os.close(file.fd)
+
+
+def _remove_if_abandoned(path: Path) -> None:
+    """Remove a file left half made by a process that died making it."""
+    try:
+        if time.time() - path.stat().st_mtime < _ABANDONED_AFTER:
+            return  # perhaps being made right now
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        path.unlink()
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _copy_from(source: int, offset: int, target: int) -> None:
+    """Copy ``source`` from ``offset`` on to ``target``, synced, with its age."""
+    while chunk := os.pread(source, _BLOCK, offset):
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(target, view) :]
+        offset += len(chunk)
+    os.fsync(target)
+    mtime = os.fstat(source).st_mtime_ns
+    os.utime(target, ns=(mtime, mtime))
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -95,12 +95,12 @@ def test_close_keeps_unconsumed_records_for_the_next_spool(tmp_path: Path) -> No
     first = Spool(tmp_path)
     first.append([make_record(id=f"a{i}") for i in range(5)])
     assert first.peek(2)
-    first.consume(2)  # not written down: a restart hands them on again
+    first.consume(2)
     first.close()
     assert len(first) == 3, "still waiting for a store"
     second = Spool(tmp_path)
-    assert second.adopt() == 5
-    assert drain(second) == [f"a{i}" for i in range(5)]
+    assert second.adopt() == 3, "what the first handed on is not handed on again"
+    assert drain(second) == [f"a{i}" for i in range(2, 5)]
     assert spool_files(tmp_path) == []
     second.close()
 
@@ -246,3 +246,15 @@ def test_a_failed_append_leaves_no_partial_records(tmp_path: Path) -> None:
     assert out[0].startswith("failed")
     assert out[1] == "size True count 1"
     assert out[2] == "ids ['kept']"
+
+
+def test_a_file_left_half_made_is_removed_once_clearly_abandoned(tmp_path: Path) -> None:
+    stale, fresh = tmp_path / "1-dead.new", tmp_path / "2-busy.new"
+    stale.write_text("{}\n")
+    fresh.write_text("{}\n")
+    os.utime(stale, (0, 0))
+    spool = Spool(tmp_path)
+    assert spool.adopt() == 0, "never adopted: it may be incomplete"
+    assert not stale.exists()
+    assert fresh.exists(), "perhaps being made right now"
+    spool.close()
