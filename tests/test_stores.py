@@ -16,10 +16,12 @@ from records import make_record
 
 from pixel_middleware.core import PixelRecord
 from pixel_middleware.stores import (
+    _SCHEMES,
     DEFAULT_STORE_URL,
     STORE_ENV_VAR,
     Store,
     StoreError,
+    _Scheme,
     open_store,
     store_schemes,
 )
@@ -296,3 +298,24 @@ def test_records_outlive_the_store_object(name: str, tmp_path: Path) -> None:
         assert ids(second.read(after=positions[-1])) == ["later"]
     finally:
         second.close()
+
+
+def test_a_store_missing_from_this_version_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(_SCHEMES, "future", _Scheme("pixel_middleware.stores.future", "Future"))
+    with pytest.raises(ValueError, match=r"future:// store is not part of this version"):
+        open_store("future://x")
+
+
+def test_a_store_missing_a_dependency_names_the_extra(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / "needs_more.py").write_text("import no_such_dependency_here\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(_SCHEMES, "more", _Scheme("needs_more", "Store", extra="more"))
+    with pytest.raises(
+        ValueError,
+        match=r"needs no_such_dependency_here \(pip install 'pixel-middleware\[more\]'\)",
+    ):
+        open_store("more://x")
