@@ -65,6 +65,16 @@ class RecordError(StoreError):
 
 
 class Store(Protocol):
+    """What every store does; see the module docstring for the URLs.
+
+    A write that returned has been kept: it survives the writing process being
+    killed (``kill -9``). Whether it survives a power loss is each store's
+    option (``sqlite:...?synchronous=full``, ``jsonl:...?fsync=true``).
+    Accepted and rejected records alike are kept. Positions are strings that
+    only the store that gave them understands: hand them back as ``after``
+    (``events --follow`` does) to read what came since.
+    """
+
     url: str
 
     def write(self, records: Sequence[PixelRecord]) -> None:
