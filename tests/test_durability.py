@@ -94,15 +94,16 @@ class Gunicorn:
                 stderr=subprocess.STDOUT,
                 pass_fds=[listener.fileno()],
             )  # fmt: skip
+
+    def wait_until_serving(self) -> None:
         deadline = time.monotonic() + 20
         while True:
             try:
                 if requests.get(self.url + "/", timeout=1).text == "site":
-                    break
+                    return
             except requests.RequestException:  # not listening, or no worker yet
                 pass
             if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
                 raise RuntimeError(f"gunicorn did not start: {self.output()}")
             time.sleep(0.05)
 
@@ -134,7 +135,8 @@ class Gunicorn:
         self.log.close()
 
     def output(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return (self.directory / "gunicorn.log").read_text(errors="replace")[-3000:]
 
 
@@ -144,7 +146,8 @@ def serve(tmp_path: Path) -> Iterator[Callable[[str], Gunicorn]]:
 
     def start(store: str) -> Gunicorn:
         server = Gunicorn(tmp_path, store)
-        started.append(server)
+        started.append(server)  # stopped after the test, even if it never served
+        server.wait_until_serving()
         return server
 
     yield start
