@@ -52,7 +52,7 @@ def ids(store: MemoryStore | FanoutStore | SQLiteStore) -> list[str]:
 class TestURL:
     def test_children_in_order_from_the_url(self, tmp_path: Path) -> None:
         url = f"fanout://sqlite:///{tmp_path}/a.sqlite3  memory://\n jsonl:///{tmp_path}/b.jsonl"
-        store = open_store(url) if _registered() else FanoutStore.from_url(url)
+        store = open_store(url)
         try:
             assert isinstance(store, FanoutStore)
             assert [type(s).__name__ for s in store.stores] == [
@@ -92,12 +92,6 @@ class TestURL:
     def test_no_stores(self) -> None:
         with pytest.raises(ValueError, match="at least one store"):
             FanoutStore([])
-
-
-def _registered() -> bool:
-    from pixel_middleware.stores import store_schemes
-
-    return "fanout" in store_schemes()
 
 
 class TestWrite:
