@@ -72,9 +72,10 @@ class DotPathBuilder:
         for position in range(1, count):
             segment = segments[position]
             if segment.isdigit() and segment.isascii():
-                if len(segment) > self._index_digits:
+                digits = segment.lstrip("0")  # "007" is index 7
+                if len(digits) > self._index_digits:
                     return SetResult.TOO_LARGE
-                index = int(segment)
+                index = int(digits or "0")
                 if index > self.max_index:
                     return SetResult.TOO_LARGE
                 if indexes is None:
