@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import requests
-from werkzeug.serving import BaseWSGIServer, make_server
+from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 from pixel_middleware import GIF, PixelMiddleware, PixelRecord
 
@@ -59,6 +59,13 @@ NASTY = "/v1/pixel/track?data=" + b64({"writeKey": "k", "event": "\x1b[2Jgone", 
 # -- the collector and mitmdump ---------------------------------------------------
 
 
+class QuietHandler(WSGIRequestHandler):
+    """No access log: some targets are 70 kB long."""
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        pass
+
+
 def not_found(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
     start_response("404 Not Found", [("Content-Type", "text/plain"), ("Content-Length", "9")])
     return [b"not found"]
@@ -70,7 +77,12 @@ class Collector:
     def __init__(self, *, tls: bool = False) -> None:
         self.middleware = PixelMiddleware(not_found, store="memory://")
         self.server: BaseWSGIServer = make_server(
-            "127.0.0.1", 0, self.middleware, threaded=True, ssl_context="adhoc" if tls else None
+            "127.0.0.1",
+            0,
+            self.middleware,
+            threaded=True,
+            request_handler=QuietHandler,
+            ssl_context="adhoc" if tls else None,
         )
         self.port = self.server.server_port
         self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
@@ -105,7 +117,7 @@ def dead_port() -> int:
 class Mitmdump:
     """A real ``mitmdump -s addons/pixel_capture.py`` on a free port."""
 
-    def __init__(self, workdir: Path, *args: str, store: bool = True) -> None:
+    def __init__(self, workdir: Path, *args: str, store: bool = True, wait: bool = True) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         # Four slashes: an absolute path (SQLAlchemy's convention).
@@ -140,6 +152,12 @@ class Mitmdump:
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+        self.port = 0
+        if wait:
+            self.ready()
+
+    def ready(self) -> None:
+        """Wait until it listens (several can start at once: start, then wait)."""
         self.port = self._wait_listening()
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -422,3 +440,142 @@ def test_bad_option_stops_mitmdump_with_the_reason(
     )
     assert result.returncode != 0
     assert message in result.stdout + result.stderr
+
+
+# -- parity with the middleware -----------------------------------------------------
+
+# What may differ between two decodings of the same request: the record's id and
+# time, and what the server generates from its clock or at random.
+MAY_DIFFER = {
+    ("id",),
+    ("receivedAt",),
+    *(("event", key) for key in GENERATED_EVENT),
+}
+
+
+def differences(a: Any, b: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [
+            diff
+            for key in sorted(a.keys() | b.keys())
+            for diff in differences(a.get(key, KeyError), b.get(key, KeyError), (*path, key))
+        ]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [
+            d
+            for i, (x, y) in enumerate(zip(a, b, strict=True))
+            for d in differences(x, y, (*path, str(i)))
+        ]
+    return [] if a == b else [path]
+
+
+def options_for(config: dict[str, Any]) -> list[str]:
+    """A case's PixelConfig keywords as the addon's mitmproxy options."""
+    args: list[str] = []
+    for key, value in sorted(config.items()):
+        values = sorted(value) if isinstance(value, (set, frozenset)) else [value]
+        args += [arg for v in values for arg in ("--set", f"pixel_{key}={v}")]
+    return args
+
+
+def send_raw(port: int, method: str, target: bytes, headers: dict[str, str]) -> int:
+    """Send the request target byte for byte (no client library re-encodes it)."""
+    head = b"".join(
+        f"{name}: {value}\r\n".encode("latin-1")
+        for name, value in {"Host": "pixels.test", **headers, "Connection": "close"}.items()
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.sendall(method.encode() + b" " + target + b" HTTP/1.1\r\n" + head + b"\r\n")
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    return int(answer.split(b" ", 2)[1])
+
+
+def ok(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+    start_response("204 No Content", [])
+    return []
+
+
+def test_every_case_gives_the_middlewares_record(tmp_path: Path) -> None:
+    """Each request of the shared case table, through a real mitmdump in reverse mode
+    and through PixelMiddleware (werkzeug's test client, as a WSGI server calls
+    it), gives the same record bar ids and time. One mitmdump per configuration in
+    the table, started together."""
+    from cases import CASES, NOT_PIXELS
+    from werkzeug.test import Client
+
+    from pixel_middleware.core import split_target
+
+    upstream = make_server("127.0.0.1", 0, ok, threaded=True, request_handler=QuietHandler)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    groups: dict[str, list[Any]] = {}
+    for case in CASES:
+        groups.setdefault(repr(sorted(case.config.items())), []).append(case)
+    proxies = {
+        key: Mitmdump(
+            tmp_path / str(i),
+            "--mode",
+            f"reverse:http://127.0.0.1:{upstream.server_port}",
+            *options_for(dict(cases[0].config)),
+            wait=False,
+        )
+        for i, (key, cases) in enumerate(groups.items())
+    }
+    try:
+        for proxy in proxies.values():
+            proxy.ready()
+        statuses = {}
+        for key, cases in groups.items():
+            for case in cases:
+                statuses[case.id] = send_raw(
+                    proxies[key].port, case.method, case.target, dict(case.headers)
+                )
+            if key == repr([]):
+                for target in NOT_PIXELS:
+                    assert send_raw(proxies[key].port, "GET", target, {}) == 204, target
+    finally:
+        for proxy in proxies.values():
+            if proxy.proc.poll() is None:
+                proxy.proc.send_signal(signal.SIGTERM)
+        for proxy in proxies.values():
+            proxy.stop()
+        upstream.shutdown()
+        upstream.server_close()
+
+    mismatches = []
+    compared = 0
+    for key, cases in groups.items():
+        by_addon = iter(proxies[key].records())
+        middleware = PixelMiddleware(not_found, store="memory://", **cases[0].config)
+        try:
+            for case in cases:
+                path, query = split_target(case.target)
+                answer = Client(middleware).open(
+                    method=case.method,
+                    headers=dict(case.headers),
+                    environ_overrides={
+                        "PATH_INFO": path,
+                        "QUERY_STRING": query.decode("latin-1"),
+                        "REMOTE_ADDR": "127.0.0.1",
+                    },
+                )
+                assert answer.status_code == case.expect_status, case.id
+                if case.expect_accepted is None:
+                    assert statuses[case.id] == 204, case.id  # passed on, unrecorded
+                    continue  # no record, from either
+                assert middleware.store is not None
+                ((_, expected),) = middleware.store.read(limit=1)
+                record = next(by_addon)
+                # The client got the collector's answer (204; 414 from werkzeug's
+                # server for the 70 kB query), and the record says which.
+                assert record.pop("upstream")["status"] == statuses[case.id], case.id
+                diff = [d for d in differences(record, expected) if d not in MAY_DIFFER]
+                if diff:
+                    mismatches.append((case.id, diff))
+                compared += 1
+            assert next(by_addon, None) is None  # nothing more: NOT_PIXELS gave none
+        finally:
+            middleware.close()
+    assert not mismatches
+    assert compared == sum(case.expect_accepted is not None for case in CASES)
