@@ -306,7 +306,9 @@ class Recorder:
                         self._inflight = None
                         self._space.notify(len(batch.records))
                     batch.done.set()
-            if self._spooled() and time.monotonic() >= next_retry:
+            # Closing tries the spool once at once instead of waiting (and
+            # spinning) until the next retry is due.
+            if self._spooled() and (self._closing or time.monotonic() >= next_retry):
                 try:
                     replayed = self._replay()
                 except Exception:

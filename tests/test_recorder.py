@@ -335,6 +335,21 @@ def test_the_spool_outlives_the_recorder(
     wait_until(lambda: list(spool_dir.glob("*.jsonl")) == [])
 
 
+def test_close_with_a_failing_store_tries_the_spool_once_and_returns(
+    make_recorder: Callable[..., Recorder],
+) -> None:
+    # Closing must not wait, let alone spin, until the next retry is due.
+    down = FlakyStore()
+    down.failing.set()
+    recorder = make_recorder(down, retry_interval=30)
+    recorder.record(make_record(id="r0"))
+    wall, cpu = time.monotonic(), time.process_time()
+    recorder.close(timeout=10)
+    assert time.monotonic() - wall < 2
+    assert time.process_time() - cpu < 1
+    assert recorder.spooled == 1
+
+
 def test_the_spool_of_a_killed_process_is_replayed(tmp_path: Path, spool_dir: Path) -> None:
     path = tmp_path / "events.sqlite3"
     SQLiteStore(path).close()
