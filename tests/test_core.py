@@ -8,6 +8,7 @@ import json
 import time
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -125,6 +126,12 @@ def test_the_table_covers_every_rule_and_note() -> None:
     for dialect in ("segment", "rudderstack"):
         ids = [case.id for case in CASES if case.id.startswith(dialect)]
         assert len(ids) > 20, dialect
+
+
+def test_docs_name_every_rule_and_note() -> None:
+    docs = (Path(__file__).parent.parent / "docs" / "dialects.md").read_text("utf-8")
+    for name in (*RULES, *NOTES):
+        assert f"| `{name}` |" in docs, name
 
 
 def test_case_ids_are_unique() -> None:
