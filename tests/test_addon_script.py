@@ -19,7 +19,6 @@ with warnings.catch_warnings():
     # mitmproxy 12.2 builds its filter grammar at import with pyparsing names that
     # pyparsing 3.3 deprecates: not ours, and not an error in this project.
     warnings.simplefilter("ignore", DeprecationWarning)
-    pytest.importorskip("mitmproxy")
     from mitmproxy import hooks
     from mitmproxy.addons import script
 
@@ -76,7 +75,6 @@ SITECUSTOMIZE = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(not MITMDUMP.exists(), reason="mitmdump is not installed beside this Python")
 def test_script_runs_from_a_checkout_when_the_package_is_not_installed(tmp_path: Path) -> None:
     """What it proves: a mitmproxy whose Python cannot import the installed package
     loads the addon from the checkout the script lives in (the script puts the

@@ -43,9 +43,7 @@ if TYPE_CHECKING:
 # their asserts (a plain import first would make it warn, and warnings are errors).
 pytest_plugins = ["batch_server", "redis_server"]
 
-pytestmark = pytest.mark.skipif(
-    not sys.platform.startswith("linux"), reason="finds gunicorn's workers through /proc"
-)
+# Linux only: the proofs find gunicorn's workers through /proc.
 
 APP = """\
 import os

@@ -17,7 +17,6 @@ with warnings.catch_warnings():
     # mitmproxy 12.2 builds its filter grammar at import with pyparsing names that
     # pyparsing 3.3 deprecates: not ours, and not an error in this project.
     warnings.simplefilter("ignore", DeprecationWarning)
-    pytest.importorskip("mitmproxy")
     from mitmproxy import contentviews, exceptions, http
     from mitmproxy import flow as mflow
     from mitmproxy.test import taddons, tflow

@@ -38,9 +38,6 @@ SCRIPT = ROOT / "addons" / "pixel_capture.py"
 MITMDUMP = Path(sys.executable).with_name("mitmdump")
 CLI = Path(sys.executable).with_name("pixel-middleware")
 
-if not MITMDUMP.exists():
-    pytest.skip("mitmdump is not installed beside this Python", allow_module_level=True)
-
 LISTENING = re.compile(r"listening at 127\.0\.0\.1:(\d+)\.")
 
 
