@@ -30,7 +30,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final, Literal, TypedDict
+from typing import Any, Final, Literal, NotRequired, TypedDict
 from urllib.parse import unquote_to_bytes
 
 from pixel_middleware._dotpath import DotPathBuilder, SetResult
@@ -154,6 +154,9 @@ class PixelRecord(TypedDict):
     notes: list[Problem]
     event: dict[str, Any] | None
     request: RequestInfo
+    #: Added by the mitmproxy addon: what the real collector answered (status,
+    #: content type, milliseconds), or that the addon answered it, or the error.
+    upstream: NotRequired[dict[str, Any]]
 
 
 def _positive(name: str, value: object) -> None:
