@@ -33,6 +33,7 @@ from pixel_middleware.stores import (
     STORE_ENV_VAR,
     Store,
     StoreError,
+    StoreNotFoundError,
     store_schemes,
 )
 
@@ -119,7 +120,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "events",
         help="print the records a store holds",
         description="Print the newest records of a store, oldest first. Values are"
-        " shown with control characters escaped.",
+        " shown with control characters escaped. A store that does not exist is an"
+        " error (exit 1): reading never creates one.",
     )
     events.add_argument("--store", metavar="URL", help=STORE_HELP)
     verdict = events.add_mutually_exclusive_group()
@@ -306,7 +308,12 @@ def _events(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from pixel_middleware.stores import open_store
 
     try:
-        store = open_store(args.store)
+        # Reading never creates a store: a typo in the path is an error, not an
+        # empty store left behind.
+        store = open_store(args.store, create=False)
+    except StoreNotFoundError as exc:
+        print(f"{parser.prog}: error: {exc} (check --store or ${STORE_ENV_VAR})", file=sys.stderr)
+        return 1
     except (ValueError, StoreError) as exc:
         parser.error(str(exc))
     out = sys.stdout

@@ -383,9 +383,36 @@ def test_events_jsonl_filters(
 def test_events_on_an_empty_store_prints_the_header(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    status, out, _ = run(capsys, "events", "--store", f"jsonl:///{tmp_path}/none.jsonl")
+    (tmp_path / "empty.jsonl").touch()
+    status, out, _ = run(capsys, "events", "--store", f"jsonl:///{tmp_path}/empty.jsonl")
     assert status == 0
     assert out.split() == ["time", "dialect", "call", "verdict", "rules", "event/name", "identity"]
+
+
+@pytest.mark.parametrize(
+    "store",
+    [
+        pytest.param(["--store", "jsonl:///typo.jsonl"], id="jsonl"),
+        pytest.param(["--store", "sqlite:///typo.sqlite3"], id="sqlite"),
+        pytest.param([], id="default"),
+    ],
+)
+def test_events_on_a_store_that_does_not_exist_says_so_and_creates_nothing(
+    store: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PIXEL_STORE", raising=False)
+    status, out, err = run(capsys, "events", *store)
+    assert status == 1
+    assert out == ""
+    assert err.count("\n") == 1
+    assert re.fullmatch(
+        r"pixel-middleware events: error: no store at \S+: the file does not exist .*\n", err
+    )
+    assert list(tmp_path.iterdir()) == []
 
 
 class StoreDown:

@@ -21,6 +21,7 @@ from pixel_middleware.stores import (
     STORE_ENV_VAR,
     Store,
     StoreError,
+    StoreNotFoundError,
     _Scheme,
     open_store,
     store_schemes,
@@ -298,6 +299,42 @@ def test_records_outlive_the_store_object(name: str, tmp_path: Path) -> None:
         assert ids(second.read(after=positions[-1])) == ["later"]
     finally:
         second.close()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        pytest.param("sqlite:///{tmp}/typo.sqlite3", id="sqlite"),
+        pytest.param("jsonl:///{tmp}/typo.jsonl", id="jsonl"),
+        pytest.param("sqlite:///{tmp}/no-such-dir/events.sqlite3", id="sqlite-no-dir"),
+        pytest.param("jsonl:///{tmp}/no-such-dir/events.jsonl", id="jsonl-no-dir"),
+    ],
+)
+def test_a_reader_does_not_create_a_missing_store(url: str, tmp_path: Path) -> None:
+    with pytest.raises(StoreNotFoundError, match=r"no store at .*: the file does not exist"):
+        open_store(url.format(tmp=tmp_path), create=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", PERSISTENT)
+def test_a_reader_opens_a_store_that_exists(name: str, tmp_path: Path) -> None:
+    writer = STORE_FACTORIES[name](tmp_path)
+    records = [make_record(), make_record(accepted=False)]
+    writer.write(records)
+    writer.close()
+    reader = open_store(writer.url, create=False)
+    try:
+        assert [r for _, r in reader.read()] == records
+    finally:
+        reader.close()
+
+
+def test_stores_without_a_file_ignore_create() -> None:
+    opened = open_store("memory://", create=False)
+    try:
+        assert opened.read() == []
+    finally:
+        opened.close()
 
 
 def test_a_store_missing_from_this_version_is_a_clear_error(

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from records import make_record
 
-from pixel_middleware.stores import RecordError, StoreError, open_store
+from pixel_middleware.stores import RecordError, StoreError, StoreNotFoundError, open_store
 from pixel_middleware.stores.jsonl import JSONLStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,6 +63,18 @@ def test_url_spellings(
 def test_a_missing_directory_fails_at_open(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="cannot open"):
         JSONLStore(tmp_path / "no-such-dir" / "events.jsonl")
+
+
+def test_a_reader_never_creates_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    JSONLStore(path).close()
+    reader = JSONLStore(path, create=False)
+    assert reader._fd is None  # not opened for appending: a reader may not be allowed to
+    path.unlink()
+    with pytest.raises(StoreNotFoundError, match="does not exist"):
+        reader.write([make_record()])
+    reader.close()
+    assert not path.exists()
 
 
 def test_one_record_per_line_readable_by_any_json_tool(tmp_path: Path) -> None:

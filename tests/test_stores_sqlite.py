@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from records import make_record
 
-from pixel_middleware.stores import RecordError, StoreError, open_store
+from pixel_middleware.stores import RecordError, StoreError, StoreNotFoundError, open_store
 from pixel_middleware.stores.sqlite import SCHEMA_VERSION, SQLiteStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,6 +84,18 @@ def test_a_relative_path_is_fixed_when_the_store_is_opened(
 def test_a_missing_directory_fails_at_open(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="cannot open the SQLite database"):
         SQLiteStore(tmp_path / "no-such-dir" / "events.db")
+
+
+def test_a_reader_never_creates_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "events.db"
+    SQLiteStore(path).close()
+    reader = SQLiteStore(path, create=False)
+    for name in os.listdir(tmp_path):
+        (tmp_path / name).unlink()  # the database, and its -wal and -shm if any
+    with pytest.raises(StoreNotFoundError, match="does not exist"):
+        reader.read()  # the connection is made again on first use
+    reader.close()
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(

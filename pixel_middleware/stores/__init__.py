@@ -44,6 +44,7 @@ __all__ = [
     "RecordError",
     "Store",
     "StoreError",
+    "StoreNotFoundError",
     "open_store",
     "store_schemes",
 ]
@@ -54,6 +55,14 @@ STORE_ENV_VAR = "PIXEL_STORE"
 
 class StoreError(Exception):
     """A store could not write or read; the records given to it were not kept."""
+
+
+class StoreNotFoundError(StoreError):
+    """The store a reader named does not exist (``open_store(url, create=False)``).
+
+    A typo in a path, most often: reading never creates a store, so that a
+    reader of ``jsonl:///typo.jsonl`` is told so instead of seeing it empty.
+    """
 
 
 class RecordError(StoreError):
@@ -107,11 +116,13 @@ class _Scheme:
     # The pip extra that brings the store's dependencies, named in the error
     # when they are missing.
     extra: str | None = None
+    # Whether the factory takes ``create=`` (stores kept in a file of their own).
+    takes_create: bool = False
 
 
 _SCHEMES: dict[str, _Scheme] = {
-    "sqlite": _Scheme("pixel_middleware.stores.sqlite", "SQLiteStore.from_url"),
-    "jsonl": _Scheme("pixel_middleware.stores.jsonl", "JSONLStore.from_url"),
+    "sqlite": _Scheme("pixel_middleware.stores.sqlite", "SQLiteStore.from_url", takes_create=True),
+    "jsonl": _Scheme("pixel_middleware.stores.jsonl", "JSONLStore.from_url", takes_create=True),
     "memory": _Scheme("pixel_middleware.stores.memory", "MemoryStore.from_url"),
     "redis": _Scheme("pixel_middleware.stores.redis", "RedisStore", extra="redis"),
     "rediss": _Scheme("pixel_middleware.stores.redis", "RedisStore", extra="redis"),
@@ -126,7 +137,7 @@ def store_schemes() -> list[str]:
     return sorted(_SCHEMES)
 
 
-def open_store(url: str | None = None) -> Store:
+def open_store(url: str | None = None, *, create: bool = True) -> Store:
     """Open the store ``url`` names.
 
     ``None`` means the ``PIXEL_STORE`` environment variable, else
@@ -134,6 +145,11 @@ def open_store(url: str | None = None) -> Store:
     scheme raises ``ValueError`` saying what would work; a store that cannot be
     opened (a directory that cannot be created, a missing dependency) raises
     ``ValueError`` or :class:`StoreError` from here, not at the first write.
+
+    ``create=False`` is for readers: a ``sqlite:`` or ``jsonl:`` store whose
+    file does not exist raises :class:`StoreNotFoundError` instead of being
+    created empty. The other stores have no file of their own to create and
+    open as usual.
     """
     if url is None:
         url = os.environ.get(STORE_ENV_VAR) or DEFAULT_STORE_URL
@@ -158,7 +174,7 @@ def open_store(url: str | None = None) -> Store:
     factory: Any = module
     for name in entry.factory.split("."):
         factory = getattr(factory, name)
-    store: Store = factory(url)
+    store: Store = factory(url, create=create) if entry.takes_create else factory(url)
     return store
 
 

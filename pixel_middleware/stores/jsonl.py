@@ -33,6 +33,7 @@ from pixel_middleware.core import PixelRecord
 from pixel_middleware.stores import (
     RecordError,
     StoreError,
+    StoreNotFoundError,
     _check_limit,
     _file_url_parts,
     _parse_position,
@@ -59,24 +60,40 @@ class JSONLStore:
     :param path: The file; created when missing (its directory must exist).
     :param fsync: Sync the file to disk on every write, so that written records
         survive a power loss too (the default survives a crash of the process).
+    :param create: ``False`` for readers: a missing file raises
+        :class:`~pixel_middleware.stores.StoreNotFoundError` instead of being
+        created, and the file is not opened for appending until a write.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, fsync: bool = False) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, fsync: bool = False, create: bool = True
+    ) -> None:
         raw = os.fspath(path)
         if not raw:
             raise ValueError("JSONLStore: the path is empty")
         self.path = os.path.abspath(raw)
         self.url = "jsonl:///" + raw
         self.fsync = fsync
+        self.create = create
         self._lock = threading.Lock()
         self._closed = False
         self._fd: int | None = None
         self._fd_pid = 0
-        self._open()  # now, so that a wrong path fails here
+        if create:
+            self._open()  # now, so that a wrong path fails here
+        else:
+            # A reader may not be allowed to append (another user's file), so
+            # only look: is there a file to read?
+            try:
+                os.stat(self.path)
+            except (FileNotFoundError, NotADirectoryError) as exc:
+                raise _not_found(self.path) from exc
+            except OSError as exc:
+                raise StoreError(f"cannot open {self.path}: {exc}") from exc
         _LIVE_STORES.add(self)
 
     @classmethod
-    def from_url(cls, url: str) -> JSONLStore:
+    def from_url(cls, url: str, *, create: bool = True) -> JSONLStore:
         """The store for ``jsonl:///relative/path`` or ``jsonl:////absolute/path``."""
         path, options = _file_url_parts(url, "jsonl")
         fsync = options.pop("fsync", "false").lower()
@@ -84,7 +101,7 @@ class JSONLStore:
             raise _unknown_options(url, options, ["fsync"])
         if fsync not in ("true", "false", "1", "0"):
             raise ValueError(f"fsync must be true or false in {url!r}")
-        store = cls(path, fsync=fsync in ("true", "1"))
+        store = cls(path, fsync=fsync in ("true", "1"), create=create)
         store.url = url
         return store
 
@@ -162,11 +179,12 @@ class JSONLStore:
         if self._fd is not None:
             os.close(self._fd)  # the child's copy; the parent's stays open
             self._fd = None
+        flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | (os.O_CREAT if self.create else 0)
         try:
-            self._fd = os.open(
-                self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644
-            )
+            self._fd = os.open(self.path, flags, 0o644)
         except OSError as exc:
+            if isinstance(exc, FileNotFoundError) and not self.create:
+                raise _not_found(self.path) from exc  # removed since it was opened
             raise StoreError(f"cannot open {self.path} for appending: {exc}") from exc
         self._fd_pid = pid
         return self._fd
@@ -253,6 +271,10 @@ def _lines_backwards(file: BinaryIO, start: int) -> Iterator[tuple[int, bytes]]:
         pending = pending[:end]
     if pending:
         yield start, pending
+
+
+def _not_found(path: str) -> StoreNotFoundError:
+    return StoreNotFoundError(f"no store at {path}: the file does not exist")
 
 
 def _after_fork_in_child() -> None:

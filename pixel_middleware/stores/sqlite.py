@@ -28,11 +28,13 @@ import time
 import weakref
 from collections.abc import Sequence
 from typing import Any, Literal, cast
+from urllib.parse import quote
 
 from pixel_middleware.core import PixelRecord
 from pixel_middleware.stores import (
     RecordError,
     StoreError,
+    StoreNotFoundError,
     _check_limit,
     _file_url_parts,
     _parse_position,
@@ -99,6 +101,9 @@ class SQLiteStore:
         with :class:`~pixel_middleware.stores.StoreError`.
     :param synchronous: ``"normal"`` (the default) keeps every returned write
         through a crash of the process; ``"full"`` also through a power loss.
+    :param create: ``False`` for readers: a missing file raises
+        :class:`~pixel_middleware.stores.StoreNotFoundError` instead of being
+        created.
     """
 
     def __init__(
@@ -107,6 +112,7 @@ class SQLiteStore:
         *,
         timeout: float = 5.0,
         synchronous: Synchronous = "normal",
+        create: bool = True,
     ) -> None:
         if not timeout >= 0:
             raise ValueError(f"SQLiteStore: timeout must be 0 or more seconds, got {timeout!r}")
@@ -124,6 +130,7 @@ class SQLiteStore:
         self.url = "sqlite:///" + raw
         self.timeout = float(timeout)
         self.synchronous: Synchronous = synchronous
+        self.create = create
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._pid = os.getpid()
@@ -135,7 +142,7 @@ class SQLiteStore:
         _LIVE_STORES.add(self)
 
     @classmethod
-    def from_url(cls, url: str) -> SQLiteStore:
+    def from_url(cls, url: str, *, create: bool = True) -> SQLiteStore:
         """The store for ``sqlite:///relative/path`` or ``sqlite:////absolute/path``."""
         path, options = _file_url_parts(url, "sqlite")
         timeout = options.pop("timeout", None)
@@ -148,7 +155,9 @@ class SQLiteStore:
             seconds = 5.0 if timeout is None else float(timeout)
         except ValueError:
             raise ValueError(f"timeout must be a number of seconds in {url!r}") from None
-        store = cls(path, timeout=seconds, synchronous=cast(Synchronous, synchronous))
+        store = cls(
+            path, timeout=seconds, synchronous=cast(Synchronous, synchronous), create=create
+        )
         store.url = url
         return store
 
@@ -244,9 +253,18 @@ class SQLiteStore:
             # BEGIN IMMEDIATE itself. check_same_thread=False: the connection is
             # used from several threads, but only ever under self._lock.
             conn = sqlite3.connect(
-                self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False
+                # mode=rw: open the file if it is there, never create it.
+                self.path if self.create else f"file:{quote(self.path)}?mode=rw",
+                uri=not self.create,
+                timeout=self.timeout,
+                isolation_level=None,
+                check_same_thread=False,
             )
         except sqlite3.Error as exc:
+            if not self.create and not os.path.exists(self.path):
+                raise StoreNotFoundError(
+                    f"no store at {self.path}: the file does not exist"
+                ) from exc
             raise StoreError(f"cannot open the SQLite database {self.path}: {exc}") from exc
         try:
             self._prepare(conn)
