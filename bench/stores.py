@@ -1,16 +1,22 @@
 """Stores: records/s through a :class:`Recorder`, and memory over a million records.
 
 Throughput, for SQLite, JSON Lines and Redis (a real ``redis-server`` started on a
-free port, no persistence, in the run's temporary directory): 8 threads each
-calling ``Recorder.record()`` with ``durable=True`` (as the middleware does: each
-call returns once its record is committed, concurrent calls share a commit),
-against the same store's ``write()`` called directly with batches of 100 from one
-thread (what group commit can at best approach). Interleaved rounds; no target,
-the ratio shows what the Recorder's queueing costs.
+free port, no persistence, in the run's temporary directory), two ways, each in
+interleaved rounds against the same store's ``write()`` called directly from one
+thread with the batch size the Recorder can at best reach; no target, the ratio
+shows what the Recorder itself costs:
+
+- ``durable=False`` (the mitmproxy addon's mode), one thread recording as fast as
+  it can, then ``flush()``; against ``write()`` in batches of 100.
+- ``durable=True`` (the middleware's mode: ``record()`` returns once committed)
+  from 8 threads at once, so at most 8 records share a commit; against
+  ``write()`` in batches of 8.
 
 Memory: a child process records one million records into SQLite and into JSON
-Lines through a Recorder and samples its RSS; RSS after 1M must be within 10% of
-RSS after 100k (the memory store keeps every record by design, so it is left out).
+Lines through a ``Recorder(durable=False)`` as fast as one thread can (so that the
+recorder's bounded queue is full all along) and samples its RSS; RSS after 1M must
+be within 10% of RSS after 100k. (The memory store keeps every record by design,
+so it is left out.)
 """
 
 from __future__ import annotations
@@ -88,10 +94,10 @@ def through_recorder(recorder: Any, source: Iterator[dict[str, Any]], callers: i
     return time.perf_counter() - start
 
 
-def direct(store: Any, source: Iterator[dict[str, Any]]) -> float:
-    """Seconds to write everything ``source`` yields in batches of ``BATCH``."""
+def direct(store: Any, source: Iterator[dict[str, Any]], size: int) -> float:
+    """Seconds to write everything ``source`` yields in batches of ``size``."""
     start = time.perf_counter()
-    while batch := list(itertools.islice(source, BATCH)):
+    while batch := list(itertools.islice(source, size)):
         store.write(batch)
     return time.perf_counter() - start
 
@@ -118,19 +124,29 @@ def redis_server(workdir: Path) -> Server:
     )
 
 
-def _throughput_row(settings: Settings, label: str, url: str, base: dict[str, Any]) -> Row:
+def _throughput_row(
+    settings: Settings,
+    label: str,
+    url: str,
+    base: dict[str, Any],
+    *,
+    durable: bool,
+    callers: int,
+    batch: int,
+) -> Row:
     from pixel_middleware.recorder import Recorder
     from pixel_middleware.stores import open_store
 
     count = settings.pick(20_000, 10_000, 200)
     rounds = settings.pick(5, 3, 1)
     store = open_store(url)
-    recorder = Recorder(open_store(url), durable=True)
+    recorder = Recorder(open_store(url), durable=durable)
     ours: list[float] = []
     baseline: list[float] = []
     n = 0
     try:
-        through_recorder(recorder, records(n, count // 10, base), CALLERS)  # warm up
+        through_recorder(recorder, records(n, count // 10, base), callers)  # warm up
+        recorder.flush()
         n += count
         for r in range(rounds):
             pair = ["ours", "baseline"]
@@ -138,21 +154,25 @@ def _throughput_row(settings: Settings, label: str, url: str, base: dict[str, An
                 source = records(n, count, base)
                 n += count
                 if which == "ours":
-                    ours.append(count / through_recorder(recorder, source, CALLERS))
+                    start = time.perf_counter()
+                    through_recorder(recorder, source, callers)
+                    recorder.flush()  # durable=False: count only what is written
+                    ours.append(count / (time.perf_counter() - start))
                 else:
-                    baseline.append(count / direct(store, source))
+                    baseline.append(count / direct(store, source, batch))
     finally:
         recorder.close()
         store.close()
     ratio, samples = median_ratio(ours, baseline)
+    who = f"{callers} threads" if callers > 1 else "1 thread"
     return Row(
         bench=NAME,
-        name=f"{label} via Recorder(durable), {CALLERS} threads",
+        name=f"{label} via Recorder(durable={durable}), {who}",
         ours=statistics.median(ours),
         baseline=statistics.median(baseline),
         unit="records/s",
         ratio=ratio,
-        baseline_name=f"write() x{BATCH}",
+        baseline_name=f"write() x{batch}",
         samples=samples,
     )
 
@@ -163,13 +183,13 @@ def rss_child(url: str, total: int, every: int) -> None:
     from pixel_middleware.stores import open_store
 
     base = sample_record()
-    recorder = Recorder(open_store(url), durable=True)
+    recorder = Recorder(open_store(url), durable=False)
     pid = os.getpid()
     done = 0
     samples = []
     while done < total:
         step = min(every, total - done)
-        through_recorder(recorder, records(done, step, base), CALLERS)
+        through_recorder(recorder, records(done, step, base), 1)
         done += step
         samples.append([done, rss_bytes(pid)])
     recorder.close()
@@ -214,13 +234,20 @@ def run(settings: Settings) -> list[Row]:
     work = settings.workdir
     rows = []
     with redis_server(work) as redis:
-        rows.append(
-            _throughput_row(
-                settings, "Redis", f"redis://127.0.0.1:{redis.port}/0?stream=bench", base
+        stores = [
+            ("SQLite", f"sqlite:///{work / 'tp.sqlite3'}"),
+            ("JSON Lines", f"jsonl:///{work / 'tp.jsonl'}"),
+            ("Redis", f"redis://127.0.0.1:{redis.port}/0?stream=bench"),
+        ]
+        for label, url in stores:
+            rows.append(
+                _throughput_row(settings, label, url, base, durable=False, callers=1, batch=BATCH)
             )
-        )
-    rows.insert(0, _throughput_row(settings, "JSON Lines", f"jsonl:///{work / 'tp.jsonl'}", base))
-    rows.insert(0, _throughput_row(settings, "SQLite", f"sqlite:///{work / 'tp.sqlite3'}", base))
+            rows.append(
+                _throughput_row(
+                    settings, label, url, base, durable=True, callers=CALLERS, batch=CALLERS
+                )
+            )
     rows.append(_rss_row(settings, "SQLite", f"sqlite:///{work / 'rss.sqlite3'}"))
     rows.append(_rss_row(settings, "JSON Lines", f"jsonl:///{work / 'rss.jsonl'}"))
     return rows

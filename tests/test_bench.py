@@ -1,0 +1,116 @@
+"""The benchmark harness, run for real with tiny counts so that it never rots.
+
+Each benchmark runs as ``./dev bench`` would run it (``python -m bench --smoke
+--only NAME``, a real process starting real gunicorn, mitmdump and redis-server
+processes), with the Python HTTP client in place of wrk. The figures of a smoke run
+mean nothing; what is checked is that every row comes out and that every record
+check holds.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.load import wrk_script
+from bench.payloads import DIGITS, rudderstack_template, segment_template
+from bench.results import Row, at_least, median_ratio, render_table
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_bench(name: str, tmp_path: Path) -> dict[str, Any]:
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--only", name, "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data: dict[str, Any] = json.loads(out.read_text())
+    return data
+
+
+@pytest.mark.parametrize(
+    ("name", "rows"),
+    [
+        pytest.param("core", 2, id="core"),
+        pytest.param("wsgi", 4, id="wsgi"),
+        pytest.param("http", 6, id="http"),
+        pytest.param("mitm", 3, id="mitm", marks=pytest.mark.mitmproxy),
+        pytest.param("stores", 8, id="stores", marks=pytest.mark.redis),
+    ],
+)
+def test_smoke_run(name: str, rows: int, tmp_path: Path) -> None:
+    data = run_bench(name, tmp_path)
+    assert data["meta"]["failed"] == []
+    assert data["meta"]["benchmarks"] == [name]
+    assert len(data["rows"]) == rows, [row["name"] for row in data["rows"]]
+    for row in data["rows"]:
+        assert row["bench"] == name
+        assert row["ours"] is not None, row
+        assert row["ours"] > 0, row
+        if row["target"] is not None and "kept" in row["target"]:
+            # Record checks hold whatever the load: every 200 was kept, once.
+            assert row["met"] is True, row
+
+
+@pytest.mark.parametrize(
+    "make", [segment_template, rudderstack_template], ids=["segment", "rudderstack"]
+)
+def test_template_urls_are_distinct_events(make: Any) -> None:
+    from datetime import UTC, datetime
+
+    from pixel_middleware.core import PixelConfig, PixelRequest, decode_pixel
+
+    template = make()
+    seen = set()
+    for n in [0, 1, 999, 1000, 10**9 + 7, 10**DIGITS - 1]:
+        path, _, query = template.url(n).partition("?")
+        outcome = decode_pixel(
+            PixelRequest("GET", path, query.encode()),
+            config=PixelConfig(),
+            now=datetime(2026, 1, 1, tzinfo=UTC),
+        )
+        assert outcome is not None
+        assert outcome.record is not None
+        assert outcome.record["accepted"], outcome.record["problems"]
+        event = outcome.record["event"]
+        assert event is not None
+        assert event["messageId"].endswith(f"{n:0{DIGITS}d}")
+        seen.add(event["messageId"])
+    assert len(seen) == 6
+
+
+def test_wrk_script_counts_what_it_sends() -> None:
+    script = wrk_script(segment_template(), run_id=3)
+    for hook in ("function setup(", "function request(", "function response(", "function done("):
+        assert hook in script
+    assert "local run_id = 3" in script
+    assert script.count('"') % 2 == 0
+
+
+@pytest.mark.parametrize(
+    ("ours", "baseline", "ratio", "met"),
+    [
+        pytest.param([2.0, 4.0, 3.0], [2.0, 2.0, 2.0], 1.5, True, id="faster"),
+        pytest.param([1.0, 1.0, 9.0], [2.0, 2.0, 2.0], 0.5, True, id="median-not-mean"),
+        pytest.param([1.0, 1.0, 1.0], [4.0, 4.0, 4.0], 0.25, False, id="slower"),
+    ],
+)
+def test_ratio_is_median_of_rounds(
+    ours: list[float], baseline: list[float], ratio: float, met: bool
+) -> None:
+    got, samples = median_ratio(ours, baseline)
+    assert got == pytest.approx(ratio)
+    assert len(samples) == len(ours)
+    row = Row("x", "y", 1.0, 1.0, "req/s", got, target=at_least(0.5))
+    assert row.met is met
+    assert ("NOT MET" in render_table([row])) is not met
