@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import signal
 import sys
@@ -20,20 +19,21 @@ import time
 import unicodedata
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn, TextIO
 
 from pixel_middleware.core import DIALECTS, PixelConfig, PixelRecord, PixelRequest
 from pixel_middleware.core import decode_pixel as _decode_pixel
 from pixel_middleware.core import split_target as _split_target
-from pixel_middleware.recorder import DEFAULT_SPOOL_ROOT
+from pixel_middleware.recorder import default_spool_path
+from pixel_middleware.spool import count_spooled
 from pixel_middleware.stores import (
     DEFAULT_STORE_URL,
     STORE_ENV_VAR,
     Store,
     StoreError,
     StoreNotFoundError,
+    open_store,
     store_schemes,
 )
 
@@ -246,8 +246,18 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        store = open_store(args.store)
+    except (ValueError, StoreError) as exc:
+        parser.error(str(exc))
+    # Counted before the recorder starts handing them on: what an earlier run left.
+    spool = default_spool_path(store.url)
+    try:
+        left = count_spooled(spool)
+    except OSError:
+        left = 0
+    try:
         app = create_app(
-            store=args.store,
+            store=store,
             write_keys=args.write_keys,
             prefix=args.prefix,
             trusted_proxies=args.trusted_proxies,
@@ -255,6 +265,7 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             durable=not args.fire_and_forget,
         )
     except (ValueError, TypeError, StoreError) as exc:
+        store.close()
         parser.error(str(exc))
 
     # waitress leaves its loop (and stops its threads) on SystemExit or
@@ -282,6 +293,12 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             listening = [(tcp.effective_host, tcp.effective_port)]
         urls = ", ".join(_url(host, port) for host, port in listening)
         print(f"Collecting pixels on {urls} (store: {app.store.url}); Ctrl-C to stop", flush=True)
+        if left:
+            print(
+                f"{left} record(s) left in the spool {spool}/ by an earlier run: they go to"
+                " the store first, then new pixels",
+                flush=True,
+            )
         try:
             server.run()
         finally:
@@ -305,8 +322,6 @@ _COLUMNS = ("time", "dialect", "call", "verdict", "rules", "event/name", "identi
 
 
 def _events(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from pixel_middleware.stores import open_store
-
     try:
         # Reading never creates a store: a typo in the path is an error, not an
         # empty store left behind.
@@ -348,12 +363,9 @@ def _print_spool_size(store: Store) -> None:
     Read-only: the files are counted, not adopted (a Recorder would hand them
     to the store). The directory is the Recorder's default for the store URL.
     """
-    directory = Path(DEFAULT_SPOOL_ROOT, hashlib.sha256(store.url.encode()).hexdigest()[:16])
-    count = 0
+    directory = default_spool_path(store.url)
     try:
-        for path in directory.glob("*.jsonl"):
-            with path.open("rb") as file:
-                count += sum(1 for line in file if line.endswith(b"\n") and line.strip())
+        count = count_spooled(directory)
     except OSError:
         return
     if count:

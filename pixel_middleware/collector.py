@@ -4,10 +4,12 @@
 around a small WSGI app that serves:
 
 - ``/``: how to send a pixel, with a live example ``<img>`` pointing at this very
-  server (opening the page fires a real pixel) and the latest records received;
+  server (opening the page fires a real pixel), how many records wait in the
+  spool (a warning at the top while any do) and the latest records received;
 - ``/events.json``: the latest records as JSON, oldest first, as
-  ``{"records": [...], "last": position}`` (``?limit=``, ``?accepted=true|false``,
-  ``?call=``, and ``?after=<last>`` to poll for new ones);
+  ``{"records": [...], "last": position, "spooled": N}`` (``?limit=``,
+  ``?accepted=true|false``, ``?call=``, and ``?after=<last>`` to poll for new
+  ones); ``spooled`` counts the records waiting in the spool for the store;
 - 404 for anything else.
 
 Run it with ``pixel-middleware serve`` (waitress), or under any WSGI server::
@@ -90,8 +92,11 @@ def create_app(
         durable=durable,
         on_record=on_record,
     )
+    recorder = middleware.recorder
     # Built from the checked config, so the example pixel matches what is accepted.
-    middleware.app = CollectorPages(store=middleware.store, config=middleware.config)
+    middleware.app = CollectorPages(
+        store=middleware.store, config=middleware.config, spooled=lambda: recorder.spooled
+    )
     return middleware
 
 
@@ -101,10 +106,16 @@ class CollectorPages:
     :param store: Where the records shown are read from.
     :param config: The pixel middleware's config: the example pixel uses its
         prefix, dialects and first write key (sorted), so that it is accepted.
+    :param spooled: Returns how many records wait in the spool for the store
+        (``Recorder.spooled``: this process's spool, with the files it adopted
+        from processes that are gone); ``None``: nothing is spooled.
     """
 
-    def __init__(self, *, store: Store, config: PixelConfig) -> None:
+    def __init__(
+        self, *, store: Store, config: PixelConfig, spooled: Callable[[], int] | None = None
+    ) -> None:
         self.store = store
+        self.spooled = spooled if spooled is not None else _nothing
         self.prefix = config.prefix
         self.dialects = tuple(d for d in DIALECTS if d in config.dialects)
         keys = sorted(config.write_keys or ())
@@ -170,6 +181,7 @@ class CollectorPages:
             {
                 "records": [record for _, record in rows],
                 "last": rows[-1][0] if rows else first("after"),
+                "spooled": self.spooled(),
             }
         )
 
@@ -216,12 +228,25 @@ class CollectorPages:
             records_html = f'<p class="error">Could not read the store: {_e(exc)}</p>'
         # Only the kind of store: its URL may hold a file path or a password.
         store_kind = str(getattr(self.store, "url", "")).partition("://")[0] or "configured"
+        spooled = self.spooled()
+        if spooled:
+            # At the top: the store is failing (or was), and these are not in
+            # the records listed below until it takes them.
+            spool_html = (
+                f'<p class="spooled"><strong>{spooled} record(s) wait in the spool</strong>'
+                " on this server's disk: the store did not take them. They are kept"
+                " and handed to the store, in order, as soon as it takes writes again;"
+                " until then they are not among the latest records below.</p>"
+            )
+        else:
+            spool_html = ""
         parts = [
             "<!doctype html>",
             '<html lang="en"><head><meta charset="utf-8">',
             "<title>pixel-middleware collector</title>",
             f"<style>{_STYLE}</style></head><body>",
             "<h1>pixel-middleware collector</h1>",
+            spool_html,
             f"<p>Pixels sent to this server are decoded, checked and kept in its"
             f" {_e(store_kind)} store.</p>",
             "<h2>Send a pixel</h2>",
@@ -245,7 +270,8 @@ class CollectorPages:
             " &quot;Email Opened&quot;}'</code>, and check one with"
             " <code>pixel-middleware decode URL</code>.</p>",
             f"<h2>Latest records</h2><p>Newest first, at most {PAGE_RECORDS}; reload to"
-            ' refresh. As JSON: <a href="events.json">events.json</a>.</p>',
+            ' refresh. As JSON: <a href="events.json">events.json</a>.'
+            f" Waiting in the spool: {spooled}.</p>",
             records_html,
             "</body></html>",
         ]
@@ -259,6 +285,7 @@ _STYLE = (
     "table{border-collapse:collapse;font-size:.9em}"
     "th,td{border:1px solid #ccc;padding:.2em .5em;text-align:left;vertical-align:top}"
     ".rejected{background:#fee}.error{color:#a00}"
+    ".spooled{background:#fff3cd;border:2px solid #c90;padding:.75em;font-size:1.1em}"
 )
 
 
@@ -327,6 +354,10 @@ def _base_url(environ: WSGIEnvironment) -> str:
         if port and (scheme, port) not in (("http", "80"), ("https", "443")):
             host = f"{host}:{port}"
     return f"{scheme}://{host}{environ.get('SCRIPT_NAME', '')}"
+
+
+def _nothing() -> int:
+    return 0
 
 
 def _not_found(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:

@@ -59,7 +59,7 @@ from pixel_middleware.core import PixelRecord
 from pixel_middleware.spool import Spool
 from pixel_middleware.stores import RecordError, Store
 
-__all__ = ["DEFAULT_SPOOL_ROOT", "Recorder", "install_signal_flush"]
+__all__ = ["DEFAULT_SPOOL_ROOT", "Recorder", "default_spool_path", "install_signal_flush"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,17 @@ DEFAULT_SPOOL_ROOT = "pixel-spool"
 _EXIT_TIMEOUT = 10.0
 
 _LIVE: weakref.WeakSet[Recorder] = weakref.WeakSet()
+
+
+def default_spool_path(store_url: str) -> Path:
+    """The spool directory a :class:`Recorder` uses for ``store_url`` by default.
+
+    ``pixel-spool/<first 16 hex digits of the URL's SHA-256>``, relative to the
+    working directory: one spool per store, and no file path or password from
+    the URL in the directory's name. Read it with
+    :func:`~pixel_middleware.spool.count_spooled` to see how many records wait.
+    """
+    return Path(DEFAULT_SPOOL_ROOT, hashlib.sha256(store_url.encode()).hexdigest()[:16])
 
 
 class _Batch:
@@ -94,8 +105,9 @@ class Recorder:
     :param max_pending: The most records waiting in memory; :meth:`record`
         blocks while that many wait.
     :param spool_path: The directory of the spool; by default
-        ``./pixel-spool/<hash of the store URL>/``. Recorders of one store in
-        several processes share it (each process writes its own file).
+        ``./pixel-spool/<hash of the store URL>/`` (:func:`default_spool_path`).
+        Recorders of one store in several processes share it (each process
+        writes its own file).
     :param retry_interval: Seconds between attempts to hand spooled records
         back to a failing store.
     """
@@ -129,8 +141,7 @@ class Recorder:
         self.max_pending = max_pending
         self.retry_interval = float(retry_interval)
         if spool_path is None:
-            url = _url(store)
-            spool_path = Path(DEFAULT_SPOOL_ROOT, hashlib.sha256(url.encode()).hexdigest()[:16])
+            spool_path = default_spool_path(_url(store))
         self.spool_path = Path(spool_path).absolute()
         self._spool = Spool(self.spool_path)
         self._close_started = False

@@ -18,7 +18,9 @@ Files are made under a ``.new`` name and renamed only once locked and
 complete, so an adopter never mistakes a file being made for an orphan.
 
 A :class:`Spool` is not thread-safe: the recorder's writer thread is its only
-user.
+user. :func:`count_spooled` counts the records of a spool directory from any
+process, without taking or locking anything (``pixel-middleware events`` and
+``serve`` use it to say how many wait).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from typing import cast
 from pixel_middleware.core import PixelRecord
 from pixel_middleware.stores import RecordError
 
-__all__ = ["Spool"]
+__all__ = ["Spool", "count_spooled"]
 
 logger = logging.getLogger(__name__)
 
@@ -269,6 +271,35 @@ class Spool:
             self._own = None
         self._peeked = []
         _unlink_and_close(file)
+
+
+def count_spooled(directory: str | os.PathLike[str]) -> int:
+    """How many records the spool files in ``directory`` hold; 0 if it does not exist.
+
+    Read-only: nobody's file is locked, adopted or changed, so it may be called
+    while recorders use the spool. The files of processes that are gone are
+    counted exactly (what the next recorder will hand on). A live recorder's
+    file may still hold records it already handed to the store: it drops them
+    when the file is used up or when it closes, and until then they count.
+    Files still being made are not counted. Raises ``OSError`` when the
+    directory cannot be read.
+    """
+    try:
+        with os.scandir(directory) as entries:
+            paths = [Path(entry.path) for entry in entries if entry.name.endswith(".jsonl")]
+    except FileNotFoundError:
+        return 0
+    count = 0
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue  # used up, or adopted and rewritten, since the listing
+        try:
+            count += _count_lines(fd)
+        finally:
+            os.close(fd)
+    return count
 
 
 def _line(record: PixelRecord) -> bytes:

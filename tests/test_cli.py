@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -509,7 +510,8 @@ class Collector:
             cwd=tmp_path,
         )
         assert self.process.stdout is not None
-        self.banner = LineReader(self.process.stdout).next(timeout=20)
+        self.stdout = LineReader(self.process.stdout)
+        self.banner = self.stdout.next(timeout=20)
         found = re.search(r"http://127\.0\.0\.1:(\d+)/", self.banner)
         assert found, self.banner
         assert int(found.group(1)) != 0
@@ -591,6 +593,42 @@ def test_serve_fire_and_forget_flushes_on_ctrl_c(
         collector.kill()
     assert status == 0, err
     assert [r["accepted"] for r in stored(collector.store_url, capsys)] == [True] * 10
+
+
+def test_serve_says_how_many_records_an_earlier_run_left_in_the_spool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # where the collector below runs, and its default spool
+    url = f"sqlite:///{tmp_path}/serve.sqlite3"  # the Collector's store
+    recorder = Recorder(StoreDown(url), retry_interval=0.05)
+    for name in ("One", "Two", "Three"):
+        recorder.record(make_record(segment("track", {"userId": "u", "event": name})))
+    recorder.close()  # the store was down: an earlier run left three records behind
+
+    collector = Collector(tmp_path)
+    try:
+        line = collector.stdout.next()
+        assert re.fullmatch(
+            r"3 record\(s\) left in the spool pixel-spool/\w+/ by an earlier run.*\n", line
+        )
+        deadline = time.monotonic() + 10
+        while (feed := requests.get(collector.url + "events.json", timeout=5).json())["spooled"]:
+            assert time.monotonic() < deadline, "the spool did not drain"
+            time.sleep(0.05)
+        assert [r["event"]["event"] for r in feed["records"]] == ["One", "Two", "Three"]
+        status, err = collector.stop(signal.SIGTERM)
+    finally:
+        collector.kill()
+    assert status == 0, err
+
+    # Nothing left: a later run says nothing about the spool.
+    again = Collector(tmp_path)
+    try:
+        with pytest.raises(queue.Empty):
+            again.stdout.next(timeout=1)
+        again.stop(signal.SIGTERM)
+    finally:
+        again.kill()
 
 
 def test_serve_refuses_a_port_in_use(tmp_path: Path) -> None:

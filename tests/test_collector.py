@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,9 @@ from werkzeug.test import Client, TestResponse
 
 from pixel_middleware import GIF, PixelMiddleware, PixelRecord
 from pixel_middleware.collector import create_app
+from pixel_middleware.recorder import Recorder
 from pixel_middleware.stores import StoreError, open_store
+from pixel_middleware.stores.memory import MemoryStore
 
 
 def b64(event: dict[str, Any]) -> str:
@@ -196,7 +199,7 @@ def test_events_json_filters_and_pages(collector: PixelMiddleware) -> None:
     first = feed("limit=1&accepted=true")
     assert first["records"][0]["event"]["name"] == "P"
     last = every["last"]
-    assert feed(f"after={last}") == {"records": [], "last": last}
+    assert feed(f"after={last}") == {"records": [], "last": last, "spooled": 0}
 
 
 @pytest.mark.parametrize(
@@ -228,6 +231,60 @@ def test_an_unreadable_store_is_reported_not_raised() -> None:
     assert "Could not read the store: cannot read" in page.get_data(as_text=True)
     assert get(app, "/events.json").status_code == 503
     app.close()
+
+
+class RecoveringStore:
+    """A memory store whose writes fail until ``up`` is set."""
+
+    url = "memory://recovering"
+
+    def __init__(self) -> None:
+        self.inner = MemoryStore()
+        self.up = threading.Event()
+
+    def write(self, records: Any) -> None:
+        if not self.up.is_set():
+            raise StoreError("the store is down")
+        self.inner.write(records)
+
+    def read(self, **kw: Any) -> list[tuple[str, PixelRecord]]:
+        return self.inner.read(**kw)
+
+    def close(self) -> None:
+        pass
+
+
+def test_records_waiting_in_the_spool_are_shown_until_the_store_takes_them(
+    tmp_path: Path,
+) -> None:
+    store = RecoveringStore()
+    recorder = Recorder(store, spool_path=tmp_path / "spool", retry_interval=0.05)
+    app = create_app(store=recorder)
+    try:
+        quiet = get(app, "/").get_data(as_text=True)
+        assert 'class="spooled"' not in quiet
+        assert "Waiting in the spool: 0." in quiet
+        for n in range(3):
+            event = {"writeKey": "k", "userId": "u", "event": f"E{n}"}
+            get(app, "/v1/pixel/track", query_string="data=" + b64(event))
+        assert get(app, "/events.json").get_json()["spooled"] == 3
+        page = get(app, "/").get_data(as_text=True)
+        warning = re.search(r'<p class="spooled">(.*?)</p>', page)
+        assert warning, page
+        assert "<strong>3 record(s) wait in the spool</strong>" in warning.group(1)
+        assert page.index('class="spooled"') < page.index("<h2>Send a pixel</h2>"), "at the top"
+
+        store.up.set()
+        deadline = time.monotonic() + 5
+        while get(app, "/events.json").get_json()["spooled"]:
+            assert time.monotonic() < deadline, "the spool did not drain"
+            time.sleep(0.02)
+        feed = get(app, "/events.json").get_json()
+        assert [r["event"]["event"] for r in feed["records"]] == ["E0", "E1", "E2"]
+        assert 'class="spooled"' not in get(app, "/").get_data(as_text=True)
+    finally:
+        app.close()
+        recorder.close()
 
 
 def free_port() -> int:

@@ -23,7 +23,12 @@ import pytest
 from records import make_record
 
 from pixel_middleware.core import PixelRecord
-from pixel_middleware.recorder import DEFAULT_SPOOL_ROOT, Recorder, install_signal_flush
+from pixel_middleware.recorder import (
+    DEFAULT_SPOOL_ROOT,
+    Recorder,
+    default_spool_path,
+    install_signal_flush,
+)
 from pixel_middleware.stores import StoreError
 from pixel_middleware.stores.memory import MemoryStore
 from pixel_middleware.stores.sqlite import SQLiteStore
@@ -147,6 +152,23 @@ def test_default_spool_is_per_store_url_under_the_working_directory(
     finally:
         one.close()
         two.close()
+
+
+def test_default_spool_path_is_the_one_the_recorder_uses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    store = SQLiteStore("events.sqlite3")
+    path = default_spool_path(store.url)
+    assert not path.is_absolute(), "under whatever directory the recorder runs in"
+    assert path.parent == Path(DEFAULT_SPOOL_ROOT)
+    assert store.url not in str(path), "no path or password from the URL in the name"
+    recorder = Recorder(store)
+    try:
+        assert recorder.spool_path == tmp_path / path
+    finally:
+        recorder.close()
+    assert default_spool_path("sqlite:///other.sqlite3") != path
 
 
 # --- committing ----------------------------------------------------------------

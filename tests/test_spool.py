@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from records import make_record
 
-from pixel_middleware.spool import Spool
+from pixel_middleware.spool import Spool, count_spooled
 from pixel_middleware.stores import RecordError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -258,3 +258,45 @@ def test_a_file_left_half_made_is_removed_once_clearly_abandoned(tmp_path: Path)
     assert not stale.exists()
     assert fresh.exists(), "perhaps being made right now"
     spool.close()
+
+
+# --- count_spooled ---------------------------------------------------------------------
+
+
+def test_count_of_a_spool_that_never_was_is_zero(tmp_path: Path) -> None:
+    assert count_spooled(tmp_path / "no-such-spool") == 0
+
+
+def test_count_adds_up_every_file_and_skips_what_is_not_a_record_yet(tmp_path: Path) -> None:
+    gone = Spool(tmp_path)
+    gone.append([make_record(id=f"gone-{i}") for i in range(3)])
+    gone.close()  # a file left for adoption
+    live = Spool(tmp_path)
+    live.append([make_record(id=f"live-{i}") for i in range(2)])
+    (tmp_path / "999-dead.jsonl").write_bytes(
+        json.dumps(make_record()).encode() + b"\n\n" + b'{"id": "torn", "ca'
+    )
+    (tmp_path / "5-busy.new").write_text(json.dumps(make_record()) + "\n")
+    assert count_spooled(tmp_path) == 3 + 2 + 1
+    live.close()
+
+
+def test_counting_takes_nothing_from_anyone(tmp_path: Path) -> None:
+    owner = Spool(tmp_path)
+    owner.append([make_record(id="owned")])
+    left = Spool(tmp_path)
+    left.append([make_record(id="left")])
+    left.close()
+    before = {path.name: path.read_bytes() for path in spool_files(tmp_path)}
+    assert count_spooled(tmp_path) == 2
+    assert {path.name: path.read_bytes() for path in spool_files(tmp_path)} == before
+    # Nothing locked or adopted: the left file can still be adopted, and the
+    # owner's file still cannot.
+    adopter = Spool(tmp_path)
+    assert adopter.adopt() == 1
+    assert drain(adopter) == ["left"]
+    adopter.close()
+    owner.append([make_record(id="more")])
+    assert drain(owner) == ["owned", "more"]
+    owner.close()
+    assert count_spooled(tmp_path) == 0
