@@ -102,8 +102,12 @@ def run(settings: Settings) -> list[Row]:
     ours, limit, hand = servers["ours"], servers["limit"], servers["handwritten"]
     vs_limit, limit_samples = median_ratio(ours.rates, limit.rates)
     vs_hand, hand_samples = median_ratio(ours.rates, hand.rates)
-    driver = "python client" if settings.smoke else f"wrk -t1 -c{CONNECTIONS}"
-    setup = f"gunicorn -w {WORKERS} -k gthread --threads {THREADS}; {driver}; {rounds}x{seconds:g}s"
+    driver = "python client" if settings.smoke else f"wrk -t1 -c{CONNECTIONS}, unpinned"
+    setup = (
+        f"gunicorn -w {WORKERS} -k gthread --threads {THREADS}; {driver}; {rounds}x{seconds:g}s;"
+        f" wrk used {limit.client_share:.0%} / {ours.client_share:.0%} / {hand.client_share:.0%}"
+        " of a CPU against no-op / middleware / hand-written"
+    )
     return [
         Row(
             bench=NAME,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import resource
 import subprocess
 import threading
 import time
@@ -32,6 +33,7 @@ class LoadResult:
     errors: int  # connect/read/write errors and timeouts
     p99_ms: float
     p50_ms: float
+    client_cpu: float = 0.0  # the load generator's CPU seconds (wrk only)
 
     @property
     def rate(self) -> float:
@@ -126,7 +128,10 @@ def run_wrk(
     ]
     if cpus is not None:
         argv = [require("taskset"), "-c", cpus, *argv]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
     for line in proc.stdout.splitlines():
         if line.startswith("BENCH-RESULT "):
             data = json.loads(line.removeprefix("BENCH-RESULT "))
@@ -138,6 +143,7 @@ def run_wrk(
                 errors=data["errors"],
                 p99_ms=data["p99_us"] / 1e3,
                 p50_ms=data["p50_us"] / 1e3,
+                client_cpu=cpu,
             )
     raise BenchError(f"wrk gave no result (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
 

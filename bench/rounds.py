@@ -80,6 +80,12 @@ class ServerUnderLoad:
         return [load.rate for load in self.loads]
 
     @property
+    def client_share(self) -> float:
+        """The fraction of one CPU the load generator used while loading this server."""
+        seconds = sum(load.seconds for load in self.loads)
+        return sum(load.client_cpu for load in self.loads) / seconds
+
+    @property
     def p99_ms(self) -> float:
         return statistics.median(load.p99_ms for load in self.loads)
 
