@@ -367,6 +367,10 @@ class PixelCapture:
             flow.marked = MARK_REJECTED
         elif not _upstream_ok(record):
             flow.marked = MARK_UPSTREAM_FAILED
+        else:
+            # Our own mark from an earlier pass goes: a pixel fixed in the flow
+            # editor and replayed must not stay marked as rejected.
+            flow.marked = ""
 
     # -- commands ---------------------------------------------------------------
 

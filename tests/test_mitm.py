@@ -304,6 +304,31 @@ def test_a_users_own_mark_is_kept(addon: PixelCapture) -> None:
     assert flow.marked == ":star:"
 
 
+@pytest.mark.parametrize(
+    ("url", "first_answer", "fixed_url"),
+    [
+        pytest.param(
+            REJECTED, gif_response(400), REJECTED + "&writeKey=k&event=Signed%20Up", id="fixed"
+        ),
+        pytest.param(TRACK, http.Response.make(503), TRACK, id="taken-the-second-time"),
+    ],
+)
+def test_a_replayed_pixel_that_now_passes_loses_the_addons_mark(
+    addon: PixelCapture, url: str, first_answer: http.Response, fixed_url: str
+) -> None:
+    flow = through(addon, url, response=first_answer)
+    assert flow.marked in (mitm.MARK_REJECTED, mitm.MARK_UPSTREAM_FAILED)
+    # Edited in the flow editor and replayed: mitmproxy clears the answer and
+    # runs the hooks again on the same flow.
+    flow.request.url = fixed_url
+    flow.response = None
+    addon.request(flow)
+    flow.response = gif_response()
+    asyncio.run(addon.response(flow))
+    assert flow.marked == ""
+    assert flow.comment.endswith(": accepted; upstream 200")
+
+
 def test_failed_connection_is_recorded_with_the_error(addon: PixelCapture) -> None:
     flow = through(addon, TRACK, error="Connection refused")
     record = flow.metadata["pixel"]
