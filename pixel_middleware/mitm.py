@@ -561,8 +561,9 @@ class PixelContentview(contentviews.Contentview):
     """The ``pixel`` content view: a pixel request decoded, with its problems and notes.
 
     It shows the record the addon made for the flow; for a flow the addon has not
-    seen (read from a file, or skipped by ``pixel_filter``) it asks the core to
-    decode the request with the addon's current options.
+    seen (read from a file, or skipped by ``pixel_filter``), and for a request
+    edited in the UI since it passed, it asks the core to decode the request as it
+    is now, with the addon's current options.
     """
 
     # Above the built-in "Query" view (0.3 for an empty body with a query), so
@@ -588,13 +589,15 @@ class PixelContentview(contentviews.Contentview):
         return self.PRIORITY if match_route(path, self._addon.config) is not None else 0
 
     def prettify(self, data: bytes, metadata: contentviews.Metadata) -> str:
-        record = self._record(metadata)
+        record, edited = self._record(metadata)
         lines = [
             f"{record['dialect']} {record['call']}: "
             + ("accepted" if record["accepted"] else "REJECTED"),
             f"writeKey: {record['writeKey']}",
         ]
-        if upstream := record.get("upstream"):
+        if edited:
+            lines.append("upstream: not sent (edited since it passed)")
+        elif upstream := record.get("upstream"):
             lines.append(f"upstream: {_upstream_text(upstream)}")
         for title in ("problems", "notes"):
             items = record.get(title) or []
@@ -604,17 +607,16 @@ class PixelContentview(contentviews.Contentview):
         lines.append(json.dumps(record["event"], indent=2, ensure_ascii=False))
         return _escape_lines("\n".join(lines))
 
-    def _record(self, metadata: contentviews.Metadata) -> dict[str, Any]:
+    def _record(self, metadata: contentviews.Metadata) -> tuple[dict[str, Any], bool]:
+        """The record to show, and whether the request was edited since it passed."""
         request = metadata.http_message
         if not isinstance(request, http.Request):
             raise ValueError("not an HTTP request")
         flow = metadata.flow
-        if isinstance(flow, http.HTTPFlow) and flow.request is request:
-            seen = flow.metadata.get("pixel")
-            if isinstance(seen, dict) and "call" in seen:
-                return seen
         path, query = split_target(request.data.path)
         peer = flow.client_conn.peername if isinstance(flow, http.HTTPFlow) else None
+        # Decoded afresh every time (a few microseconds, for a person's eyes): the
+        # UIs' flow editors change the request in place, after the addon saw it.
         outcome = decode_pixel(
             pixel_request(request, peer, path, query),
             config=self._addon.config,
@@ -622,7 +624,17 @@ class PixelContentview(contentviews.Contentview):
         )
         if outcome is None or outcome.record is None:
             raise ValueError("not a pixel request")
-        return dict(outcome.record)
+        current = dict(outcome.record)
+        seen = None
+        if isinstance(flow, http.HTTPFlow) and flow.request is request:
+            seen = flow.metadata.get("pixel")
+        if not isinstance(seen, dict) or "call" not in seen:
+            return current, False
+        # The record made when it passed, with the collector's answer, while the
+        # request is still the one it was made from.
+        if seen.get("request") == current["request"]:
+            return seen, False
+        return current, True
 
 
 def _escape_lines(text: str) -> str:

@@ -477,6 +477,25 @@ def test_content_view_decodes_flows_the_addon_did_not_record(addon: PixelCapture
     assert '"name": "Docs"' in result.text
 
 
+def test_content_view_decodes_a_request_edited_after_it_passed(addon: PixelCapture) -> None:
+    flow = through(addon, REJECTED, response=gif_response(400))
+    # What the UIs' flow editors do: change the request in place.
+    flow.request.url = REJECTED + "&writeKey=wk_3&event=Signed%20Up"
+    text = contentviews.prettify_message(flow.request, flow).text
+    assert text.startswith(
+        "rudderstack track: accepted\nwriteKey: wk_3\nupstream: not sent (edited since it passed)\n"
+    )
+    assert '"event": "Signed Up",' in text
+    flow.request.headers["User-Agent"] = "Edited/1.0"  # the event's context shows it
+    assert '"userAgent": "Edited/1.0"' in contentviews.prettify_message(flow.request, flow).text
+    # Reverted, it is the record made when it passed, with the collector's answer.
+    del flow.request.headers["User-Agent"]
+    flow.request.url = REJECTED
+    text = contentviews.prettify_message(flow.request, flow).text
+    assert text.startswith("rudderstack track: REJECTED\nwriteKey: None\nupstream: 400 in ")
+    assert flow.metadata["pixel"]["event"]["messageId"] in text
+
+
 def test_content_view_escapes_control_characters(addon: PixelCapture) -> None:
     flow = through(addon, segment_url("track", {"writeKey": "k", "event": "a\x1bb\x9bc\u202ed"}))
     text = contentviews.prettify_message(flow.request, flow).text
