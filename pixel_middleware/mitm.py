@@ -24,6 +24,7 @@ import asyncio
 import collections
 import json
 import logging
+import os
 import typing
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -32,6 +33,7 @@ from typing import Any, Final
 from mitmproxy import command, contentviews, ctx, exceptions, flowfilter, http
 from mitmproxy import types as mtypes
 from mitmproxy.addonmanager import Loader
+from mitmproxy.log import ALERT
 
 from pixel_middleware.core import (
     DIALECTS,
@@ -384,7 +386,15 @@ class PixelCapture:
                     f.write("\n")
         except OSError as e:
             raise exceptions.CommandError(f"pixel.export: cannot write {path}: {e}") from e
-        logger.info("pixel: exported %d record(s) to %s", len(self.records), path)
+        # ALERT, mitmproxy's level for "show the user even outside the event log":
+        # the console puts it in its status bar, else the command says nothing.
+        # The absolute path, as a relative one is relative to mitmproxy's directory.
+        logger.log(
+            ALERT,
+            "pixel: exported %d record(s) to %s",
+            len(self.records),
+            os.path.abspath(path),
+        )
 
     @_command("pixel.clear")
     def clear(self) -> None:

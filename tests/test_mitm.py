@@ -523,6 +523,25 @@ def test_export_command_writes_json_lines(addon: PixelCapture, tmp_path: Path) -
     assert [json.loads(line)["call"] for line in lines] == ["track", "track"]
 
 
+def test_export_says_where_it_wrote_in_the_status_bar(
+    addon: PixelCapture,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from mitmproxy.log import ALERT
+
+    caplog.set_level(logging.INFO, logger="pixel_middleware.mitm")
+    monkeypatch.chdir(tmp_path)
+    through(addon, TRACK)
+    caplog.clear()
+    addon.tctx.master.commands.execute("pixel.export out.jsonl")  # type: ignore[attr-defined]
+    # ALERT: the console shows it in its status bar; a relative path is resolved.
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (ALERT, f"pixel: exported 1 record(s) to {tmp_path / 'out.jsonl'}")
+    ]
+
+
 def test_export_to_an_unwritable_place_is_a_command_error(
     addon: PixelCapture, tmp_path: Path
 ) -> None:
