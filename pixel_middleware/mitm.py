@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -96,12 +96,12 @@ class PixelCapture:
     def __init__(self) -> None:
         self.config = PixelConfig()
         self.answer = False
-        self.records: collections.deque[dict[str, Any]] = collections.deque(maxlen=KEEP_RECORDS)
+        self.records: collections.deque[PixelRecord] = collections.deque(maxlen=KEEP_RECORDS)
         self._filter: flowfilter.TFilter | None = None
         self._recorder: Recorder | None = None
         # Records decoded in ``request`` whose outcome (response or error) is not
         # known yet, by flow id.
-        self._pending: dict[str, tuple[http.HTTPFlow, dict[str, Any]]] = {}
+        self._pending: dict[str, tuple[http.HTTPFlow, PixelRecord]] = {}
         self._view = PixelContentview(self)
 
     # -- options ----------------------------------------------------------------
@@ -267,7 +267,7 @@ class PixelCapture:
             record.setdefault("upstream", {"error": "mitmproxy stopped before the answer"})
             self._show(flow, record)
             if self._recorder is not None:
-                self._recorder.record(typing.cast(PixelRecord, record))  # no event loop now
+                self._recorder.record(record)  # no event loop now
         if self.records:
             logger.info("pixel: %s", self.summary())
         if self._recorder is not None:
@@ -311,7 +311,7 @@ class PixelCapture:
             answered_locally = True
         if outcome.record is None:  # HEAD and other methods are answered, not recorded
             return
-        record: dict[str, Any] = dict(outcome.record)
+        record = outcome.record.copy()
         if answered_locally:
             record["upstream"] = {"answeredLocally": True}
         self._pending[flow.id] = (flow, record)
@@ -342,14 +342,14 @@ class PixelCapture:
             record["upstream"] = {"error": flow.error.msg if flow.error else "unknown error"}
         await self._finish(flow, record)
 
-    async def _finish(self, flow: http.HTTPFlow, record: dict[str, Any]) -> None:
+    async def _finish(self, flow: http.HTTPFlow, record: PixelRecord) -> None:
         self._show(flow, record)
         if self._recorder is not None:
             # The recorder only queues (durable=False), but it blocks when its
             # queue is full: keep that wait off mitmproxy's event loop.
-            await asyncio.to_thread(self._recorder.record, typing.cast(PixelRecord, record))
+            await asyncio.to_thread(self._recorder.record, record)
 
-    def _show(self, flow: http.HTTPFlow, record: dict[str, Any]) -> None:
+    def _show(self, flow: http.HTTPFlow, record: PixelRecord) -> None:
         """Annotate the flow, keep the record in memory and log its line."""
         self._annotate(flow, record)
         self.records.append(record)
@@ -360,7 +360,7 @@ class PixelCapture:
             extra={"client": flow.client_conn.peername},
         )
 
-    def _annotate(self, flow: http.HTTPFlow, record: dict[str, Any]) -> None:
+    def _annotate(self, flow: http.HTTPFlow, record: PixelRecord) -> None:
         flow.metadata["pixel"] = record
         flow.comment = comment_line(record)
         if flow.marked and flow.marked not in (MARK_REJECTED, MARK_UPSTREAM_FAILED):
@@ -487,7 +487,7 @@ def _shown(value: object, limit: int = 60, *, quote: bool = False) -> str:
     return text
 
 
-def _event_name(record: dict[str, Any]) -> str | None:
+def _event_name(record: Mapping[str, Any]) -> str | None:
     event = record.get("event") or {}
     for key in ("event", "name", "groupId", "previousId"):
         value = event.get(key)
@@ -496,7 +496,7 @@ def _event_name(record: dict[str, Any]) -> str | None:
     return None
 
 
-def _identity(record: dict[str, Any]) -> list[str]:
+def _identity(record: Mapping[str, Any]) -> list[str]:
     event = record.get("event") or {}
     return [
         f"{key}={_shown(event[key])}"
@@ -505,7 +505,7 @@ def _identity(record: dict[str, Any]) -> list[str]:
     ]
 
 
-def _upstream_ok(record: dict[str, Any]) -> bool:
+def _upstream_ok(record: Mapping[str, Any]) -> bool:
     upstream = record.get("upstream") or {}
     if "error" in upstream:
         return False
@@ -529,7 +529,7 @@ def _rules(problems: list[dict[str, str]] | None, sep: str = ",") -> str:
     return sep.join(escape(p["rule"]) for p in problems or ())
 
 
-def log_line(record: dict[str, Any], host: str) -> str:
+def log_line(record: Mapping[str, Any], host: str) -> str:
     """One line per pixel: call, name, identity, verdict, problems, upstream answer."""
     parts = [f"pixel {escape(record['dialect'])} {escape(record['call'])}"]
     if name := _event_name(record):
@@ -548,7 +548,7 @@ def log_line(record: dict[str, Any], host: str) -> str:
     return " ".join(parts)
 
 
-def comment_line(record: dict[str, Any]) -> str:
+def comment_line(record: Mapping[str, Any]) -> str:
     """The short summary shown as the flow's comment."""
     head = f"{escape(record['dialect'])} {escape(record['call'])}"
     if name := _event_name(record):
