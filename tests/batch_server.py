@@ -7,9 +7,10 @@ password) or as ``writeKey`` in the body. It answers 200 and keeps every event, 
 400 with the reason. ``valid_keys`` makes it answer 401 to other keys, as a
 RudderStack data plane does.
 
-Switches for the failure tests: ``inject(status, times=, retry_after=)`` queues
-answers to give before looking at the request (500s, 429 with ``Retry-After``,
-400/401), and ``down()``/``up()`` stop listening and listen again on the same port.
+Switches for the failure tests: ``inject(status, times=, retry_after=, key=)``
+queues answers to give before looking at the request (500s, 429 with
+``Retry-After``, 400/401), to any request or only to those of one write key, and
+``down()``/``up()`` stop listening and listen again on the same port.
 
 The ``batch_server`` fixture gives a fresh running server per test; register it with
 ``pytest_plugins = ["batch_server"]`` in a test module.
@@ -57,7 +58,7 @@ class BatchServer:
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
-        self._injected: list[tuple[int, int | None]] = []
+        self._injected: list[tuple[int, int | None, str | None]] = []
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -87,10 +88,18 @@ class BatchServer:
         self._thread.join(5)
         self._httpd = self._thread = None
 
-    def inject(self, status: int, *, times: int = 1, retry_after: int | None = None) -> None:
-        """Answer the next ``times`` requests with ``status``, whatever they hold."""
+    def inject(
+        self,
+        status: int,
+        *,
+        times: int = 1,
+        retry_after: int | None = None,
+        key: str | None = None,
+    ) -> None:
+        """Answer the next ``times`` requests with ``status``, whatever they hold;
+        with ``key``, the next ``times`` requests sent under that write key."""
         with self._lock:
-            self._injected.extend([(status, retry_after)] * times)
+            self._injected.extend([(status, retry_after, key)] * times)
 
     # -- what arrived -------------------------------------------------------------
 
@@ -113,10 +122,16 @@ class BatchServer:
     def _answer(self, auth: str | None, body: bytes) -> tuple[int, dict[str, str], str, Request]:
         now = time.monotonic()
         request = Request(now, 0, _basic_user(auth), None, [], len(body), None)
+        sender = request.auth_key or _body_key(body)
         with self._lock:
-            injected = self._injected.pop(0) if self._injected else None
-        if injected is not None:
-            status, retry_after = injected
+            # The first injected answer meant for any request, or for this key.
+            index = next(
+                (i for i, (_, _, key) in enumerate(self._injected) if key in (None, sender)),
+                None,
+            )
+            answer = self._injected.pop(index) if index is not None else None
+        if answer is not None:
+            status, retry_after, _ = answer
             headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
             return status, headers, "injected", request
         if len(body) > MAX_BODY_BYTES:
@@ -148,6 +163,15 @@ class BatchServer:
         with self._lock:
             self.events.extend((key, event) for event in batch)
         return 200, {}, "OK", request
+
+
+def _body_key(body: bytes) -> str | None:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    key = data.get("writeKey") if isinstance(data, dict) else None
+    return key if isinstance(key, str) else None
 
 
 def _basic_user(header: str | None) -> str | None:

@@ -343,6 +343,90 @@ class TestFailures:
         assert [e["properties"]["n"] for _, e in batch_server.events] == [9]
 
 
+class TestKeys:
+    """One client per write key: a key that is told to wait holds up no other."""
+
+    def test_a_rate_limited_and_failing_key_does_not_hold_up_the_others(
+        self, open_forward: Callable[..., ForwardStore], batch_server: BatchServer
+    ) -> None:
+        batch_server.inject(429, times=2, retry_after=1, key="a")
+        batch_server.inject(500, times=2, key="a")
+        store = open_forward()
+        a = [make_record(n, key="a") for n in range(5)]
+        b = [make_record(n, key="b") for n in range(5, 10)]
+        started = time.monotonic()
+        store.write(a)  # the oldest events in the outbox
+        store.write(b)
+        # b's arrive at once, while a is told to wait a second, twice.
+        assert batch_server.wait_for(5, timeout=0.9)
+        later = [make_record(n, key="b") for n in range(10, 13)]
+        store.write(later)
+        assert batch_server.wait_for(8, timeout=0.9)
+        assert time.monotonic() - started < 1.5
+        assert {key for key, _ in batch_server.events} == {"b"}, "a is still waiting"
+
+        assert store.flush(10)
+        got: dict[str, list[int]] = {"a": [], "b": []}
+        for key, event in batch_server.events:
+            got[key].append(event["properties"]["n"])
+        assert got == {"a": list(range(5)), "b": list(range(5, 13))}, "in order per key"
+        ids = batch_server.message_ids()
+        assert len(ids) == 13
+        assert set(ids.values()) == {1}
+        tries = [r for r in batch_server.requests if r.auth_key == "a"]
+        assert [r.status for r in tries] == [429, 429, 500, 500, 200]
+        # Each Retry-After was honoured for a alone.
+        assert tries[1].at - tries[0].at >= 0.95
+        assert tries[2].at - tries[1].at >= 0.95
+        assert store.last_error is None
+
+    def test_a_key_whose_retries_ran_out_waits_while_the_others_go_on(
+        self, open_forward: Callable[..., ForwardStore], batch_server: BatchServer
+    ) -> None:
+        batch_server.inject(503, times=6, key="a")
+        store = open_forward(retries=1, backoff=0.2)
+        store.write([make_record(1, key="a")])
+        deadline = time.monotonic() + 5
+        while store.last_error is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert store.last_error is not None
+        assert "HTTP 503" in store.last_error
+        for n in range(2, 5):
+            store.write([make_record(n, key="b")])
+            assert batch_server.wait_for(n - 1, timeout=0.5)
+        assert store.flush(10)
+        assert [r.status for r in batch_server.requests if r.auth_key == "a"] == [503] * 6 + [200]
+        assert store.last_error is None
+
+    def test_close_sends_the_other_keys_while_one_backs_off(
+        self, open_forward: Callable[..., ForwardStore], batch_server: BatchServer
+    ) -> None:
+        batch_server.inject(429, times=100, retry_after=1, key="a")
+        store = open_forward(poll=30.0)
+        store.write([make_record(1, key="a")])
+        deadline = time.monotonic() + 5
+        while not batch_server.requests and time.monotonic() < deadline:
+            time.sleep(0.01)
+        store.write([make_record(n, key="b") for n in range(2, 5)])
+        started = time.monotonic()
+        store.close()
+        assert time.monotonic() - started < FAST["drain"] + 0.5
+        assert [event["properties"]["n"] for _, event in batch_server.events] == [2, 3, 4]
+        assert store.pending() == 1  # a's, for the next start
+
+    def test_every_key_gets_its_turn(
+        self, open_forward: Callable[..., ForwardStore], batch_server: BatchServer
+    ) -> None:
+        keys = [f"key-{k:02}" for k in range(40)]
+        store = open_forward()
+        store.write([make_record(n, key=keys[n % 40]) for n in range(120)])
+        assert store.flush(10)
+        assert len(batch_server.requests) == 40  # one batch per key
+        for request in batch_server.requests:
+            ns = [event["properties"]["n"] for event in request.events]
+            assert ns == [n for n in range(120) if keys[n % 40] == request.auth_key]
+
+
 class TestOutbox:
     def test_events_wait_out_downtime_and_a_restart(
         self, open_forward: Callable[..., ForwardStore], batch_server: BatchServer

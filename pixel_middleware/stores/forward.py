@@ -39,10 +39,18 @@ What is forwarded, and how:
   the event by however long it waited in the outbox.
 - ``write()`` only appends to the outbox (one SQLite transaction, ``synchronous=FULL``)
   and returns; events survive a crash or restart from that moment. A background
-  sender ships them, oldest first, in batches of one write key each (Segment's
-  limits: at most 2,500 events and 500 KB per request, 32 KB per event). The write
-  key is sent as the HTTP Basic user with an empty password and as ``writeKey`` in
-  the body; ``sentAt`` is the send time.
+  sender ships them in batches of one write key each (Segment's limits: at most
+  2,500 events and 500 KB per request, 32 KB per event). The write key is sent as
+  the HTTP Basic user with an empty password and as ``writeKey`` in the body;
+  ``sentAt`` is the send time.
+- One client per write key: each key has its own connection pool, its Basic-auth
+  header made once, and its own retries, backoff and ``Retry-After``. The sender
+  (one thread, one request at a time) takes the keys with events waiting in turn
+  and passes over a key while it backs off, so a key that is rate-limited (429) or
+  failing (5xx) does not hold up the others. (A key whose requests get no answer
+  at all still costs the others up to ``timeout`` per attempt at it.) Each key's
+  events go oldest first, one batch at a time: order is kept per key, not across
+  keys.
 - Delivery is at-least-once: a batch whose answer was lost (a timeout after the
   server took it, a crash between the answer and the outbox update) is sent again.
   Receivers dedupe on ``messageId`` (Segment does, for about a day).
@@ -65,15 +73,15 @@ What is forwarded, and how:
 
 from __future__ import annotations
 
-import functools
-import inspect
 import json
 import logging
+import math
 import os
 import sqlite3
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -123,6 +131,22 @@ _DEFAULTS: dict[str, float] = {
     "drain": 5.0,
 }
 _OPTIONS = frozenset({"outbox", "write_key", *_DEFAULTS})
+
+# Clients kept for write keys with nothing waiting (their connections are reused
+# when the key's next events come); the least recently used beyond these go.
+_IDLE_CLIENTS = 32
+
+# The write keys with events waiting, sorted, one index lookup each (a skip scan
+# of outbox_by_key) instead of reading the whole outbox as GROUP BY would.
+_PENDING_KEYS = """
+WITH RECURSIVE keys(key) AS (
+    SELECT (SELECT min(write_key) FROM outbox)
+    UNION ALL
+    SELECT (SELECT min(write_key) FROM outbox WHERE write_key > keys.key)
+    FROM keys WHERE keys.key IS NOT NULL
+)
+SELECT key FROM keys WHERE key IS NOT NULL
+"""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -427,16 +451,10 @@ class ForwardStore:
     # -- the sender's side ----------------------------------------------------------
 
     def _send_forever(self) -> None:
-        import urllib3
-
         lock: IO[str] | None = None
         db: sqlite3.Connection | None = None
-        http = urllib3.PoolManager(
-            num_pools=2,
-            timeout=urllib3.Timeout(connect=self.timeout, read=self.timeout),
-            headers={"Content-Type": "application/json", "User-Agent": "pixel-middleware"},
-        )
-        pause = 0.0
+        sender = _Sender(self)
+        pause = 0.0  # after an unexpected error
         try:
             while True:
                 stopping = self._stop.is_set()
@@ -451,112 +469,40 @@ class ForwardStore:
                 try:
                     if db is None:
                         db = _connect(self.outbox)
-                    outcome = self._send_one(db, http, draining=stopping)
+                    idle = sender.send_next(db, draining=stopping)
                 except Exception as e:  # keep the sender alive whatever happens
                     logger.exception("pixel forwarding: unexpected error")
                     self.last_error = f"unexpected: {e!r}"
-                    outcome = "failed"
-                if outcome == "empty":
                     if stopping:
                         return
-                    self._wake.wait(self.poll)
-                    self._wake.clear()
-                elif outcome == "failed":
-                    if stopping:  # the endpoint is not taking events: stop draining
-                        return
-                    # Never zero: a down endpoint must not turn into a busy loop.
+                    # Never zero: a broken outbox must not turn into a busy loop.
                     pause = max(0.05, min(self.backoff_max, max(self.backoff, pause * 2)))
                     if self._stop.wait(pause):
                         return
-                else:
-                    pause = 0.0
+                    continue
+                pause = 0.0
+                if idle is None:  # a batch went (or was tried): look again at once
+                    continue
+                if stopping:  # nothing more to send within the drain
+                    return
+                # Nothing to send until a key's backoff ends, or until new events
+                # come (write() wakes us; other processes' writes are seen at the
+                # next poll).
+                self._wake.wait(min(self.poll, idle))
+                self._wake.clear()
         finally:
-            http.clear()
+            sender.close()
             if db is not None:
                 db.close()
             if lock is not None:
                 lock.close()  # releases the flock
 
-    def _send_one(
-        self, db: sqlite3.Connection, http: urllib3.PoolManager, *, draining: bool
-    ) -> str:
-        """Send the oldest batch; ``empty``, ``sent``, ``dead`` or ``failed``."""
-        import urllib3
-
-        first = db.execute("SELECT write_key FROM outbox ORDER BY seq LIMIT 1").fetchone()
-        if first is None:
-            return "empty"
-        key: str = first[0]
-        rows = db.execute(
-            "SELECT seq, event FROM outbox WHERE write_key = ? ORDER BY seq LIMIT ?",
-            (key, MAX_BATCH_EVENTS),
-        ).fetchall()
-        sent_at = _now()
-        body, seqs = _batch_body(rows, key, sent_at)
-
-        if draining:
-            # close() waits at most ``drain`` seconds: one attempt, no retry pauses.
-            left = max(0.1, self._drain_until - time.monotonic())
-            retry: urllib3.Retry | bool = False
-            timeout = urllib3.Timeout(connect=min(self.timeout, left), read=min(self.timeout, left))
-        else:
-            retry = self._retry()
-            timeout = urllib3.Timeout(connect=self.timeout, read=self.timeout)
-        try:
-            response = http.request(
-                "POST",
-                self.endpoint,
-                body=body,
-                headers={
-                    **http.headers,
-                    **urllib3.make_headers(basic_auth=f"{key}:"),
-                },
-                retries=retry,
-                timeout=timeout,
-                redirect=False,
-            )
-        except (urllib3.exceptions.HTTPError, OSError) as e:
-            return self._failed(f"{len(seqs)} events not sent: {e}")
-
-        status = response.status
-        marks = ",".join("?" * len(seqs))
-        if 200 <= status < 300:
-            with db:
-                db.execute(f"DELETE FROM outbox WHERE seq IN ({marks})", seqs)
-            if self.last_error is not None:
-                logger.info("pixel forwarding to %s works again", self.endpoint)
-                self.last_error = None
-            return "sent"
-        text = response.data[:500].decode("utf-8", "replace").strip()
-        if status in _RETRY_STATUSES or status < 400:
-            return self._failed(f"{len(seqs)} events not sent: HTTP {status} {text}")
-        reason = f"HTTP {status}: {text}" if text else f"HTTP {status}"
-        with db:
-            db.execute(
-                "INSERT INTO dead_letter (record_id, write_key, event, status, reason,"
-                " queued_at, failed_at)"
-                f" SELECT record_id, write_key, event, ?, ?, queued_at, ? FROM outbox"
-                f" WHERE seq IN ({marks}) ORDER BY seq",
-                (status, reason, _now(), *seqs),
-            )
-            db.execute(f"DELETE FROM outbox WHERE seq IN ({marks})", seqs)
-        logger.warning(
-            "pixel forwarding: %d events dead-lettered by %s: %s", len(seqs), self.endpoint, reason
-        )
-        return "dead"
-
-    def _failed(self, message: str) -> str:
-        if self.last_error is None:
-            logger.warning("pixel forwarding to %s: %s (will retry)", self.endpoint, message)
-        self.last_error = message
-        return "failed"
-
     def _retry(self) -> urllib3.Retry:
+        """The retry policy of one batch: which failures to retry, how often, how
+        long to back off. The sender keeps one per write key and waits out its
+        pauses itself (see _Sender) instead of letting urllib3 sleep."""
         from urllib3.util import Retry
 
-        options: dict[str, Any] = {}
-        if _has_retry_after_max():
-            options["retry_after_max"] = max(1, round(self.backoff_max))
         return Retry(
             total=self.retries,
             redirect=0,
@@ -569,8 +515,245 @@ class ForwardStore:
             respect_retry_after_header=True,
             raise_on_status=False,
             raise_on_redirect=False,
-            **options,
         )
+
+
+class _KeyClient:
+    """The sender's client for one write key: its own connection pool with the
+    key's Basic-auth header made once, and its own retry and backoff state, so
+    that a key told to wait (429, ``Retry-After``) or failing (5xx) holds up no
+    other key."""
+
+    __slots__ = ("http", "key", "last_error", "not_before", "pause", "retry")
+
+    def __init__(self, key: str, http: urllib3.PoolManager, retry: urllib3.Retry) -> None:
+        self.key = key
+        self.http = http
+        #: The attempts at the key's oldest batch so far, as urllib3 counts them.
+        self.retry = retry
+        #: Monotonic time before which the key sends nothing (its backoff).
+        self.not_before = 0.0
+        #: The pause after its last run of retries ran out; doubles each time.
+        self.pause = 0.0
+        self.last_error: str | None = None
+
+
+class _Sender:
+    """Ships the outbox one batch at a time, taking the write keys in turn.
+
+    One thread, one request in flight. Each key has a :class:`_KeyClient`; a key
+    in backoff is passed over until its pause ends, while the others go on, and
+    each key's batches go oldest first, one at a time, so order is kept per key.
+    urllib3's ``Retry`` decides what is retried, how often and how long to wait
+    (``Retry-After`` included), but it would sleep inside the request and so hold
+    up every key: the request is made without retries, and the ``Retry`` object
+    is kept per key and stepped here instead.
+    """
+
+    def __init__(self, store: ForwardStore) -> None:
+        self.store = store
+        # Least recently served first; bounded by _IDLE_CLIENTS beyond the keys
+        # that have events waiting.
+        self.clients: OrderedDict[str, _KeyClient] = OrderedDict()
+        self.last_key = ""  # the key served last: the turn goes to the next one
+        self.given_up: set[str] = set()  # keys that failed while draining
+
+    def close(self) -> None:
+        for client in self.clients.values():
+            client.http.clear()
+        self.clients.clear()
+
+    def send_next(self, db: sqlite3.Connection, *, draining: bool) -> float | None:
+        """Send (or try) one batch of the next key whose turn it is: ``None``.
+
+        Otherwise, seconds until a key in backoff may send again (``inf`` when
+        nothing waits).
+        """
+        keys = [key for (key,) in db.execute(_PENDING_KEYS)]
+        self._forget_idle(keys)
+        now = time.monotonic()
+        due: list[str] = []
+        waits: list[float] = []
+        for key in keys:
+            if key in self.given_up:
+                continue
+            client = self.clients.get(key)
+            if client is None or client.not_before <= now:
+                due.append(key)
+            else:
+                waits.append(client.not_before - now)
+        if not due:
+            return min(waits, default=math.inf)
+        # Keys are listed sorted: the first due one after the last served, so
+        # that every key gets its turn whatever the others do.
+        key = next((k for k in due if k > self.last_key), due[0])
+        self.last_key = key
+        self._send(db, self._client(key), draining=draining)
+        errors = [c.last_error for c in self.clients.values() if c.last_error is not None]
+        self.store.last_error = errors[-1] if errors else None
+        return None
+
+    def _client(self, key: str) -> _KeyClient:
+        import urllib3
+
+        client = self.clients.get(key)
+        if client is None:
+            store = self.store
+            http = urllib3.PoolManager(
+                # One host, one request at a time: one kept-alive connection.
+                num_pools=1,
+                maxsize=1,
+                timeout=urllib3.Timeout(connect=store.timeout, read=store.timeout),
+                headers={
+                    "Content-Type": "application/json",
+                    "User-Agent": "pixel-middleware",
+                    **urllib3.make_headers(basic_auth=f"{key}:"),
+                },
+            )
+            client = self.clients[key] = _KeyClient(key, http, store._retry())
+        self.clients.move_to_end(key)
+        return client
+
+    def _forget_idle(self, pending: Sequence[str]) -> None:
+        """Close the clients of keys with nothing waiting, past the newest few.
+
+        Write keys come from the pixels: without a bound, a flood of made-up
+        keys would leave a client (and a connection) behind for each.
+        """
+        waiting = set(pending)
+        idle = [key for key in self.clients if key not in waiting]
+        for key in idle[: max(0, len(idle) - _IDLE_CLIENTS)]:
+            self.clients.pop(key).http.clear()
+        self.given_up &= waiting
+
+    def _send(self, db: sqlite3.Connection, client: _KeyClient, *, draining: bool) -> None:
+        """One attempt at the key's oldest batch; the outcome goes into the outbox
+        (sent: deleted; refused: dead-lettered) or into the key's backoff."""
+        import urllib3
+
+        store = self.store
+        rows = db.execute(
+            "SELECT seq, event FROM outbox WHERE write_key = ? ORDER BY seq LIMIT ?",
+            (client.key, MAX_BATCH_EVENTS),
+        ).fetchall()
+        if not rows:
+            return
+        body, seqs = _batch_body(rows, client.key, _now())
+        timeout = urllib3.Timeout(connect=store.timeout, read=store.timeout)
+        if draining:
+            # close() waits at most ``drain`` seconds.
+            left = max(0.1, store._drain_until - time.monotonic())
+            timeout = urllib3.Timeout(
+                connect=min(store.timeout, left), read=min(store.timeout, left)
+            )
+        try:
+            response = client.http.request(
+                "POST", store.endpoint, body=body, retries=False, redirect=False, timeout=timeout
+            )
+        except (urllib3.exceptions.HTTPError, OSError) as e:
+            message = f"{len(seqs)} events not sent: {e}"
+            if draining or not self._retry_later(client, error=e):
+                self._failed(client, message, draining=draining)
+            return
+
+        status = response.status
+        marks = ",".join("?" * len(seqs))
+        if 200 <= status < 300:
+            with db:
+                db.execute(f"DELETE FROM outbox WHERE seq IN ({marks})", seqs)
+            self._succeeded(client)
+            return
+        text = response.data[:500].decode("utf-8", "replace").strip()
+        has_retry_after = bool(response.headers.get("Retry-After"))
+        retryable = client.retry.is_retry("POST", status, has_retry_after)
+        if retryable and not draining and self._retry_later(client, response=response):
+            return
+        if status in _RETRY_STATUSES or status < 400:
+            message = f"{len(seqs)} events not sent: HTTP {status} {text}"
+            self._failed(client, message, draining=draining)
+            return
+        reason = f"HTTP {status}: {text}" if text else f"HTTP {status}"
+        with db:
+            db.execute(
+                "INSERT INTO dead_letter (record_id, write_key, event, status, reason,"
+                " queued_at, failed_at)"
+                f" SELECT record_id, write_key, event, ?, ?, queued_at, ? FROM outbox"
+                f" WHERE seq IN ({marks}) ORDER BY seq",
+                (status, reason, _now(), *seqs),
+            )
+            db.execute(f"DELETE FROM outbox WHERE seq IN ({marks})", seqs)
+        logger.warning(
+            "pixel forwarding: %d events dead-lettered by %s: %s", len(seqs), store.endpoint, reason
+        )
+        # The key's next batch starts a fresh run of retries.
+        client.retry = store._retry()
+        client.not_before = 0.0
+
+    def _retry_later(
+        self,
+        client: _KeyClient,
+        *,
+        response: urllib3.BaseHTTPResponse | None = None,
+        error: Exception | None = None,
+    ) -> bool:
+        """Count a failed attempt and set the key's pause; False once the retries ran out."""
+        import urllib3
+
+        store = self.store
+        try:
+            client.retry = client.retry.increment(
+                "POST", store.endpoint, response=response, error=error
+            )
+        except urllib3.exceptions.MaxRetryError:
+            return False
+        # What urllib3 would have slept: the answer's Retry-After if it has one,
+        # else the exponential backoff. Retry-After is capped at backoff_max, so
+        # that a server asking for hours cannot stall the key for hours.
+        delay = client.retry.get_backoff_time()
+        if response is not None:
+            try:
+                after = client.retry.get_retry_after(response)
+            except urllib3.exceptions.InvalidHeader:
+                after = None
+            if after:
+                delay = min(after, store.backoff_max)
+        client.not_before = time.monotonic() + delay
+        return True
+
+    def _failed(self, client: _KeyClient, message: str, *, draining: bool) -> None:
+        """The batch stays in the outbox: the key pauses, longer each time, then
+        starts a fresh run of retries. While draining, the key is not tried again."""
+        store = self.store
+        if client.last_error is None:
+            logger.warning(
+                "pixel forwarding to %s (write key %s): %s (will retry)",
+                store.endpoint,
+                _short(client.key),
+                message,
+            )
+        client.last_error = message
+        if draining:
+            self.given_up.add(client.key)
+            return
+        # Never zero: a down endpoint must not turn into a busy loop.
+        client.pause = max(0.05, min(store.backoff_max, max(store.backoff, client.pause * 2)))
+        client.not_before = time.monotonic() + client.pause
+        client.retry = store._retry()
+        # Nothing kept open to an endpoint that fails while the key waits.
+        client.http.clear()
+
+    def _succeeded(self, client: _KeyClient) -> None:
+        if client.retry.history:
+            client.retry = self.store._retry()
+        client.pause = 0.0
+        client.not_before = 0.0
+        if client.last_error is not None:
+            logger.info(
+                "pixel forwarding to %s (write key %s) works again",
+                self.store.endpoint,
+                _short(client.key),
+            )
+            client.last_error = None
 
 
 def _batch_body(rows: Sequence[tuple[int, str]], key: str, sent_at: str) -> tuple[bytes, list[int]]:
@@ -608,6 +791,11 @@ def _dumps(value: Any) -> str:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _short(key: str) -> str:
+    """Enough of a write key to tell keys apart in a log, not enough to use it."""
+    return key[:4] + "..." if len(key) > 8 else "..."
 
 
 def _number(name: str, given: float | None, text: str | None) -> float:
@@ -654,11 +842,3 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-@functools.cache
-def _has_retry_after_max() -> bool:
-    # urllib3 before 2.6 has no cap: it sleeps as long as any Retry-After says.
-    from urllib3.util import Retry
-
-    return "retry_after_max" in inspect.signature(Retry).parameters
