@@ -30,7 +30,11 @@ import re
 import shlex
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import parse_qs
+
+from werkzeug.datastructures import MultiDict
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from werkzeug.routing import Map, Rule
+from werkzeug.wrappers import Request, Response
 
 from pixel_middleware.core import DIALECTS, Limits, PixelConfig, PixelRecord
 from pixel_middleware.encode import encode_pixel_url, pixel_img_tag
@@ -121,49 +125,48 @@ class CollectorPages:
         keys = sorted(config.write_keys or ())
         self.example_write_key = keys[0] if keys else EXAMPLE_WRITE_KEY
 
-    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        path: str = environ.get("PATH_INFO", "") or "/"
-        method: str = environ.get("REQUEST_METHOD", "GET")
-        if path not in ("/", "/events.json"):
-            return _plain(start_response, "404 Not Found", b"Not Found\n", method)
-        if method not in ("GET", "HEAD"):
-            return _plain(
-                start_response,
-                "405 Method Not Allowed",
-                b"Method Not Allowed\n",
-                method,
-                [("Allow", "GET, HEAD")],
-            )
-        query = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
-        if path == "/events.json":
-            status, body = self._events_json(query)
-            content_type = "application/json"
-        else:
-            status, body = "200 OK", self._index(environ).encode("utf-8")
-            content_type = "text/html; charset=utf-8"
-        headers = [
-            ("Content-Type", content_type),
-            ("Content-Length", str(len(body))),
-            *_PAGE_HEADERS,
+    # GET rules answer HEAD too (werkzeug drops the body); other methods get a
+    # 405 with Allow, unknown paths a 404.
+    _urls = Map(
+        [
+            Rule("/", endpoint="index", methods=["GET"]),
+            Rule("/events.json", endpoint="events_json", methods=["GET"]),
         ]
-        start_response(status, headers)
-        return [b""] if method == "HEAD" else [body]
+    )
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        request = Request(environ)
+        response: Response
+        try:
+            endpoint, _ = self._urls.bind_to_environ(environ).match(method=request.method)
+            if endpoint == "index":
+                response = Response(self._index(environ), content_type="text/html; charset=utf-8")
+            else:
+                status, body = self._events_json(request.args)
+                response = Response(body, status=status, content_type="application/json")
+        except HTTPException as exc:
+            response = Response(
+                f"{exc.name}\n",
+                status=exc.code or 500,
+                content_type="text/plain; charset=utf-8",
+                headers=[("Allow", ", ".join(exc.valid_methods))]
+                if isinstance(exc, MethodNotAllowed) and exc.valid_methods
+                else None,
+            )
+        response.headers.extend(_PAGE_HEADERS)
+        return response(environ, start_response)
 
     def _read(self, *, limit: int, **filters: Any) -> list[tuple[str, PixelRecord]]:
         return self.store.read(limit=limit, **filters)
 
-    def _events_json(self, query: dict[str, list[str]]) -> tuple[str, bytes]:
-        def first(name: str) -> str | None:
-            values = query.get(name)
-            return values[0] if values else None
-
+    def _events_json(self, args: MultiDict[str, str]) -> tuple[int, bytes]:
         try:
-            limit = int(first("limit") or PAGE_RECORDS)
+            limit = int(args.get("limit") or PAGE_RECORDS)
             if not 1 <= limit <= MAX_JSON_RECORDS:
                 raise ValueError
         except ValueError:
             return _json_error(f"limit must be a whole number from 1 to {MAX_JSON_RECORDS}")
-        accepted_text = first("accepted")
+        accepted_text = args.get("accepted")
         accepted: bool | None = None
         if accepted_text is not None:
             if accepted_text not in ("true", "false"):
@@ -171,16 +174,16 @@ class CollectorPages:
             accepted = accepted_text == "true"
         try:
             rows = self._read(
-                limit=limit, accepted=accepted, call=first("call"), after=first("after")
+                limit=limit, accepted=accepted, call=args.get("call"), after=args.get("after")
             )
         except ValueError as exc:  # an `after` that is not a position of this store
             return _json_error(str(exc))
         except StoreError as exc:
-            return "503 Service Unavailable", _json({"error": f"could not read the store: {exc}"})
-        return "200 OK", _json(
+            return 503, _json({"error": f"could not read the store: {exc}"})
+        return 200, _json(
             {
                 "records": [record for _, record in rows],
-                "last": rows[-1][0] if rows else first("after"),
+                "last": rows[-1][0] if rows else args.get("after"),
                 "spooled": self.spooled(),
             }
         )
@@ -361,29 +364,14 @@ def _nothing() -> int:
 
 
 def _not_found(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-    return _plain(start_response, "404 Not Found", b"Not Found\n", "GET")
-
-
-def _plain(
-    start_response: StartResponse,
-    status: str,
-    body: bytes,
-    method: str,
-    extra: list[tuple[str, str]] | None = None,
-) -> list[bytes]:
-    headers = [
-        ("Content-Type", "text/plain; charset=utf-8"),
-        ("Content-Length", str(len(body))),
-        *_PAGE_HEADERS,
-        *(extra or []),
-    ]
-    start_response(status, headers)
-    return [b""] if method == "HEAD" else [body]
+    # Stands in until create_app() puts the collector's pages in place.
+    response = Response("Not Found\n", status=404, content_type="text/plain; charset=utf-8")
+    return response(environ, start_response)
 
 
 def _json(value: object) -> bytes:
     return json.dumps(value, ensure_ascii=True).encode("ascii")
 
 
-def _json_error(message: str) -> tuple[str, bytes]:
-    return "400 Bad Request", _json({"error": message})
+def _json_error(message: str) -> tuple[int, bytes]:
+    return 400, _json({"error": message})

@@ -163,7 +163,9 @@ def test_rejections_show_their_rules(collector: PixelMiddleware) -> None:
 def test_other_paths_and_methods(
     path: str, method: str, status: int, collector: PixelMiddleware
 ) -> None:
-    assert get(collector, path, method).status_code == status
+    response = get(collector, path, method)
+    assert response.status_code == status
+    assert response.headers.get("Allow") == ("GET, HEAD" if status == 405 else None)
 
 
 # LintMiddleware does not know that a HEAD answer keeps GET's Content-Length.
