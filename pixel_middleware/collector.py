@@ -149,7 +149,7 @@ class CollectorPages:
                 f"{exc.name}\n",
                 status=exc.code or 500,
                 content_type="text/plain; charset=utf-8",
-                headers=[("Allow", ", ".join(exc.valid_methods))]
+                headers=[("Allow", ", ".join(sorted(exc.valid_methods)))]
                 if isinstance(exc, MethodNotAllowed) and exc.valid_methods
                 else None,
             )
