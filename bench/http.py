@@ -88,7 +88,7 @@ def run(settings: Settings) -> list[Row]:
             BENCH_SQLITE_SYNCHRONOUS=sqlite_synchronous(store_url),
         ),
     }
-    seconds = settings.pick(8.0, 4.0, 1.0)
+    seconds = settings.pick(6.0, 3.0, 1.0)
     rounds = settings.pick(5, 3, 1)
     run_rounds(
         servers,

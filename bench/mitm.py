@@ -81,8 +81,8 @@ def run(settings: Settings) -> list[Row]:
             "pixel addon + sqlite", addon, "pixel_answer=true", f"pixel_store={store_url}"
         ),
     }
-    seconds = settings.pick(6.0, 3.0, 1.0)
-    rounds = settings.pick(5, 3, 1)
+    seconds = settings.pick(5.0, 3.0, 1.0)
+    rounds = settings.pick(4, 3, 1)
     run_rounds(
         servers,
         settings,

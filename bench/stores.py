@@ -137,7 +137,7 @@ def _throughput_row(
     from pixel_middleware.recorder import Recorder
     from pixel_middleware.stores import open_store
 
-    count = settings.pick(20_000, 10_000, 200)
+    count = settings.pick(15_000, 8_000, 200)
     rounds = settings.pick(5, 3, 1)
     store = open_store(url)
     recorder = Recorder(open_store(url), durable=durable)

@@ -47,9 +47,16 @@ def interleave(
     names = list(cases)
     sizes = {name: calibrate(cases[name], block_seconds=block_seconds) for name in names}
     per_op: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(rounds):
-        order = names if r % 2 == 0 else names[::-1]
-        for name in order:
+    # What exists now is left out of every later collection, so that a collection
+    # between rounds costs little and the same for every case.
+    gc.collect()
+    gc.freeze()
+    try:
+        for r in range(rounds):
             gc.collect()
-            per_op[name].append(cases[name](sizes[name]) / sizes[name])
+            order = names if r % 2 == 0 else names[::-1]
+            for name in order:
+                per_op[name].append(cases[name](sizes[name]) / sizes[name])
+    finally:
+        gc.unfreeze()
     return per_op
