@@ -1,10 +1,15 @@
 """The one way records travel from request handlers to a store.
 
-A :class:`Recorder` owns one background writer thread. Handlers call
-:meth:`Recorder.record`; the writer takes everything queued since its last
-write (up to ``max_batch`` records) and hands it to the store in one
-``write()``: a group commit, so that many concurrent pixels share the cost of
-one transaction.
+Handlers call :meth:`Recorder.record`; whoever writes next takes everything
+queued since the last write (up to ``max_batch`` records) and hands it to the
+store in one ``write()``: a group commit, so that many concurrent pixels share
+the cost of one transaction. With ``durable=True`` the writer is a caller
+itself (leader and followers): the first caller to find no write under way
+writes the queue, and those arriving meanwhile wait for the next write, which
+one of them leads. A lone request thus commits in its own thread, with no
+hand-off to another thread and back (two GIL wake-ups that cost more than the
+commit). A background thread writes what ``durable=False`` queues and replays
+the spool; a write of either kind excludes the others, so order is kept.
 
 Durability, with ``durable=True`` (the default): ``record()`` returns only
 once the record is committed, to the store or, while the store fails, to the
@@ -189,9 +194,10 @@ class Recorder:
                     batches.append(batch)
                 batch.records.append(record)
                 self._pending += 1
-                self._work.notify()
-            if self.durable:
-                batch.done.wait()
+                if not self.durable:
+                    self._work.notify()
+                    return
+            self._commit_as_leader(batch)
         except Exception:
             logger.exception("recording %s failed", _record_id(record))
 
@@ -201,6 +207,8 @@ class Recorder:
         ``True`` when they are; ``False`` when ``timeout`` seconds passed first.
         """
         with self._lock:
+            if self._writer == threading.get_ident():
+                return False  # called from within this thread's own write (a signal handler)
             last = self._batches[-1] if self._batches else self._inflight
         return True if last is None else last.done.wait(timeout)
 
@@ -248,6 +256,8 @@ class Recorder:
         self._lock = threading.RLock()
         self._work = threading.Condition(self._lock)  # the writer waits for records
         self._space = threading.Condition(self._lock)  # record() waits for room
+        self._written = threading.Condition(self._lock)  # a write ended
+        self._writer: int | None = None  # the thread writing to the store or spool now
         self._batches: deque[_Batch] = deque()
         self._inflight: _Batch | None = None
         self._pending = 0  # records queued or being written
@@ -265,6 +275,49 @@ class Recorder:
         )
         self._thread.start()
 
+    def _claim(self) -> None:
+        """Become the one thread writing; call with the lock held."""
+        while self._writer is not None:
+            self._written.wait()
+        self._writer = threading.get_ident()
+
+    def _release(self, batch: _Batch | None) -> None:
+        """End a write begun by :meth:`_claim`; call with the lock held."""
+        if batch is not None:
+            self._pending -= len(batch.records)
+            self._inflight = None
+            self._space.notify(len(batch.records))
+            batch.done.set()
+        self._writer = None
+        self._written.notify_all()
+
+    def _commit_as_leader(self, batch: _Batch) -> None:
+        """Return once ``batch`` is committed, writing the queue's head ourselves
+        whenever no other thread is writing."""
+        while True:
+            with self._lock:
+                while self._writer is not None and not batch.done.is_set():
+                    self._written.wait()
+                if batch.done.is_set():
+                    return
+                # Not written and nobody writing: it is still queued, and every
+                # batch ahead of it goes first, which keeps the order.
+                self._writer = threading.get_ident()
+                head = self._batches.popleft()
+                self._inflight = head
+            try:
+                self._commit(head.records)
+            except Exception:
+                logger.exception("recorder: %d records may be lost", len(head.records))
+            except BaseException:
+                # SystemExit or KeyboardInterrupt in this caller's thread: it
+                # goes on up, and nobody may wait for a write that never ends.
+                logger.critical("recorder: interrupted; %d records not kept", len(head.records))
+                raise
+            finally:
+                with self._lock:
+                    self._release(head)
+
     def _run(self) -> None:
         try:
             self._write_until_closed()
@@ -278,8 +331,9 @@ class Recorder:
                     self._closed = True
                     self._space.notify_all()
                 waiting, self._batches = list(self._batches), deque()
-            for batch in waiting:
-                batch.done.set()
+                for batch in waiting:
+                    batch.done.set()
+                self._written.notify_all()
 
     def _write_until_closed(self) -> None:
         try:
@@ -298,36 +352,37 @@ class Recorder:
                     if delay <= 0:
                         break
                     self._work.wait(delay)
+                # Durable callers write too: wait until none is writing.
+                self._claim()
                 batch = self._batches.popleft() if self._batches else None
                 self._inflight = batch
                 if batch is None and self._closing and (gave_up_closing or not self._spooled()):
                     self._closed = True
                     self._space.notify_all()
+                    self._release(None)
                     return
-            if batch is not None:
-                try:
-                    self._commit(batch.records)
-                except Exception:
-                    # A bug, not a store failure (those are handled inside):
-                    # say so loudly, but never leave record() waiting forever.
-                    logger.exception("recorder: %d records may be lost", len(batch.records))
-                finally:
-                    with self._lock:
-                        self._pending -= len(batch.records)
-                        self._inflight = None
-                        self._space.notify(len(batch.records))
-                    batch.done.set()
-            # Closing tries the spool once at once instead of waiting (and
-            # spinning) until the next retry is due.
-            if self._spooled() and (self._closing or time.monotonic() >= next_retry):
-                try:
-                    replayed = self._replay()
-                except Exception:
-                    logger.exception("recorder: replaying the spool %s failed", self.spool_path)
-                    replayed = False
-                if not replayed:
-                    next_retry = time.monotonic() + self.retry_interval
-                    gave_up_closing = self._closing
+            try:
+                if batch is not None:
+                    try:
+                        self._commit(batch.records)
+                    except Exception:
+                        # A bug, not a store failure (those are handled inside):
+                        # say so loudly, but never leave record() waiting forever.
+                        logger.exception("recorder: %d records may be lost", len(batch.records))
+                # Closing tries the spool once at once instead of waiting (and
+                # spinning) until the next retry is due.
+                if self._spooled() and (self._closing or time.monotonic() >= next_retry):
+                    try:
+                        replayed = self._replay()
+                    except Exception:
+                        logger.exception("recorder: replaying the spool %s failed", self.spool_path)
+                        replayed = False
+                    if not replayed:
+                        next_retry = time.monotonic() + self.retry_interval
+                        gave_up_closing = self._closing
+            finally:
+                with self._lock:
+                    self._release(batch)
 
     def _spooled(self) -> bool:
         return len(self._spool) > 0
@@ -372,6 +427,10 @@ class Recorder:
                     self.spool_path,
                     self.retry_interval,
                 )
+                with self._lock:
+                    # A durable caller may have spooled: the writer thread,
+                    # which replays, must start counting to its next retry.
+                    self._work.notify()
             return
 
     def _append_to_spool(self, records: Sequence[PixelRecord]) -> None:

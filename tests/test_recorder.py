@@ -577,12 +577,40 @@ def test_a_forked_child_records_through_its_own_writer(tmp_path: Path) -> None:
 def test_a_writer_killed_by_its_store_leaves_nobody_waiting(
     make_recorder: Callable[..., Recorder], caplog: pytest.LogCaptureFixture
 ) -> None:
+    # Fire and forget: the background thread writes, and a BaseException from
+    # the store ends it. Whoever waits for it must be released.
     store = FlakyStore(error=SystemExit)  # not an Exception: ends the thread
     store.gate.clear()
+    recorder = make_recorder(store, durable=False)
+    with caplog.at_level(logging.ERROR, logger="pixel_middleware.recorder"):
+        for n in range(3):
+            recorder.record(make_record(id=f"r{n}"))
+        wait_until(lambda: recorder._pending == 3)
+        store.failing.set()
+        store.gate.set()
+        assert recorder.flush(timeout=5)
+        recorder.record(make_record(id="later"))  # logged, not kept, no hang
+    assert "writer stopped" in caplog.text
+    assert "is closed: record later not kept" in caplog.text
+
+
+def test_a_durable_caller_interrupted_in_its_write_releases_the_others(
+    make_recorder: Callable[..., Recorder], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Durable: a caller writes the queue itself. A BaseException from the store
+    # goes up that caller's thread; the others waiting for that write return.
+    store = FlakyStore(error=KeyboardInterrupt)
+    store.gate.clear()
     recorder = make_recorder(store)
-    waiters = [
-        threading.Thread(target=recorder.record, args=(make_record(id=f"r{n}"),)) for n in range(3)
-    ]
+    raised: list[BaseException] = []
+
+    def record(n: int) -> None:
+        try:
+            recorder.record(make_record(id=f"r{n}"))
+        except BaseException as exc:
+            raised.append(exc)
+
+    waiters = [threading.Thread(target=record, args=(n,)) for n in range(3)]
     with caplog.at_level(logging.ERROR, logger="pixel_middleware.recorder"):
         for waiter in waiters:
             waiter.start()
@@ -592,6 +620,6 @@ def test_a_writer_killed_by_its_store_leaves_nobody_waiting(
         for waiter in waiters:
             waiter.join(timeout=5)
             assert not waiter.is_alive()
-        recorder.record(make_record(id="later"))  # logged, not kept, no hang
-    assert "writer stopped" in caplog.text
-    assert "is closed: record later not kept" in caplog.text
+    assert raised
+    assert all(isinstance(exc, KeyboardInterrupt) for exc in raised)
+    assert "interrupted" in caplog.text
