@@ -234,7 +234,7 @@ def run(settings: Settings) -> list[Row]:
                 _case(memory, pixels, WALL),
                 _case(noop_gif, pixels, WALL),
                 baseline_name="no-op GIF app",
-                note="wall time, one caller: each pixel waits for the recorder's thread",
+                note="wall time, one caller: each pixel waits until the memory store has it",
                 rounds=31,
             ),
             _row(
