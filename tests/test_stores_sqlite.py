@@ -172,8 +172,6 @@ def test_the_columns_beside_the_record_copy_its_fields(tmp_path: Path) -> None:
         pytest.param("accepted = 0 ORDER BY seq DESC", "pixel_records_accepted", id="rejected"),
         pytest.param("call = 'page' ORDER BY seq DESC", "pixel_records_call", id="call"),
         pytest.param("seq > 5 ORDER BY seq", "INTEGER PRIMARY KEY", id="follow"),
-        pytest.param("receivedAt > '2024'", "pixel_records_received_at", id="received-at"),
-        pytest.param("writeKey = 'k' ORDER BY seq", "pixel_records_write_key", id="write-key"),
     ],
 )
 def test_the_queries_of_the_cli_use_an_index(tmp_path: Path, query: str, index: str) -> None:
