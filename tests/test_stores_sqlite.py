@@ -5,6 +5,7 @@ The behaviour every store shares is in test_stores.py.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sqlite3
 import subprocess
@@ -346,3 +347,22 @@ def test_a_store_inherited_across_fork_gets_its_own_connection(tmp_path: Path) -
     out, err = child.communicate(timeout=30)
     assert child.returncode == 0, err
     assert out.strip() == "['parent', 'child', 'parent-again']"
+
+
+def test_writers_take_turns_on_the_lock_file_beside_the_database(tmp_path: Path) -> None:
+    # Another process's writer holds the flock: a write waits for it, then goes on.
+    store = SQLiteStore(tmp_path / "events.db")
+    holder = os.open(tmp_path / "events.db-writer.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    writer = threading.Thread(target=store.write, args=([make_record(id="r0")],))
+    writer.start()
+    writer.join(timeout=0.3)
+    assert writer.is_alive()
+    with sqlite3.connect(tmp_path / "events.db") as reader:
+        assert reader.execute("SELECT count(*) FROM pixel_records").fetchone() == (0,)
+    reader.close()
+    fcntl.flock(holder, fcntl.LOCK_UN)
+    os.close(holder)
+    writer.join(timeout=5)
+    assert [record["id"] for _, record in store.read()] == ["r0"]
+    store.close()
