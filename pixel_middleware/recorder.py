@@ -186,20 +186,47 @@ class Recorder:
                     return
                 if self._thread is None:
                     self._start()  # the first record in a forked child
-                batches = self._batches
-                if batches and len(batches[-1].records) < self.max_batch:
-                    batch = batches[-1]
-                else:
-                    batch = _Batch()
-                    batches.append(batch)
-                batch.records.append(record)
-                self._pending += 1
+                batch = self._enqueue(record)
                 if not self.durable:
-                    self._work.notify()
                     return
             self._commit_as_leader(batch)
         except Exception:
             logger.exception("recording %s failed", _record_id(record))
+
+    def offer(self, record: PixelRecord) -> bool:
+        """Queue ``record`` if that needs no waiting; ``False`` (nothing queued) otherwise.
+
+        For callers that must not block, such as an event loop: with
+        ``durable=False`` and room in the queue the record is queued at once;
+        when the queue is full, or the recorder is durable (the caller would
+        wait for the commit), or closed, it returns ``False`` and the caller
+        hands the record to :meth:`record` from a thread instead.
+        """
+        if self.durable:
+            return False
+        with self._lock:
+            if self._closed or self._pending >= self.max_pending or self._thread is None:
+                return False
+            self._enqueue(record)
+        return True
+
+    def _enqueue(self, record: PixelRecord) -> _Batch:
+        """Add ``record`` to the newest batch with room; call with the lock held.
+
+        Fire and forget: the writer thread is woken. Durable: the caller leads
+        (or follows) the commit itself.
+        """
+        batches = self._batches
+        if batches and len(batches[-1].records) < self.max_batch:
+            batch = batches[-1]
+        else:
+            batch = _Batch()
+            batches.append(batch)
+        batch.records.append(record)
+        self._pending += 1
+        if not self.durable:
+            self._work.notify()
+        return batch
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every record queued so far is committed (to the store or spool).

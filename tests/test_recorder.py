@@ -623,3 +623,19 @@ def test_a_durable_caller_interrupted_in_its_write_releases_the_others(
     assert raised
     assert all(isinstance(exc, KeyboardInterrupt) for exc in raised)
     assert "interrupted" in caplog.text
+
+
+def test_offer_queues_only_when_that_needs_no_waiting(
+    make_recorder: Callable[..., Recorder],
+) -> None:
+    slow = FlakyStore()
+    slow.gate.clear()  # the writer is stuck in its first write
+    recorder = make_recorder(slow, durable=False, max_pending=2)
+    assert recorder.offer(make_record(id="r0"))
+    assert recorder.offer(make_record(id="r1"))
+    assert not recorder.offer(make_record(id="r2"))  # full: the caller must wait elsewhere
+    slow.gate.set()
+    assert recorder.flush(timeout=5)
+    assert slow.ids() == ["r0", "r1"]
+    durable = make_recorder(FlakyStore())
+    assert not durable.offer(make_record(id="d0"))  # durable callers wait for the commit
