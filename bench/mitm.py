@@ -78,7 +78,10 @@ def run(settings: Settings) -> list[Row]:
     addon = ROOT / "addons" / "pixel_capture.py"
 
     def mitmdump(name: str, script: Path, *options: str, flow_detail: int = 0) -> ServerUnderLoad:
-        argv = mitmdump_argv(confdir, script, *options, flow_detail=flow_detail)
+        # A confdir each: mitmdumps started together in one fresh confdir race
+        # to create its CA, and one may read the other's half-written PEM.
+        own_confdir = confdir / name.replace(" ", "-").replace(",", "")
+        argv = mitmdump_argv(own_confdir, script, *options, flow_detail=flow_detail)
         return ServerUnderLoad(name, argv, READY, env, cwd=settings.workdir)
 
     gif_script = ROOT / "bench" / "mitm_gif_answer.py"
