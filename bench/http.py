@@ -1,6 +1,6 @@
 """Over HTTP: real multi-worker gunicorn, driven by wrk, every pixel a distinct event.
 
-Three servers, all ``gunicorn -w 2 -k gthread --threads 4 --reuse-port`` on 127.0.0.1, loaded in
+Three servers, all ``gunicorn -w 2 -k gthread --threads 4`` on 127.0.0.1, loaded in
 interleaved rounds (:mod:`bench.rounds`):
 
 - the no-op GIF app (:func:`bench.apps.noop_gif_app`): the limit;
@@ -46,10 +46,6 @@ def gunicorn_argv(app: str) -> list[str]:
         f"--workers={WORKERS}",
         "--worker-class=gthread",
         f"--threads={THREADS}",
-        # One listening socket a worker, the kernel spreading connections over
-        # them: with a shared socket wrk's 16 keep-alive connections sometimes
-        # piled onto one worker, and per-round ratios swung from 0.23 to 1.06.
-        "--reuse-port",
         "--graceful-timeout=30",
         "--log-level=info",
     ]
@@ -108,8 +104,7 @@ def run(settings: Settings) -> list[Row]:
     vs_hand, hand_samples = median_ratio(ours.rates, hand.rates)
     driver = "python client" if settings.smoke else f"wrk -t1 -c{CONNECTIONS}, unpinned"
     setup = (
-        f"gunicorn -w {WORKERS} -k gthread --threads {THREADS} --reuse-port; {driver};"
-        f" {rounds}x{seconds:g}s;"
+        f"gunicorn -w {WORKERS} -k gthread --threads {THREADS}; {driver}; {rounds}x{seconds:g}s;"
         f" wrk used {limit.client_share:.0%} / {ours.client_share:.0%} / {hand.client_share:.0%}"
         " of a CPU against no-op / middleware / hand-written"
     )
