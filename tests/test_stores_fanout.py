@@ -13,7 +13,7 @@ from records import make_record
 
 from pixel_middleware.core import PixelRecord
 from pixel_middleware.recorder import Recorder
-from pixel_middleware.stores import RecordError, StoreError, open_store
+from pixel_middleware.stores import RecordError, StoreError, StoreNotFoundError, open_store
 from pixel_middleware.stores.fanout import FanoutStore
 from pixel_middleware.stores.forward import ForwardStore
 from pixel_middleware.stores.memory import MemoryStore
@@ -213,3 +213,14 @@ def test_redis_outage_with_the_recorder_loses_nothing_and_repeats_nothing(
     again = open_store(redis_server.url)
     assert [r["id"] for _, r in again.read()] == expected[20:]
     again.close()
+
+
+def test_reading_a_fanout_creates_no_child_file(tmp_path: Path) -> None:
+    url = f"fanout://sqlite:///{tmp_path}/a.sqlite3 jsonl:///{tmp_path}/b.jsonl"
+    with pytest.raises(StoreNotFoundError, match=r"a\.sqlite3"):
+        open_store(url, create=False)
+    assert list(tmp_path.iterdir()) == []
+    open_store(url).close()  # a writer creates both
+    store = open_store(url, create=False)
+    assert store.read() == []
+    store.close()

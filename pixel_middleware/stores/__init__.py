@@ -128,7 +128,7 @@ _SCHEMES: dict[str, _Scheme] = {
     "rediss": _Scheme("pixel_middleware.stores.redis", "RedisStore", extra="redis"),
     "forward+http": _Scheme("pixel_middleware.stores.forward", "ForwardStore", extra="forward"),
     "forward+https": _Scheme("pixel_middleware.stores.forward", "ForwardStore", extra="forward"),
-    "fanout": _Scheme("pixel_middleware.stores.fanout", "FanoutStore.from_url"),
+    "fanout": _Scheme("pixel_middleware.stores.fanout", "FanoutStore.from_url", takes_create=True),
 }
 
 

@@ -72,8 +72,12 @@ class FanoutStore:
         self._taken: list[dict[str, None]] = [{} for _ in self.stores]
 
     @classmethod
-    def from_url(cls, url: str) -> FanoutStore:
-        """The fan-out for ``fanout://URL URL ...``; each URL opened with ``open_store``."""
+    def from_url(cls, url: str, *, create: bool = True) -> FanoutStore:
+        """The fan-out for ``fanout://URL URL ...``; each URL opened with ``open_store``.
+
+        ``create=False`` (a reader) is passed on, so that reading creates no
+        child's file either.
+        """
         if not url.lower().startswith(SCHEME):
             raise ValueError(f"a fan-out URL starts with {SCHEME}, not {url!r}")
         urls = url[len(SCHEME) :].split()
@@ -85,7 +89,7 @@ class FanoutStore:
         stores: list[Store] = []
         try:
             for child in urls:
-                stores.append(open_store(child))
+                stores.append(open_store(child, create=create))
         except BaseException:
             for store in stores:
                 store.close()
