@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import requests
-from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
+from collector_server import Collector, QuietHandler, not_found
+from werkzeug.serving import make_server
 
 from pixel_middleware import GIF, PixelMiddleware, PixelRecord
 
@@ -54,46 +55,6 @@ NASTY = "/v1/pixel/track?data=" + b64({"writeKey": "k", "event": "\x1b[2Jgone", 
 
 
 # -- the collector and mitmdump ---------------------------------------------------
-
-
-class QuietHandler(WSGIRequestHandler):
-    """No access log: some targets are 70 kB long."""
-
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        pass
-
-
-def not_found(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-    start_response("404 Not Found", [("Content-Type", "text/plain"), ("Content-Length", "9")])
-    return [b"not found"]
-
-
-class Collector:
-    """A real collector on 127.0.0.1:<free port>: PixelMiddleware over a 404 app."""
-
-    def __init__(self, *, tls: bool = False) -> None:
-        self.middleware = PixelMiddleware(not_found, store="memory://")
-        self.server: BaseWSGIServer = make_server(
-            "127.0.0.1",
-            0,
-            self.middleware,
-            threaded=True,
-            request_handler=QuietHandler,
-            ssl_context="adhoc" if tls else None,
-        )
-        self.port = self.server.server_port
-        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self._thread.start()
-
-    def records(self) -> list[PixelRecord]:
-        assert self.middleware.store is not None
-        return [record for _, record in self.middleware.store.read()]
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.middleware.close()
 
 
 @pytest.fixture(scope="module")

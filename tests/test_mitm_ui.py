@@ -28,19 +28,17 @@ import sys
 import termios
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import pyte
 import pytest
 import requests
-from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
-
-from pixel_middleware import PixelMiddleware
+from collector_server import Collector
 
 if TYPE_CHECKING:
-    from _typeshed.wsgi import StartResponse, WSGIEnvironment
+    pass
 
 pytestmark = pytest.mark.mitmproxy
 
@@ -63,29 +61,12 @@ BAD_COMMENT = "rudderstack track: rejected: missing_write_key, missing_event; up
 # -- the collector --------------------------------------------------------------------
 
 
-class QuietHandler(WSGIRequestHandler):
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        pass
-
-
-def not_found(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-    start_response("404 Not Found", [("Content-Type", "text/plain"), ("Content-Length", "9")])
-    return [b"not found"]
-
-
 @pytest.fixture(scope="module")
 def collector() -> Iterator[str]:
     """A real collector on 127.0.0.1:<free port>; yields its URL."""
-    middleware = PixelMiddleware(not_found, store="memory://")
-    server: BaseWSGIServer = make_server(
-        "127.0.0.1", 0, middleware, threaded=True, request_handler=QuietHandler
-    )
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    server.server_close()
-    middleware.close()
+    server = Collector()
+    yield server.url
+    server.close()
 
 
 def send_pixels(proxy_port: int, collector: str) -> None:
