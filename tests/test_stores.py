@@ -24,6 +24,7 @@ from pixel_middleware.stores import (
     StoreNotFoundError,
     _Scheme,
     open_store,
+    redact_url,
     store_schemes,
 )
 from pixel_middleware.stores.jsonl import JSONLStore
@@ -356,3 +357,37 @@ def test_a_store_missing_a_dependency_names_the_extra(
         match=r"needs no_such_dependency_here \(pip install 'pixel-middleware\[more\]'\)",
     ):
         open_store("more://x")
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        pytest.param(
+            "redis://:s3cret@cache:6379/0?stream=s",
+            "redis://:***@cache:6379/0?stream=s",
+            id="redis-password",
+        ),
+        pytest.param(
+            "rediss://user:p@ss@cache:6379/0", "rediss://user:***@cache:6379/0", id="at-in-password"
+        ),
+        pytest.param("redis://user@cache:6379/0", "redis://user@cache:6379/0", id="no-password"),
+        pytest.param(
+            "forward+https://api.segment.io?write_key=wk_live&timeout=5",
+            "forward+https://api.segment.io?write_key=***&timeout=5",
+            id="forward-write-key",
+        ),
+        pytest.param(
+            "fanout://redis://:pw@h:1/0 forward+https://x?writeKey=k&token=t sqlite:///a.sqlite3",
+            "fanout://redis://:***@h:1/0 forward+https://x?writeKey=***&token=*** sqlite:///a.sqlite3",
+            id="fanout-each-child",
+        ),
+        pytest.param(
+            "sqlite:///pixels.sqlite3?synchronous=full",
+            "sqlite:///pixels.sqlite3?synchronous=full",
+            id="nothing-secret",
+        ),
+        pytest.param("x://h?API-Key=1&password=2", "x://h?API-Key=***&password=***", id="names"),
+    ],
+)
+def test_redact_url(url: str, expected: str) -> None:
+    assert redact_url(url) == expected

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -46,6 +47,7 @@ __all__ = [
     "StoreError",
     "StoreNotFoundError",
     "open_store",
+    "redact_url",
     "store_schemes",
 ]
 
@@ -176,6 +178,55 @@ def open_store(url: str | None = None, *, create: bool = True) -> Store:
         factory = getattr(factory, name)
     store: Store = factory(url, create=create) if entry.takes_create else factory(url)
     return store
+
+
+# Query parameters whose values are secrets, compared without case and without
+# "_" or "-" (so writeKey, write_key and write-key are one name).
+_SECRET_PARAMS = frozenset(
+    {
+        "writekey",
+        "token",
+        "accesstoken",
+        "authtoken",
+        "password",
+        "passwd",
+        "pass",
+        "pwd",
+        "secret",
+        "apikey",
+        "key",
+        "auth",
+        "authorization",
+        "credentials",
+    }
+)
+# scheme://user:password@host: the password is everything between the first
+# ":" after "//" and the last "@" before the path.
+_USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^/?#@:\s]*:)[^/?#\s]*(?=@)")
+_QUERY_PARAM = re.compile(r"(?P<head>[?&;](?P<name>[^=&;#\s]+)=)(?P<value>[^&;#\s]*)")
+MASK = "***"
+
+
+def redact_url(url: str) -> str:
+    """``url`` safe to print, log, put in an error or show on a page.
+
+    The password in ``scheme://user:password@host`` and the value of every
+    secret query parameter (write keys, tokens, passwords, API keys) become
+    ``***``. Works on any text holding URLs, such as a ``fanout://`` URL that
+    lists several, each masked in turn::
+
+        >>> redact_url("fanout://redis://:s3cret@cache:6379/0 forward+https://api.segment.io?write_key=wk")
+        'fanout://redis://:***@cache:6379/0 forward+https://api.segment.io?write_key=***'
+    """
+    url = _USERINFO.sub(lambda m: m["head"] + MASK, url)
+    return _QUERY_PARAM.sub(_mask_param, url)
+
+
+def _mask_param(match: re.Match[str]) -> str:
+    name = match["name"].lower().replace("_", "").replace("-", "")
+    if name in _SECRET_PARAMS and match["value"]:
+        return match["head"] + MASK
+    return match[0]
 
 
 # Shared by the stores in this package; not public API.
