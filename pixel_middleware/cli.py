@@ -13,18 +13,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import signal
 import sys
 import time
-import unicodedata
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from types import FrameType
 from typing import Any, NoReturn, TextIO
 
+from pixel_middleware.collector import READ_TOKEN_ENV_VAR
 from pixel_middleware.core import DIALECTS, PixelConfig, PixelRecord, PixelRequest
 from pixel_middleware.core import decode_pixel as _decode_pixel
 from pixel_middleware.core import split_target as _split_target
+from pixel_middleware.display import event_name, identity, terminal_json, terminal_text
 from pixel_middleware.recorder import default_spool_path
 from pixel_middleware.spool import count_spooled
 from pixel_middleware.stores import (
@@ -34,12 +36,21 @@ from pixel_middleware.stores import (
     StoreError,
     StoreNotFoundError,
     open_store,
+    redact_url,
     store_schemes,
 )
 
 __all__ = ["main"]
 
 PROG = "pixel-middleware"
+# What `serve` gives waitress: enough connections that a few hundred slow
+# clients (slowloris) leave room for real pixels, and idle ones closed soon.
+DEFAULT_CONNECTION_LIMIT = 1000
+MAX_CONNECTION_LIMIT = 100_000
+DEFAULT_CHANNEL_TIMEOUT = 10
+DEFAULT_CLEANUP_INTERVAL = 2
+# Open files `serve` needs besides its connections (store, spool, logs, threads).
+_FILE_RESERVE = 64
 STORE_HELP = (
     f"store URL, e.g. sqlite:///PATH or jsonl:///PATH (schemes: {', '.join(store_schemes())});"
     f" default ${STORE_ENV_VAR}, else {DEFAULT_STORE_URL}"
@@ -84,6 +95,8 @@ def _build_parser() -> argparse.ArgumentParser:
         " threaded: concurrent pixels share one durable commit). It answers pixels at"
         " /v1/pixel/<call> (Segment) and /pixel/v1/page|track (RudderStack), shows how"
         " to send one and what arrived at /, and the latest records at /events.json."
+        " Those pages are served to this machine only, unless a read token is set"
+        " (then also to requests that carry it) or --public-reads is given."
         " Ctrl-C or SIGTERM stops it with every record flushed.",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (%(default)s)")
@@ -113,6 +126,43 @@ def _build_parser() -> argparse.ArgumentParser:
         "--fire-and-forget",
         action="store_true",
         help="answer before the record is committed (faster; a crash loses what is queued)",
+    )
+    access = serve.add_mutually_exclusive_group()
+    access.add_argument(
+        "--read-token",
+        metavar="TOKEN",
+        help=f"let requests from other machines read records (/, /events.json) when they"
+        f" send 'Authorization: Bearer TOKEN' or ?token=TOKEN; 16 to 256 characters."
+        f" Default ${READ_TOKEN_ENV_VAR}, which is better: a command line is visible to"
+        f" every user of the machine",
+    )
+    access.add_argument(
+        "--public-reads",
+        action="store_true",
+        help="serve the pages that read records to anyone, with no token",
+    )
+    serve.add_argument(
+        "--connection-limit",
+        type=_connection_limit,
+        default=DEFAULT_CONNECTION_LIMIT,
+        metavar="N",
+        help="connections open at once (%(default)s); beyond it new ones wait in the"
+        " listen backlog. High, so that slow clients cannot take every one",
+    )
+    serve.add_argument(
+        "--channel-timeout",
+        type=_seconds,
+        default=DEFAULT_CHANNEL_TIMEOUT,
+        metavar="SECONDS",
+        help="close a connection after this many seconds with no bytes sent or received"
+        " (%(default)s)",
+    )
+    serve.add_argument(
+        "--cleanup-interval",
+        type=_seconds,
+        default=DEFAULT_CLEANUP_INTERVAL,
+        metavar="SECONDS",
+        help="how often idle connections are looked for and closed (%(default)s)",
     )
     serve.set_defaults(command=_serve, parser=serve)
 
@@ -242,13 +292,31 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     from waitress.server import MultiSocketServer, create_server
 
-    from pixel_middleware.collector import create_app
+    from pixel_middleware.collector import check_read_token, create_app
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Every option is checked before the store is opened: a mistake on the
+    # command line must not leave an empty store file behind.
+    try:
+        PixelConfig(
+            prefix=args.prefix,
+            write_keys=frozenset(args.write_keys) if args.write_keys else None,
+            trusted_proxies=args.trusted_proxies,
+            rudderstack_response=args.rudderstack_response,
+        )
+        read_token = args.read_token
+        if read_token is None and not args.public_reads:
+            read_token = os.environ.get(READ_TOKEN_ENV_VAR) or None
+        if read_token is not None:
+            check_read_token(read_token)
+    except ValueError as exc:
+        parser.error(str(exc))
     try:
         store = open_store(args.store)
-    except (ValueError, StoreError) as exc:
-        parser.error(str(exc))
+    except ValueError as exc:  # the URL itself: a usage error
+        parser.error(redact_url(str(exc)))
+    except StoreError as exc:  # the store is there but cannot be used: not a usage error
+        return _fail(parser, f"cannot open the store: {redact_url(str(exc))}")
     # Counted before the recorder starts handing them on: what an earlier run left.
     spool = default_spool_path(store.url)
     try:
@@ -263,10 +331,13 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             trusted_proxies=args.trusted_proxies,
             rudderstack_response=args.rudderstack_response,
             durable=not args.fire_and_forget,
+            read_token=read_token,
+            public_reads=args.public_reads,
         )
-    except (ValueError, TypeError, StoreError) as exc:
+    except (ValueError, TypeError, StoreError, OSError) as exc:
         store.close()
-        parser.error(str(exc))
+        return _fail(parser, redact_url(str(exc)))
+    connection_limit = _fit_file_limit(args.connection_limit, args.threads)
 
     # waitress leaves its loop (and stops its threads) on SystemExit or
     # KeyboardInterrupt; make SIGTERM one of them so that a service stop is as
@@ -280,7 +351,20 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         try:
             server = create_server(
-                app, host=args.host, port=args.port, threads=args.threads, ident=PROG
+                app,
+                host=args.host,
+                port=args.port,
+                threads=args.threads,
+                ident=PROG,
+                connection_limit=connection_limit,
+                channel_timeout=args.channel_timeout,
+                cleanup_interval=args.cleanup_interval,
+                # poll(), not select(): select cannot watch a descriptor past 1023.
+                asyncore_use_poll=True,
+                # Pass X-Forwarded-For and the like on: the app decides whom to
+                # trust (--trusted-proxies for the recorded IP), and a request
+                # that carries them is a proxied one, not this machine's.
+                clear_untrusted_proxy_headers=False,
             )
         except OSError as exc:
             parser.exit(1, f"{parser.prog}: cannot listen on {args.host}:{args.port}: {exc}\n")
@@ -292,7 +376,17 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             tcp: Any = server
             listening = [(tcp.effective_host, tcp.effective_port)]
         urls = ", ".join(_url(host, port) for host, port in listening)
-        print(f"Collecting pixels on {urls} (store: {app.store.url}); Ctrl-C to stop", flush=True)
+        print(
+            f"Collecting pixels on {urls} (store: {_describe_store(app.store)}); Ctrl-C to stop",
+            flush=True,
+        )
+        if not (args.public_reads or read_token or all(_loopback(h) for h, _ in listening)):
+            print(
+                f"Records (/, /events.json) are shown to this machine only; set"
+                f" {READ_TOKEN_ENV_VAR} to read them from elsewhere",
+                file=sys.stderr,
+                flush=True,
+            )
         if left:
             print(
                 f"{left} record(s) left in the spool {spool}/ by an earlier run: they go to"
@@ -314,6 +408,69 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def _url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
+def _fail(parser: argparse.ArgumentParser, message: str) -> int:
+    """Say what went wrong on one line (not a usage error: no --help hint); status 1."""
+    print(f"{parser.prog}: error: {terminal_text(message)}", file=sys.stderr)
+    return 1
+
+
+def _describe_store(store: Store) -> str:
+    """The store's URL with its secrets masked, and where its files are."""
+    text = redact_url(str(store.url))
+    files = _store_files(store)
+    if files:
+        text += " at " + ", ".join(files)
+    return terminal_text(text)
+
+
+def _store_files(store: object) -> list[str]:
+    # SQLite and JSON Lines stores have a path; a fan-out has stores.
+    path = getattr(store, "path", None)
+    if isinstance(path, str | os.PathLike):
+        return [os.path.abspath(path)]
+    return [file for child in getattr(store, "stores", ()) for file in _store_files(child)]
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host.partition("%")[0]).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _fit_file_limit(connection_limit: int, threads: int) -> int:
+    """``connection_limit``, after raising the open-file limit to make room for it.
+
+    Each connection is a file descriptor. When the hard limit leaves too little
+    room, the connection limit is lowered to fit (with a warning): waitress then
+    stops accepting cleanly instead of failing on every accept.
+    """
+    try:
+        import resource
+    except ImportError:  # not a Unix: nothing to raise
+        return connection_limit
+    # The store, the spool, the log and each thread's files.
+    needed = connection_limit + threads + _FILE_RESERVE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        fitted = max(1, soft - threads - _FILE_RESERVE)
+        print(
+            f"{PROG} serve: the open-file limit ({soft}) leaves room for {fitted} connections,"
+            f" not --connection-limit {connection_limit}; raise it with ulimit -n",
+            file=sys.stderr,
+            flush=True,
+        )
+        return fitted
+    return connection_limit
 
 
 # --- events ------------------------------------------------------------------
@@ -408,11 +565,9 @@ def _print_records(
 
 
 def _table_row(record: PixelRecord) -> tuple[str, ...]:
-    from pixel_middleware.collector import event_name, identity
-
     rules = ",".join(str(p.get("rule", "")) for p in record.get("problems") or []) or "-"
     return tuple(
-        _printable(value)
+        terminal_text(value)
         for value in (
             str(record.get("receivedAt", "")),
             str(record.get("dialect", "")),
@@ -422,22 +577,6 @@ def _table_row(record: PixelRecord) -> tuple[str, ...]:
             event_name(record) or "-",
             identity(record) or "-",
         )
-    )
-
-
-def _printable(text: str) -> str:
-    """``text`` with control, format and unassigned characters shown as escapes.
-
-    Records hold what any client sent: a raw ESC or a right-to-left override
-    must not reach the terminal.
-    """
-    if text.isprintable():
-        return text
-    return "".join(
-        ch.encode("unicode_escape").decode("ascii")
-        if unicodedata.category(ch)[0] in "CZ" and ch != " "
-        else ch
-        for ch in text
     )
 
 
@@ -463,7 +602,7 @@ def _decode(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         routes = "/v1/pixel/<call> (Segment) or /pixel/v1/page|track (RudderStack)"
         where = f" under {args.prefix!r}" if args.prefix else ""
         print(
-            f"{parser.prog}: not a pixel route: {_printable(path)!s} (expected {routes}{where})",
+            f"{parser.prog}: not a pixel route: {terminal_text(path)} (expected {routes}{where})",
             file=sys.stderr,
         )
         return 2
@@ -500,14 +639,14 @@ def _summary(record: PixelRecord) -> str:
     for label, items in (("problem", record.get("problems")), ("note", record.get("notes"))):
         for item in items or []:
             lines.append(f"  {label}: [{item.get('rule', '')}] {item.get('message', '')}")
+    # What the sender wrote is escaped line by line; the event's JSON keeps its
+    # layout, with JSON's own escapes (so it stays valid JSON).
+    text = "\n".join(terminal_text(line) for line in lines)
     if record.get("event") is not None:
-        lines.append("event:")
-        lines.append(json.dumps(record["event"], indent=2, ensure_ascii=False))
-    return "\n".join(_printable_lines(lines))
-
-
-def _printable_lines(lines: list[str]) -> list[str]:
-    return [_printable(line) for line in "\n".join(lines).split("\n")]
+        text += "\nevent:\n" + terminal_json(
+            json.dumps(record["event"], indent=2, ensure_ascii=False)
+        )
+    return text
 
 
 # --- encode ------------------------------------------------------------------
@@ -565,9 +704,16 @@ def _port(text: str) -> int:
     return int(_number(text, int, 0, 65535, "0 to 65535"))
 
 
-def _silence_stdout() -> None:
-    import os
+def _connection_limit(text: str) -> int:
+    return int(_number(text, int, 1, MAX_CONNECTION_LIMIT, f"1 to {MAX_CONNECTION_LIMIT}"))
 
+
+def _seconds(text: str) -> int:
+    # waitress counts these in whole seconds.
+    return int(_number(text, int, 1, 3600, "a whole number of seconds from 1 to 3600"))
+
+
+def _silence_stdout() -> None:
     # Python flushes stdout at exit; point it at /dev/null so that flush is quiet.
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())

@@ -1,13 +1,15 @@
-"""A real pixel collector for the tests that put mitmproxy in front of one.
+"""Real servers on 127.0.0.1 and a free port, in a thread, for the tests.
 
-``PixelMiddleware`` over a 404 app, with a memory store, served by werkzeug on
-127.0.0.1 and a free port, in a thread.
+- :class:`Collector`: ``PixelMiddleware`` over a 404 app with a memory store,
+  for the tests that put mitmproxy in front of a collector;
+- :func:`serving`: any WSGI app (such as ``create_app()``), served by werkzeug.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
@@ -15,7 +17,7 @@ from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 from pixel_middleware import PixelMiddleware, PixelRecord
 
 if TYPE_CHECKING:
-    from _typeshed.wsgi import StartResponse, WSGIEnvironment
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
 
 class QuietHandler(WSGIRequestHandler):
@@ -56,3 +58,17 @@ class Collector:
         self.server.shutdown()
         self.server.server_close()
         self.middleware.close()
+
+
+@contextlib.contextmanager
+def serving(app: WSGIApplication) -> Iterator[str]:
+    """Serve ``app`` on 127.0.0.1:<free port> while the block runs; yields its base URL."""
+    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

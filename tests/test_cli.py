@@ -6,7 +6,9 @@ import html
 import json
 import queue
 import re
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -82,6 +84,18 @@ def test_serve_help_names_the_server(capsys: pytest.CaptureFixture[str]) -> None
         pytest.param(["serve", "--threads", "0"], "1 or more", id="threads"),
         pytest.param(["serve", "--store", "mysql://x"], "unknown store URL scheme", id="scheme"),
         pytest.param(["serve", "--prefix", "collect"], "start with '/'", id="prefix"),
+        pytest.param(["serve", "--write-key", ""], "write", id="empty-write-key"),
+        pytest.param(["serve", "--read-token", "short-secret"], "16 to 256", id="read-token"),
+        pytest.param(
+            ["serve", "--read-token", "x" * 20, "--public-reads"], "not allowed with", id="both"
+        ),
+        pytest.param(["serve", "--connection-limit", "0"], "1 to 100000", id="connections-0"),
+        pytest.param(
+            ["serve", "--connection-limit", "100001"], "1 to 100000", id="connections-over"
+        ),
+        pytest.param(["serve", "--channel-timeout", "0"], "from 1 to 3600", id="timeout-0"),
+        pytest.param(["serve", "--channel-timeout", "1.5"], "not a number", id="timeout-float"),
+        pytest.param(["serve", "--cleanup-interval", "3601"], "from 1 to 3600", id="cleanup"),
         pytest.param(["serve", "--rudderstack-response", "json"], "invalid choice", id="rs"),
         pytest.param(["events", "--accepted", "--rejected"], "not allowed with", id="verdicts"),
         pytest.param(["events", "--limit", "0"], "1 or more", id="limit"),
@@ -106,14 +120,45 @@ def test_serve_help_names_the_server(capsys: pytest.CaptureFixture[str]) -> None
     ],
 )
 def test_usage_errors_exit_2_with_one_line(
-    argv: list[str], message: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+    argv: list[str],
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.chdir(tmp_path)  # where the default store would be created
+    monkeypatch.delenv("PIXEL_STORE", raising=False)
+    monkeypatch.delenv("PIXEL_READ_TOKEN", raising=False)
     status, out, err = run(capsys, *argv)
     assert status == 2
     assert out == ""
     assert err.count("\n") == 1, err
     assert err.startswith("pixel-middleware")
     assert message in err
+    assert "short-secret" not in err
+    # Every option is checked before the store is opened: nothing is created.
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "store",
+    [
+        pytest.param("sqlite:///missing/dir/events.sqlite3", id="sqlite"),
+        pytest.param("jsonl:///missing/dir/events.jsonl", id="jsonl"),
+    ],
+)
+def test_serve_with_a_store_it_cannot_open_says_so_on_one_line_and_exits_1(
+    store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    status, out, err = run(capsys, "serve", "--port", "0", "--store", store)
+    assert status == 1
+    assert out == ""
+    assert err.count("\n") == 1, err
+    assert err.startswith("pixel-middleware serve: error: cannot open the store: ")
+    assert str(tmp_path / "missing" / "dir") in err
+    assert "--help" not in err
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- decode ------------------------------------------------------------------------------
@@ -356,6 +401,24 @@ def test_events_escape_control_characters(
     assert "Evil\\x1b[31m\\u202eName" in out
 
 
+def test_an_escape_cannot_be_faked_with_a_backslash(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A sender who writes a backslash and "x1b" must not look like one who sent ESC.
+    url = f"sqlite:///{tmp_path}/fake.sqlite3"
+    store = open_store(url)
+    store.write(
+        [
+            make_record(segment("track", {"userId": "u", "event": "real\x1b"})),
+            make_record(segment("track", {"userId": "u", "event": "fake\\x1b"})),
+        ]
+    )
+    store.close()
+    _, out, _ = run(capsys, "events", "--store", url)
+    assert "real\\x1b" in out
+    assert "fake\\\\x1b" in out
+
+
 @pytest.mark.parametrize(
     ("options", "names"),
     [
@@ -500,10 +563,10 @@ def test_events_follow_prints_records_written_after_it_started(tmp_path: Path) -
 class Collector:
     """A real `pixel-middleware serve --port 0` process."""
 
-    def __init__(self, tmp_path: Path, *options: str) -> None:
+    def __init__(self, tmp_path: Path, *options: str, argv: list[str] | None = None) -> None:
         self.store_url = f"sqlite:///{tmp_path}/serve.sqlite3"
         self.process = subprocess.Popen(
-            [*CLI, "serve", "--port", "0", "--store", self.store_url, *options],
+            argv or [*CLI, "serve", "--port", "0", "--store", self.store_url, *options],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -517,11 +580,17 @@ class Collector:
         assert int(found.group(1)) != 0
         self.url = found.group(0)
 
+    @classmethod
+    def command(cls, tmp_path: Path, argv: list[str]) -> Collector:
+        """A collector started by ``argv`` (which must run `serve --port 0`)."""
+        return cls(tmp_path, argv=argv)
+
     def stop(self, signum: int) -> tuple[int, str]:
-        self.process.send_signal(signum)
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
         status = self.process.wait(timeout=20)
         assert self.process.stderr is not None
-        err = self.process.stderr.read()
+        err = self.process.stderr.read() if not self.process.stderr.closed else ""
         for stream in (self.process.stdout, self.process.stderr):
             if stream:
                 stream.close()
@@ -647,3 +716,116 @@ def test_serve_refuses_a_port_in_use(tmp_path: Path) -> None:
     finally:
         first.stop(signal.SIGTERM)
         first.kill()
+
+
+def test_serve_shows_the_store_with_its_secrets_masked_and_its_files_absolute(
+    tmp_path: Path,
+) -> None:
+    # Nothing listens on port 1: neither store is reached before a pixel arrives.
+    fanout = (
+        "fanout://sqlite:///local.sqlite3 redis://:hunter2-redis@127.0.0.1:1/0"
+        f" forward+http://127.0.0.1:1?write_key=wk_live_secret&outbox={tmp_path}/outbox.sqlite3"
+        "&drain=0.1"
+    )
+    collector = Collector(tmp_path, "--store", fanout)
+    try:
+        status, err = collector.stop(signal.SIGTERM)
+    finally:
+        collector.kill()
+    assert status == 0, err
+    banner = collector.banner
+    assert "(store: fanout://sqlite:///local.sqlite3 redis://:***@127.0.0.1:1/0" in banner
+    assert "?write_key=***&outbox=" in banner
+    assert f" at {tmp_path}/local.sqlite3); Ctrl-C to stop" in banner
+    for text in (banner, err):
+        assert "hunter2-redis" not in text
+        assert "wk_live_secret" not in text
+
+
+def test_serve_keeps_the_read_token_out_of_its_output_and_its_pages(tmp_path: Path) -> None:
+    token = "serve-read-token-0123456789"
+    collector = Collector(tmp_path, "--read-token", token)
+    try:
+        base = collector.url
+        # From this machine, through a proxy: only with the token.
+        proxied = {"X-Forwarded-For": "198.51.100.7"}
+        refused = requests.get(base + "events.json", headers=proxied, timeout=5)
+        wrong = requests.get(base + "events.json?token=" + token[:-1], headers=proxied, timeout=5)
+        allowed = requests.get(base + "events.json?token=" + token, headers=proxied, timeout=5)
+        page = requests.get(base, params={"token": token}, headers=proxied, timeout=5)
+        status, err = collector.stop(signal.SIGTERM)
+    finally:
+        collector.kill()
+    assert status == 0, err
+    assert (refused.status_code, wrong.status_code, allowed.status_code) == (403, 403, 200)
+    assert page.status_code == 200
+    for text in (collector.banner, err, refused.text, wrong.text, allowed.text, page.text):
+        assert token not in text
+
+
+def test_serve_raises_its_open_file_limit_to_hold_its_connections(tmp_path: Path) -> None:
+    # A shell that lowers the soft limit, as a service manager might leave it.
+    command = " ".join(
+        [*map(shlex.quote, CLI), "serve", "--port", "0", "--store", f"sqlite:///{tmp_path}/f.db"]
+    )
+    collector = Collector.command(tmp_path, ["sh", "-c", f"ulimit -S -n 256 && exec {command}"])
+    try:
+        limits = Path(f"/proc/{collector.process.pid}/limits").read_text()
+        status, err = collector.stop(signal.SIGTERM)
+    finally:
+        collector.kill()
+    assert status == 0, err
+    [soft] = re.findall(r"Max open files\s+(\d+)", limits)
+    # The default --connection-limit, the threads and the reserve for the store's files.
+    assert int(soft) >= 1000 + 8 + 64
+
+
+def test_slow_clients_do_not_keep_pixels_from_being_answered(tmp_path: Path) -> None:
+    """Slowloris: 300 connections sending a byte now and then, and real pixels meanwhile."""
+    collector = Collector(tmp_path)
+    host, port = "127.0.0.1", int(collector.url.rsplit(":", 1)[1].strip("/"))
+    slow: list[socket.socket] = []
+    answered: list[float] = []
+    try:
+        for _ in range(300):
+            sock = socket.create_connection((host, port), timeout=5)
+            sock.sendall(b"GET /v1/pixel/track?data=")
+            slow.append(sock)
+        started = time.monotonic()
+        n = 0
+        # About 8 s: each slow client sends a byte every ~2 s, and a real pixel
+        # goes out every ~0.5 s; each must be answered within 3 s.
+        while time.monotonic() - started < 8:
+            for sock in slow[n % 4 :: 4]:
+                sock.sendall(b"A")
+            url = collector.url.rstrip("/") + segment("track", {"userId": f"u{n}", "event": "E"})
+            sent = time.monotonic()
+            response = requests.get(url, timeout=3)
+            assert (response.status_code, response.content) == (200, GIF)
+            answered.append(time.monotonic() - sent)
+            n += 1
+            time.sleep(0.5)
+        assert collector.process.poll() is None
+    finally:
+        for sock in slow:
+            sock.close()
+        collector.stop(signal.SIGTERM)
+        collector.kill()
+    assert len(answered) >= 6
+    assert max(answered) < 3
+
+
+def test_serve_records_the_forwarded_address_with_trusted_proxies(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    collector = Collector(tmp_path, "--trusted-proxies", "1")
+    try:
+        url = collector.url.rstrip("/") + segment("track", {"userId": "u", "event": "Proxied"})
+        response = requests.get(url, headers={"X-Forwarded-For": "203.0.113.50"}, timeout=5)
+        assert response.status_code == 200
+        status, err = collector.stop(signal.SIGTERM)
+    finally:
+        collector.kill()
+    assert status == 0, err
+    [record] = stored(collector.store_url, capsys)
+    assert record["request"]["ip"] == "203.0.113.50"
