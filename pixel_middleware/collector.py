@@ -73,6 +73,7 @@ _STATIC_FILES = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/static/collector.js": ("collector.js", "text/javascript; charset=utf-8"),
     "/static/collector.css": ("collector.css", "text/css; charset=utf-8"),
+    "/static/favicon.svg": ("favicon.svg", "image/svg+xml"),
 }
 
 
@@ -177,6 +178,7 @@ class CollectorPages:
             Rule("/", endpoint="static", methods=["GET"]),
             Rule("/static/collector.js", endpoint="static", methods=["GET"]),
             Rule("/static/collector.css", endpoint="static", methods=["GET"]),
+            Rule("/static/favicon.svg", endpoint="static", methods=["GET"]),
             Rule("/events.json", endpoint="events_json", methods=["GET"]),
         ]
     )

@@ -150,7 +150,11 @@ def test_since_keeps_the_records_received_at_or_after_it(live: LiveCollector) ->
     assert names(live.get(f"/api/events?since={later}").json()) == ["u2"]
 
 
-def test_long_poll_answers_when_a_record_arrives(live: LiveCollector) -> None:
+def test_long_poll_answers_when_a_record_arrives(
+    live: LiveCollector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No re-check by time: only the new record's notification can wake the poll.
+    monkeypatch.setattr(api, "_RECHECK_SECONDS", 30.0)
     live.pixel(signup(6))
     last = live.get("/api/events").json()["next"]
     threading.Timer(0.3, live.pixel, args=(signup(7),)).start()
@@ -265,7 +269,10 @@ def test_allow_reset_is_checked_at_construction() -> None:
 # /api/wait -----------------------------------------------------------------
 
 
-def test_wait_returns_as_soon_as_enough_records_match(live: LiveCollector) -> None:
+def test_wait_returns_as_soon_as_enough_records_match(
+    live: LiveCollector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(api, "_RECHECK_SECONDS", 30.0)  # woken by the records, not by time
     live.pixel(signup(1))
     assert live.get("/api/wait?count=1&userId=u1&timeout=60").status_code == 200
 
