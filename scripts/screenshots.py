@@ -20,12 +20,23 @@ from tests.test_collector_page import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
 
 IMAGES = ROOT / "docs" / "images"
 SAMPLE = [
-    ({"writeKey": "wk", "userId": "u-1042", "event": "Signed Up", "properties": {"plan": "pro"}}, "track"),
+    (
+        {"writeKey": "wk", "userId": "u-1042", "event": "Signed Up", "properties": {"plan": "pro"}},
+        "track",
+    ),
     ({"writeKey": "wk", "anonymousId": "a-77", "name": "Pricing"}, "page"),
     ({"writeKey": "wk", "event": "Email Opened", "properties": {"campaign": "spring"}}, "track"),
     ({"writeKey": "wk", "userId": "u-1042", "traits": {"email": "ada@example.com"}}, "identify"),
-    ({"writeKey": "wk", "userId": "u-2001", "event": "Order Completed", "properties": {"total": 42.5}}, "track"),
-]  # fmt: skip
+    (
+        {
+            "writeKey": "wk",
+            "userId": "u-2001",
+            "event": "Order Completed",
+            "properties": {"total": 42.5},
+        },
+        "track",
+    ),
+]
 
 
 def main() -> None:
