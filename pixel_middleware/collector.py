@@ -3,9 +3,12 @@
 ``create_app()`` returns a :class:`~pixel_middleware.middleware.PixelMiddleware`
 around a small WSGI app that serves:
 
-- ``/``: how to send a pixel, with a live example ``<img>`` pointing at this very
-  server (opening the page fires a real pixel), how many records wait in the
-  spool (a warning at the top while any do) and the latest records received;
+- ``/``: the live debugger page (``static/index.html`` with its script and
+  style sheet under ``/static/``): records appear as they arrive, filtered
+  by what the page's URL says, each opened to its decoded event, problems and
+  request; a button sends a test pixel;
+- ``/api/...`` and ``/debug/<pixel route>``: the JSON API the page reads, also
+  for tests and scripts (:mod:`pixel_middleware.api`, ``docs/api.md``);
 - ``/events.json``: the latest records as JSON, oldest first, as
   ``{"records": [...], "last": position, "spooled": N, "truncated": bool,
   "omitted": N}`` (``?limit=``, ``?accepted=true|false``, ``?call=``, and
@@ -39,22 +42,21 @@ Run it with ``pixel-middleware serve`` (waitress), or under any WSGI server::
 
     gunicorn 'pixel_middleware.collector:create_app()'   # PIXEL_STORE, PIXEL_READ_TOKEN
 
-The example pixel carries the first configured write key (the key a real page
-would embed in its own ``<img>`` tags), so do not configure a key here that you
-treat as a secret.
+The test pixel (``/api/status``) carries the first configured write key (the
+key a real page would embed in its own ``<img>`` tags), so do not configure a
+key here that you treat as a secret.
 """
 
 from __future__ import annotations
 
 import hmac
-import html
 import ipaddress
 import json
 import logging
 import os
 import re
-import shlex
 from collections.abc import Callable, Iterable
+from importlib import resources
 from typing import TYPE_CHECKING, Any, Literal
 
 from werkzeug.datastructures import MultiDict
@@ -62,9 +64,9 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request, Response
 
+from pixel_middleware.api import CollectorAPI, RecordSignal
 from pixel_middleware.core import CALLS, DIALECTS, Limits, PixelConfig, PixelRecord
-from pixel_middleware.display import event_name, identity, terminal_text
-from pixel_middleware.encode import encode_pixel_url, pixel_img_tag
+from pixel_middleware.display import terminal_text
 from pixel_middleware.middleware import PixelMiddleware
 from pixel_middleware.recorder import Recorder
 from pixel_middleware.stores import Store, StoreError, redact_url
@@ -95,17 +97,26 @@ READ_TOKEN_ENV_VAR = "PIXEL_READ_TOKEN"
 MIN_READ_TOKEN_LENGTH = 16
 MAX_READ_TOKEN_LENGTH = 256
 
-# The pages show data sent by anyone: everything is escaped, and the policy
-# forbids scripts and any other origin in case an escape is ever missed.
+# The pages show data sent by anyone: the page's script inserts it as text
+# only, and the policy allows nothing but this server's own files (no inline
+# script or style, no eval, no other origin) in case that is ever missed.
 _PAGE_HEADERS = [
     ("Cache-Control", "no-store"),
     ("X-Content-Type-Options", "nosniff"),
     (
         "Content-Security-Policy",
-        "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; form-action 'none'",
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self';"
+        " connect-src 'self'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'",
     ),
     ("Referrer-Policy", "no-referrer"),
 ]
+# The page's own files (package data), by the path they are served at.
+_STATIC_FILES = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/static/collector.js": ("collector.js", "text/javascript; charset=utf-8"),
+    "/static/collector.css": ("collector.css", "text/css; charset=utf-8"),
+    "/static/favicon.svg": ("favicon.svg", "image/svg+xml"),
+}
 
 # What /events.json says about a bad parameter: fixed text that names the
 # parameter and what would work, never the value sent (no answer repeats input).
@@ -149,6 +160,7 @@ def create_app(
     on_record: Callable[[PixelRecord], None] | None = None,
     read_token: str | None = None,
     public_reads: bool = False,
+    allow_reset: bool = False,
 ) -> PixelMiddleware:
     """The collector WSGI app; options as for :class:`PixelMiddleware`, and:
 
@@ -158,7 +170,9 @@ def create_app(
     :param public_reads: ``True`` serves the pages that read records to anyone.
 
     ``store=None`` reads ``PIXEL_STORE``, else ``sqlite:///pixel-events.sqlite3``.
-    Call ``.close()`` on the result at shutdown to flush what is queued.
+    ``allow_reset``: ``POST /api/reset`` may clear a store other than
+    ``memory://`` (which it always may). Call ``.close()`` on the result at
+    shutdown to flush what is queued.
     """
     # Checked before the store is opened: a bad option creates nothing.
     if read_token is None and not public_reads:
@@ -169,6 +183,21 @@ def create_app(
         raise TypeError(f"public_reads must be True or False, got {type(public_reads).__name__}")
     if public_reads and read_token is not None:
         raise ValueError("public_reads=True serves records to anyone: a read token adds nothing")
+    if not isinstance(allow_reset, bool):
+        raise TypeError(f"create_app: allow_reset must be True or False, got {allow_reset!r}")
+    if on_record is not None and not callable(on_record):
+        raise TypeError(
+            f"create_app: on_record must be a callable taking a record,"
+            f" got {type(on_record).__name__}"
+        )
+    # Wakes the API's waiting requests (live page, /api/wait) on each record.
+    signal = RecordSignal()
+
+    def notify_then_call(record: PixelRecord) -> None:
+        signal.notify()
+        if on_record is not None:
+            on_record(record)
+
     middleware = PixelMiddleware(
         _not_found,
         store=store,
@@ -179,12 +208,16 @@ def create_app(
         limits=limits,
         rudderstack_response=rudderstack_response,
         durable=durable,
-        on_record=on_record,
+        on_record=notify_then_call,
     )
     recorder = middleware.recorder
-    # Built from the checked config, so the example pixel matches what is accepted.
+    # Built from the checked config, so the test pixel matches what is accepted.
     pages = CollectorPages(
-        store=middleware.store, config=middleware.config, spooled=lambda: recorder.spooled
+        store=middleware.store,
+        config=middleware.config,
+        spooled=lambda: recorder.spooled,
+        signal=signal,
+        allow_reset=allow_reset,
     )
     # Around the whole pages app, not route by route: every path it serves
     # (and any it serves later) reads records.
@@ -297,6 +330,8 @@ class CollectorPages:
         config: PixelConfig,
         spooled: Callable[[], int] | None = None,
         max_json_bytes: int = MAX_JSON_BYTES,
+        signal: RecordSignal | None = None,
+        allow_reset: bool = False,
     ) -> None:
         if isinstance(max_json_bytes, bool) or not isinstance(max_json_bytes, int):
             raise TypeError("max_json_bytes must be a whole number of bytes")
@@ -309,23 +344,37 @@ class CollectorPages:
         self.dialects = tuple(d for d in DIALECTS if d in config.dialects)
         keys = sorted(config.write_keys or ())
         self.example_write_key = keys[0] if keys else EXAMPLE_WRITE_KEY
+        self.api = CollectorAPI(
+            store=store,
+            config=config,
+            spooled=self.spooled,
+            signal=signal if signal is not None else RecordSignal(),
+            allow_reset=allow_reset,
+            example_write_key=self.example_write_key,
+        )
 
     # GET rules answer HEAD too (werkzeug drops the body); other methods get a
     # 405 with Allow, unknown paths a 404.
     _urls = Map(
         [
-            Rule("/", endpoint="index", methods=["GET"]),
+            Rule("/", endpoint="static", methods=["GET"]),
+            Rule("/static/collector.js", endpoint="static", methods=["GET"]),
+            Rule("/static/collector.css", endpoint="static", methods=["GET"]),
+            Rule("/static/favicon.svg", endpoint="static", methods=["GET"]),
             Rule("/events.json", endpoint="events_json", methods=["GET"]),
         ]
     )
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         request = Request(environ)
+        if self.api.handles(request.path):
+            return self.api(environ, start_response)
         response: Response
         try:
             endpoint, _ = self._urls.bind_to_environ(environ).match(method=request.method)
-            if endpoint == "index":
-                response = Response(self._index(environ), content_type="text/html; charset=utf-8")
+            if endpoint == "static":
+                name, content_type = _STATIC_FILES[request.path]
+                response = Response(_static_file(name), content_type=content_type)
             else:
                 status, body = self._events_json(request.args)
                 response = Response(body, status=status, content_type="application/json")
@@ -436,155 +485,10 @@ class CollectorPages:
     ) -> int:
         return records_size + len(_envelope(b"", last, spooled, truncated, omitted))
 
-    def _index(self, environ: WSGIEnvironment) -> str:
-        base_url = _base_url(environ)
-        examples = []
-        if "segment" in self.dialects:
-            examples.append(
-                (
-                    "Segment",
-                    encode_pixel_url(
-                        {
-                            "anonymousId": "collector-page-visitor",
-                            "event": "Collector Page Viewed",
-                            "properties": {"source": "the collector's index page"},
-                        },
-                        call="track",
-                        write_key=self.example_write_key,
-                        dialect="segment",
-                        base_url=base_url,
-                        prefix=self.prefix,
-                    ),
-                )
-            )
-        if "rudderstack" in self.dialects:
-            examples.append(
-                (
-                    "RudderStack",
-                    encode_pixel_url(
-                        {"anonymousId": "collector-page-visitor", "name": "Collector"},
-                        call="page",
-                        write_key=self.example_write_key,
-                        dialect="rudderstack",
-                        base_url=base_url,
-                        prefix=self.prefix,
-                    ),
-                )
-            )
-        try:
-            rows = self._read(limit=PAGE_RECORDS)
-            records_html = _records_table([record for _, record in reversed(rows)])
-        except StoreError as exc:
-            logger.warning("collector page could not read the store: %s", exc)
-            records_html = f'<p class="error">Could not read the store: {_e(exc)}</p>'
-        # Only the kind of store: its URL may hold a file path or a password.
-        store_kind = str(getattr(self.store, "url", "")).partition("://")[0] or "configured"
-        spooled = self.spooled()
-        if spooled:
-            # At the top: the store is failing (or was), and these are not in
-            # the records listed below until it takes them.
-            spool_html = (
-                f'<p class="spooled"><strong>{spooled} record(s) wait in the spool</strong>'
-                " on this server's disk: the store did not take them. They are kept"
-                " and handed to the store, in order, as soon as it takes writes again;"
-                " until then they are not among the latest records below.</p>"
-            )
-        else:
-            spool_html = ""
-        parts = [
-            "<!doctype html>",
-            '<html lang="en"><head><meta charset="utf-8">',
-            "<title>pixel-middleware collector</title>",
-            f"<style>{_STYLE}</style></head><body>",
-            "<h1>pixel-middleware collector</h1>",
-            spool_html,
-            f"<p>Pixels sent to this server are decoded, checked and kept in its"
-            f" {_e(store_kind)} store.</p>",
-            "<h2>Send a pixel</h2>",
-            "<p>Put an image tag in a page or an email; the browser or mail client"
-            " fetches it, and the event arrives here. This page carries one, so"
-            " opening it sent a pixel:</p>",
-        ]
-        for name, url in examples:
-            parts += [
-                f"<h3>{_e(name)}</h3>",
-                f"<pre>{_e(pixel_img_tag(url))}</pre>",
-                "<p>or from a shell:</p>",
-                f"<pre>{_e('curl -i ' + shlex.quote(url))}</pre>",
-            ]
-        # Only the first example is fired, so one page view makes one record.
-        if examples:
-            parts.append(f'<img src="{_e(examples[0][1])}" width="1" height="1" alt="">')
-        parts += [
-            "<p>Or build a URL with <code>pixel-middleware encode --write-key KEY"
-            " --call track '{&quot;userId&quot;: &quot;u1&quot;, &quot;event&quot;:"
-            " &quot;Email Opened&quot;}'</code>, and check one with"
-            " <code>pixel-middleware decode URL</code>.</p>",
-            f"<h2>Latest records</h2><p>Newest first, at most {PAGE_RECORDS}; reload to"
-            ' refresh. As JSON: <a href="events.json">events.json</a>.'
-            f" Waiting in the spool: {spooled}.</p>",
-            records_html,
-            "</body></html>",
-        ]
-        return "\n".join(parts)
 
-
-_STYLE = (
-    "body{font-family:system-ui,sans-serif;margin:2em;max-width:80em}"
-    "pre{background:#f4f4f4;padding:.5em;overflow-x:auto;white-space:pre-wrap;"
-    "word-break:break-all}"
-    "table{border-collapse:collapse;font-size:.9em}"
-    "th,td{border:1px solid #ccc;padding:.2em .5em;text-align:left;vertical-align:top}"
-    ".rejected{background:#fee}.error{color:#a00}"
-    ".spooled{background:#fff3cd;border:2px solid #c90;padding:.75em;font-size:1.1em}"
-)
-
-
-def _records_table(records: list[PixelRecord]) -> str:
-    if not records:
-        return "<p>No pixels received yet.</p>"
-    rows = [
-        "<table><thead><tr><th>time</th><th>dialect</th><th>call</th><th>verdict</th>"
-        "<th>problems</th><th>event / name</th><th>identity</th></tr></thead><tbody>"
-    ]
-    for record in records:
-        accepted = bool(record.get("accepted"))
-        problems = "<br>".join(
-            f"<b>{_e(p.get('rule', ''))}</b>: {_e(p.get('message', ''))}"
-            for p in record.get("problems") or []
-        )
-        rows.append(
-            f'<tr class="{"accepted" if accepted else "rejected"}">'
-            f"<td>{_e(record.get('receivedAt', ''))}</td>"
-            f"<td>{_e(record.get('dialect', ''))}</td>"
-            f"<td>{_e(record.get('call', ''))}</td>"
-            f"<td>{'accepted' if accepted else 'rejected'}</td>"
-            f"<td>{problems}</td>"
-            f"<td>{_e(event_name(record))}</td>"
-            f"<td>{_e(identity(record))}</td></tr>"
-        )
-    rows.append("</tbody></table>")
-    return "\n".join(rows)
-
-
-def _e(value: object) -> str:
-    return html.escape(str(value), quote=True)
-
-
-_HOST = re.compile(r"[A-Za-z0-9.\-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
-
-
-def _base_url(environ: WSGIEnvironment) -> str:
-    """This server's own URL as the browser reached it (PEP 3333 URL reconstruction)."""
-    scheme: str = environ.get("wsgi.url_scheme", "http")
-    host: str | None = environ.get("HTTP_HOST")
-    # The Host header is the client's word: use it only if it looks like a host.
-    if not host or not _HOST.fullmatch(host):
-        host = environ.get("SERVER_NAME", "localhost")
-        port = environ.get("SERVER_PORT", "")
-        if port and (scheme, port) not in (("http", "80"), ("https", "443")):
-            host = f"{host}:{port}"
-    return f"{scheme}://{host}{environ.get('SCRIPT_NAME', '')}"
+def _static_file(name: str) -> bytes:
+    """One of the page's files, read from the installed package."""
+    return (resources.files("pixel_middleware") / "static" / name).read_bytes()
 
 
 def _nothing() -> int:

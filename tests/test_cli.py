@@ -618,9 +618,9 @@ def test_serve_answers_pixels_and_flushes_on_sigterm(
         assert collector.store_url in collector.banner
         page = requests.get(collector.url, timeout=5)
         assert page.status_code == 200
-        example = re.search(r'<img src="([^"]+)" width="1" height="1" alt="">', page.text)
-        assert example, page.text
-        pixel = requests.get(html.unescape(example.group(1)), timeout=5)
+        # The live page's test pixel, as its button sends it.
+        status = requests.get(collector.url + "api/status", timeout=5).json()
+        pixel = requests.get(collector.url.rstrip("/") + status["testPixels"][0]["path"], timeout=5)
         assert (pixel.status_code, pixel.content) == (200, GIF)
 
         def send(i: int) -> int:
@@ -639,7 +639,7 @@ def test_serve_answers_pixels_and_flushes_on_sigterm(
     records = stored(collector.store_url, capsys)
     assert len(records) == 26
     assert records[0]["accepted"] is True
-    assert records[0]["event"]["event"] == "Collector Page Viewed"
+    assert records[0]["event"]["event"] == "Test Pixel Sent"
     assert (
         sum(r["event"] is not None and r["event"].get("event") == "Concurrent" for r in records)
         == 24

@@ -204,6 +204,27 @@ class JSONLStore:
                 continue
             yield offset, cast(PixelRecord, record)
 
+    def clear(self) -> None:
+        """Empty the file (the collector's ``POST /api/reset``), under the writers' flock.
+
+        Positions are byte offsets, so they start over at 0: a reader holding
+        an older position should take a fresh one.
+        """
+        with self._lock:
+            if self._closed:
+                raise StoreError(f"the store for {self.path} is closed")
+            try:
+                fd = self._open()
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    os.ftruncate(fd, 0)
+                    if self.fsync:
+                        os.fsync(fd)
+                finally:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+            except OSError as exc:
+                raise StoreError(f"clearing {self.path} failed: {exc}") from exc
+
 
 def _line(record: PixelRecord) -> bytes:
     try:

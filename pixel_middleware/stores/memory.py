@@ -83,3 +83,12 @@ class MemoryStore:
 
     def __repr__(self) -> str:
         return f"MemoryStore({len(self._records)} records)"
+
+    def clear(self) -> None:
+        """Forget every record (the collector's ``POST /api/reset``).
+
+        Positions start over at 0: a reader holding an older position reads
+        from the start again.
+        """
+        with self._lock:
+            self._records.clear()

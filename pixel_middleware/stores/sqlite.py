@@ -364,6 +364,31 @@ class SQLiteStore:
                 conn.execute("ROLLBACK")
             raise
 
+    def clear(self) -> None:
+        """Delete every record (the collector's ``POST /api/reset``), as one transaction.
+
+        Sequence numbers are never reused (AUTOINCREMENT): a reader holding a
+        position reads only what is written after the reset.
+        """
+        with self._lock:
+            try:
+                conn = self._connection()
+                lock = self._writer_lock_fd()
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    try:
+                        conn.execute("DELETE FROM pixel_records")
+                        conn.execute("COMMIT")
+                    except BaseException:
+                        if conn.in_transaction:
+                            conn.execute("ROLLBACK")
+                        raise
+                finally:
+                    fcntl.flock(lock, fcntl.LOCK_UN)
+            except (OSError, sqlite3.Error) as exc:
+                raise StoreError(f"clearing {self.path} failed: {exc}") from exc
+
 
 def _row(record: PixelRecord) -> tuple[Any, ...]:
     event = record["event"]
