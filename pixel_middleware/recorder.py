@@ -260,7 +260,7 @@ class Recorder:
             if self._commit_as_leader(batch, deadline):
                 return True
             with self._lock:
-                self._refused(record, "it could not be kept in time")
+                self._refused(record, "not committed: the store and spool fail, or it was slow")
             return False
         except Exception:
             logger.exception("recording %s failed", _record_id(record))
@@ -308,12 +308,12 @@ class Recorder:
             return
         self._refusing = True
         logger.error(
-            "recorder for %s: record %s not kept within %ss (%s); records are refused"
-            " like this until one is kept again",
+            "recorder for %s: record %s not kept (%s; keep_timeout=%ss); records are"
+            " refused like this until one is kept again",
             _url(self.store),
             _record_id(record),
-            self.keep_timeout,
             why,
+            self.keep_timeout,
         )
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -515,6 +515,11 @@ class Recorder:
                 raise
             with self._lock:
                 self._finish(head, rest)
+            if rest:
+                # Neither the store nor the spool took the head of the queue,
+                # which is or is ahead of ours: say so at once. The background
+                # thread keeps trying it.
+                return False
 
     def _write_step(self, slot: _WriterSlot) -> float | None:
         """The background thread's one round: write what is due; then how long to
@@ -545,6 +550,20 @@ class Recorder:
                 return None
         rest: list[PixelRecord] | None = []
         try:
+            # The spool first: its records are older than any batch, and a full
+            # spool takes the batch only once the store took some of it.
+            # Closing tries it once at once instead of waiting (and spinning)
+            # until the next retry is due.
+            if self._spooled() and (closing or time.monotonic() >= self._next_retry):
+                try:
+                    replayed = self._replay()
+                except Exception:
+                    logger.exception("recorder: replaying the spool %s failed", self.spool_path)
+                    replayed = False
+                if not replayed:
+                    with self._lock:
+                        self._next_retry = time.monotonic() + self.retry_interval
+                        self._gave_up_closing = closing
             if batch is not None:
                 try:
                     rest = self._commit(batch.records)
@@ -556,18 +575,6 @@ class Recorder:
                 if rest and closing:
                     self._give_up(batch, rest)
                     rest = None
-            # Closing tries the spool once at once instead of waiting (and
-            # spinning) until the next retry is due.
-            if not rest and self._spooled() and (closing or time.monotonic() >= self._next_retry):
-                try:
-                    replayed = self._replay()
-                except Exception:
-                    logger.exception("recorder: replaying the spool %s failed", self.spool_path)
-                    replayed = False
-                if not replayed:
-                    with self._lock:
-                        self._next_retry = time.monotonic() + self.retry_interval
-                        self._gave_up_closing = closing
         finally:
             with self._lock:
                 self._finish(batch, rest)
@@ -754,8 +761,8 @@ def _writer_main(slot: _WriterSlot) -> None:
             return
         if wait > 0:
             slot.wake.wait(None if wait == math.inf else wait)
-        busy = slot.busy
-        recorder = busy if busy is not None else slot.ref()
+        # No other local may hold the recorder across the wait above.
+        recorder = slot.busy or slot.ref()
         if recorder is None:
             return  # freed while idle: nothing was waiting
 
