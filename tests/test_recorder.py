@@ -768,7 +768,7 @@ def test_the_spool_cap_refuses_records_with_one_loud_line(
 
 def test_bad_keep_timeout_and_spool_cap_fail_at_construction() -> None:
     for options in ({"keep_timeout": 0}, {"keep_timeout": float("inf")}, {"spool_max_bytes": 0}):
-        with pytest.raises(ValueError, match="keep_timeout|spool_max_bytes"):
+        with pytest.raises(ValueError, match=r"keep_timeout|spool_max_bytes"):
             Recorder(MemoryStore(), **options)
 
 
