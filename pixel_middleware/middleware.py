@@ -52,6 +52,11 @@ _NO_CACHE = [
 ]
 
 
+# The answer to a pixel that could not be recorded (see _not_kept_answer).
+_RETRY_AFTER_SECONDS = "5"
+_NOT_KEPT_TEXT = b"Service Unavailable: the pixel could not be recorded; send it again later.\n"
+
+
 class PixelMiddleware:
     """Answer and record Segment- and RudderStack-style tracking pixels.
 
@@ -61,7 +66,9 @@ class PixelMiddleware:
     systems answer them; every other request is passed to ``app`` untouched.
     A pixel never gets a 500: bad input becomes a recorded, explained
     rejection, and even a failing store or a bug in the decoder still gets the
-    dialect's normal answer (the GIF for Segment).
+    dialect's normal answer (the GIF for Segment). Only a pixel that cannot be
+    kept at all (the store and the spool both fail) gets ``503`` with
+    ``Retry-After``, and still the dialect's body.
 
     :param app: The WSGI application to wrap.
     :param store: Where records go: a store URL (``sqlite:///path``,
@@ -213,22 +220,47 @@ class PixelMiddleware:
             return self.app(environ, start_response)
 
         record = outcome.record
-        if record is not None:
-            self._keep(record)
+        if record is not None and not self._keep(record):
+            status, headers, body = self._not_kept_answer(route)
+            start_response(_status_line(status), headers)
+            return [body]
         start_response(_status_line(outcome.status), outcome.headers)
         return [outcome.body]
 
-    def _keep(self, record: PixelRecord) -> None:
+    def _keep(self, record: PixelRecord) -> bool:
+        """Hand ``record`` to the recorder; whether it was kept."""
         try:
-            self.recorder.record(record)
+            kept = self.recorder.record(record)
         except Exception:
-            # Recorder.record() is documented never to raise; a pixel still must not 500.
+            # Recorder.record() is documented never to raise; a pixel still must not
+            # 500. Whether it was kept is unknown: the bug is logged, the answer normal.
             logger.exception("recording pixel %s failed", record.get("id"))
+            kept = True
         if self.on_record is not None:
             try:
                 self.on_record(record)
             except Exception:
                 logger.exception("on_record callback failed for pixel %s", record.get("id"))
+        return kept
+
+    def _not_kept_answer(self, route: Route) -> tuple[int, list[tuple[str, str]], bytes]:
+        """503 for a pixel whose record could not be kept (store and spool failing).
+
+        Honest, so that a client or a load balancer can tell and retry, and
+        still the dialect's body: Segment's contract is "always the GIF" (a
+        page showing the pixel keeps its layout), RudderStack's a short text.
+        """
+        if route.dialect == "rudderstack" and self.config.rudderstack_response == "seed":
+            body, content_type = _NOT_KEPT_TEXT, "text/plain; charset=utf-8"
+        else:
+            body, content_type = GIF, "image/gif"
+        headers = [
+            *_NO_CACHE,
+            ("Retry-After", _RETRY_AFTER_SECONDS),
+            ("Content-Type", content_type),
+            ("Content-Length", str(len(body))),
+        ]
+        return 503, headers, body
 
     def _fallback_outcome(
         self,
@@ -283,16 +315,17 @@ class PixelMiddleware:
         }
         return PixelOutcome(200, headers, body, record)
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
         """Flush what is queued, then close the recorder this middleware created
         (which closes its store, a :class:`~.stores.Store` passed in included).
 
-        A :class:`~.recorder.Recorder` passed in as ``store`` is left open: its
-        owner closes it. Without a call to ``close()``, the recorder's exit hook
-        flushes at interpreter exit.
+        Waits at most ``timeout`` seconds (``None``: as long as the flush takes;
+        see :meth:`.Recorder.close`). A :class:`~.recorder.Recorder` passed in
+        as ``store`` is left open: its owner closes it. Without a call to
+        ``close()``, the recorder's exit hook flushes at interpreter exit.
         """
         if self._owns_recorder:
-            self.recorder.close()
+            self.recorder.close(timeout)
 
     def __repr__(self) -> str:
         return f"<PixelMiddleware {self.app!r} prefix={self.config.prefix!r}>"

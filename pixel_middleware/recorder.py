@@ -3,53 +3,74 @@
 Handlers call :meth:`Recorder.record`; whoever writes next takes everything
 queued since the last write (up to ``max_batch`` records) and hands it to the
 store in one ``write()``: a group commit, so that many concurrent pixels share
-the cost of one transaction. With ``durable=True`` the writer is a caller
-itself (leader and followers): the first caller to find no write under way
-writes the queue, and those arriving meanwhile wait for the next write, which
-one of them leads. A lone request thus commits in its own thread, with no
-hand-off to another thread and back (two GIL wake-ups that cost more than the
-commit). A background thread writes what ``durable=False`` queues and replays
-the spool; a write of either kind excludes the others, so order is kept.
+the cost of one transaction. With ``durable=True`` the writers are the callers
+themselves (leader and followers): the first caller to find no write under way
+writes the queue's oldest batch, and those arriving meanwhile wait for the
+next write, which one of them leads. A lone request thus commits in its own
+thread, with no hand-off to another thread and back (two GIL wake-ups that
+cost more than the commit). A background thread writes what ``durable=False``
+queues, replays the spool, retries while the store and the spool both fail,
+and writes what callers left behind (one that gave up waiting, or was
+interrupted). Many threads may write, but only one at a time, so order is
+kept.
 
-Durability, with ``durable=True`` (the default): ``record()`` returns only
-once the record is committed, to the store or, while the store fails, to the
-spool on local disk. An answer sent after ``record()`` returned therefore means
-the event survives the process being killed (``kill -9``); how it fares in a
-power loss is the store's ``synchronous``/``fsync`` choice. With
-``durable=False`` (fire and forget), ``record()`` returns once the record is
-queued: a crash loses what is queued and not yet written (at most
-``max_pending`` records, usually only the last few milliseconds' worth), while
-a normal exit writes it (see "Exit" below).
+Durability, with ``durable=True`` (the default): ``record()`` returns ``True``
+only once the record is committed, to the store or, while the store fails, to
+the spool on local disk. An answer sent after that therefore means the event
+survives the process being killed (``kill -9``); how it fares in a power loss
+is the store's ``synchronous``/``fsync`` choice. With ``durable=False`` (fire
+and forget), ``record()`` returns ``True`` once the record is queued: a crash
+loses what is queued and not yet written (at most ``max_pending`` records,
+usually only the last few milliseconds' worth), while a normal exit writes it
+(see "Exit" below).
 
-Bounded memory: at most ``max_pending`` records wait in memory. When that many
-are waiting, ``record()`` blocks until the writer catches up (backpressure);
-records are never dropped.
+Bounded waits: ``record()`` waits at most ``keep_timeout`` seconds (for room in
+the queue, and with ``durable`` for the commit), then returns ``False``: the
+record is not kept yet. When the store and the spool both fail (a full disk)
+that answer comes at once. A record that was queued stays queued and is
+written once the store or the disk recovers (at least once: a client that
+sends the pixel again then has it twice, with the same ``messageId``). The one
+wait it does not cut short is a store write the caller itself is making; the
+stores bound those with their own timeouts.
+
+Bounded memory: at most ``max_pending`` records wait in memory; records are
+never dropped to make room.
 
 Store failure: when ``store.write()`` raises, the batch goes to the spool
-(:mod:`pixel_middleware.spool`, ``spool_path``), and so does every later record
-while anything is spooled, which keeps them in order. Every
-``retry_interval`` seconds the writer hands the spool's oldest records to the
-store again, in batches, and removes them once the store took them. A crash in
-the middle of that may hand some records to the store twice: at least once,
-never lost. Spool files left by a process that died are adopted by the next
-recorder that starts on the same spool directory.
+(:mod:`pixel_middleware.spool`, ``spool_path``, at most ``spool_max_bytes``),
+and so does every later record while anything is spooled, which keeps them in
+order. Every ``retry_interval`` seconds the background thread hands the
+spool's oldest records to the store again, in batches, and removes them once
+the store took them. A crash in the middle of that may hand some records to
+the store twice: at least once, never lost. When the spool refuses too (full
+disk, its cap), batches stay in memory and are tried again every
+``retry_interval`` seconds.
 
-Exit: an ``atexit`` hook flushes and closes every recorder still open.
-:func:`install_signal_flush` makes SIGTERM do the same (a server's main
-program calls it; the library never takes signal handlers by itself).
+Threads: none until needed. The background thread starts at the first
+``durable=False`` record, the first time a durable caller needs it (a spooled
+record to replay, a batch left behind), at :meth:`close` if anything waits,
+and at construction when the spool directory holds files, so that the spool
+files left by a process that died are handed on even if no pixel comes. It
+holds its recorder only while records wait (queued or spooled): an idle
+recorder that nobody references is freed, and its thread ends.
+
+Exit: at interpreter exit every recorder still open is flushed and closed
+(within ``EXIT_TIMEOUT`` seconds in all). :func:`install_signal_flush` makes
+SIGTERM flush too (a server's main program calls it; the library never takes
+signal handlers by itself).
 
 Usage::
 
     recorder = Recorder(open_store("sqlite:///pixels.sqlite3"))
-    recorder.record(record)   # committed when it returns
+    kept = recorder.record(record)   # True: committed when it returns
     recorder.close()
 """
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import logging
+import math
 import os
 import signal
 import threading
@@ -60,11 +81,18 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import FrameType
 
+from pixel_middleware import _process
 from pixel_middleware.core import PixelRecord
-from pixel_middleware.spool import Spool
+from pixel_middleware.spool import DEFAULT_MAX_BYTES, Spool
 from pixel_middleware.stores import RecordError, Store
 
-__all__ = ["DEFAULT_SPOOL_ROOT", "Recorder", "default_spool_path", "install_signal_flush"]
+__all__ = [
+    "DEFAULT_SPOOL_ROOT",
+    "EXIT_TIMEOUT",
+    "Recorder",
+    "default_spool_path",
+    "install_signal_flush",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -72,9 +100,10 @@ logger = logging.getLogger(__name__)
 #: store URL under this one, relative to the working directory.
 DEFAULT_SPOOL_ROOT = "pixel-spool"
 
-# How long the exit hook and the SIGTERM handler wait for each recorder.
-_EXIT_TIMEOUT = 10.0
+#: Seconds the exit hook and the SIGTERM handler wait for all recorders together.
+EXIT_TIMEOUT = 10.0
 
+# Every recorder not closed yet, held weakly: the exit and fork hooks' list.
 _LIVE: weakref.WeakSet[Recorder] = weakref.WeakSet()
 
 
@@ -90,34 +119,54 @@ def default_spool_path(store_url: str) -> Path:
 
 
 class _Batch:
-    """Records that will be written together, and the event set once they are."""
+    """Records that will be written together; ``done`` is set once they are
+    written or given up on, and ``kept`` says which."""
 
-    __slots__ = ("done", "records")
+    __slots__ = ("done", "kept", "records")
 
     def __init__(self) -> None:
         self.records: list[PixelRecord] = []
         self.done = threading.Event()
+        self.kept = False
+
+
+class _WriterSlot:
+    """What the background thread holds: its recorder weakly, and strongly
+    (``busy``) only while records wait, so that an idle recorder can be freed.
+    ``wake`` is set when there is work (and when the recorder is freed)."""
+
+    __slots__ = ("busy", "ref", "wake")
+
+    def __init__(self, recorder: Recorder) -> None:
+        wake = self.wake = threading.Event()
+        self.ref = weakref.ref(recorder, lambda _: wake.set())
+        self.busy: Recorder | None = recorder
 
 
 class Recorder:
-    """Hands records to a store from one writer thread, in group commits.
+    """Hands records to a store in group commits (see the module documentation).
 
     :param store: Where the records go; closed by :meth:`close`.
-    :param durable: ``True``: :meth:`record` returns once the record is
-        committed (to the store, or to the spool while the store fails).
-        ``False``: it returns once the record is queued.
+    :param durable: ``True``: :meth:`record` returns ``True`` once the record
+        is committed (to the store, or to the spool while the store fails).
+        ``False``: once the record is queued.
     :param max_batch: The most records in one ``store.write()``.
     :param max_pending: The most records waiting in memory; :meth:`record`
-        blocks while that many wait.
+        waits (up to ``keep_timeout``) while that many wait.
+    :param keep_timeout: The most seconds :meth:`record` waits before it
+        returns ``False`` (not kept yet); ``None`` waits as long as it takes.
     :param spool_path: The directory of the spool; by default
         ``./pixel-spool/<hash of the store URL>/`` (:func:`default_spool_path`).
         Recorders of one store in several processes share it (each process
         writes its own file).
+    :param spool_max_bytes: The most bytes the spool's files may hold on disk
+        (1 GiB by default; ``None``: no cap). Past it, records wait in memory.
     :param retry_interval: Seconds between attempts to hand spooled records
-        back to a failing store.
+        back to a failing store, or to keep records when the spool fails too.
     """
 
     store: Store
+    _refusing: bool  # a record was refused and none kept since
 
     def __init__(
         self,
@@ -126,7 +175,9 @@ class Recorder:
         durable: bool = True,
         max_batch: int = 500,
         max_pending: int = 10_000,
+        keep_timeout: float | None = 5.0,
         spool_path: str | os.PathLike[str] | None = None,
+        spool_max_bytes: int | None = DEFAULT_MAX_BYTES,
         retry_interval: float = 1.0,
     ) -> None:
         if not callable(getattr(store, "write", None)):
@@ -140,58 +191,80 @@ class Recorder:
             raise ValueError(
                 f"Recorder: retry_interval must be more than 0 seconds, got {retry_interval!r}"
             )
+        if keep_timeout is not None and (
+            isinstance(keep_timeout, bool) or not 0 < keep_timeout < math.inf
+        ):
+            raise ValueError(
+                f"Recorder: keep_timeout must be more than 0 seconds or None, got {keep_timeout!r}"
+            )
         self.store = store
         self.durable = durable
         self.max_batch = max_batch
         self.max_pending = max_pending
+        self.keep_timeout = None if keep_timeout is None else float(keep_timeout)
         self.retry_interval = float(retry_interval)
         if spool_path is None:
             spool_path = default_spool_path(_url(store))
         self.spool_path = Path(spool_path).absolute()
-        self._spool = Spool(self.spool_path)
-        self._close_started = False
+        try:
+            self._spool = Spool(self.spool_path, max_bytes=spool_max_bytes)
+        except ValueError as exc:
+            raise ValueError(f"Recorder: spool_max_bytes: {exc}") from None
         self._store_closed = False
         self._reset()
+        _register_process_hooks()
         _LIVE.add(self)
-        with self._lock:
-            # Started now, not at the first record, so that spool files left
-            # by a process that died are handed on even if no pixel comes.
-            self._start()
+        if _has_spool_files(self.spool_path):
+            with self._lock:
+                # Left by a process that died: hand them on even if no pixel comes.
+                self._wake_writer()
 
     def __repr__(self) -> str:
         return f"Recorder({self.store!r}, durable={self.durable})"
 
     @property
     def spooled(self) -> int:
-        """The number of records waiting in the spool for the store to recover."""
+        """The number of records waiting in the spool for the store to recover.
+
+        Never waits for a write under way (it reads the spool's counter).
+        """
         return len(self._spool)
 
-    def record(self, record: PixelRecord) -> None:
+    def record(self, record: PixelRecord) -> bool:
         """Queue ``record`` for the store; with ``durable``, wait until it is committed.
 
-        Never raises: a problem is logged. Blocks while ``max_pending``
-        records wait. After :meth:`close`, the record is not kept and an error
-        is logged.
+        ``True``: committed (``durable``) or queued (fire and forget).
+        ``False``: not kept within ``keep_timeout`` seconds, or the recorder is
+        closed; a record that was queued is still written when the store or
+        the disk recovers. Never raises: a problem is logged.
         """
         try:
+            deadline = None if self.keep_timeout is None else time.monotonic() + self.keep_timeout
             with self._lock:
                 while self._pending >= self.max_pending and not self._closed:
-                    self._space.wait()
+                    wait = _left(deadline)
+                    if wait is not None and wait <= 0:
+                        self._refused(record, f"{self._pending} records already wait")
+                        return False
+                    self._space.wait(wait)
                 if self._closed:
                     logger.error(
                         "recorder for %s is closed: record %s not kept",
                         _url(self.store),
                         _record_id(record),
                     )
-                    return
-                if self._thread is None:
-                    self._start()  # the first record in a forked child
+                    return False
                 batch = self._enqueue(record)
                 if not self.durable:
-                    return
-            self._commit_as_leader(batch)
+                    return True
+            if self._commit_as_leader(batch, deadline):
+                return True
+            with self._lock:
+                self._refused(record, "not committed: the store and spool fail, or it was slow")
+            return False
         except Exception:
             logger.exception("recording %s failed", _record_id(record))
+            return False
 
     def offer(self, record: PixelRecord) -> bool:
         """Queue ``record`` if that needs no waiting; ``False`` (nothing queued) otherwise.
@@ -205,7 +278,7 @@ class Recorder:
         if self.durable:
             return False
         with self._lock:
-            if self._closed or self._pending >= self.max_pending or self._thread is None:
+            if self._closed or self._pending >= self.max_pending:
                 return False
             self._enqueue(record)
         return True
@@ -213,8 +286,8 @@ class Recorder:
     def _enqueue(self, record: PixelRecord) -> _Batch:
         """Add ``record`` to the newest batch with room; call with the lock held.
 
-        Fire and forget: the writer thread is woken. Durable: the caller leads
-        (or follows) the commit itself.
+        Fire and forget: the background thread is woken. Durable: the caller
+        leads (or follows) the commit itself.
         """
         batches = self._batches
         if batches and len(batches[-1].records) < self.max_batch:
@@ -225,11 +298,26 @@ class Recorder:
         batch.records.append(record)
         self._pending += 1
         if not self.durable:
-            self._work.notify()
+            self._wake_writer()
         return batch
 
+    def _refused(self, record: PixelRecord, why: str) -> None:
+        """Log a record not kept: loudly the first time since one was kept."""
+        if self._refusing:
+            logger.debug("record %s not kept: %s", _record_id(record), why)
+            return
+        self._refusing = True
+        logger.error(
+            "recorder for %s: record %s not kept (%s; keep_timeout=%ss); records are"
+            " refused like this until one is kept again",
+            _url(self.store),
+            _record_id(record),
+            why,
+            self.keep_timeout,
+        )
+
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every record queued so far is committed (to the store or spool).
+        """Wait until every record queued so far is written or given up on.
 
         ``True`` when they are; ``False`` when ``timeout`` seconds passed first.
         """
@@ -237,23 +325,28 @@ class Recorder:
             if self._writer == threading.get_ident():
                 return False  # called from within this thread's own write (a signal handler)
             last = self._batches[-1] if self._batches else self._inflight
+            if last is not None:
+                self._wake_writer()  # a batch a caller left behind has no other writer
         return True if last is None else last.done.wait(timeout)
 
     def close(self, timeout: float | None = None) -> None:
-        """Flush, stop the writer and close the store; idempotent.
+        """Flush, stop the background thread and close the store; idempotent.
 
         Waits up to ``timeout`` seconds (``None``: as long as it takes) for the
-        queue to be written; if it is not, logs how many records are still
-        waiting and leaves the store open for the writer, which goes on trying.
+        queue to be written. Each waiting batch gets one more attempt, at once;
+        what neither the store nor the spool takes then is given up (logged
+        with the count). If the time runs out first (a store write that hangs),
+        it logs how many records are still waiting and leaves the store open
+        for the thread, which goes on trying.
         """
         with self._lock:
-            self._close_started = True
             self._closing = True
-            self._work.notify()
-            thread = self._thread
-            if thread is None:
+            if self._batches or self._spooled() or self._thread is not None:
+                self._wake_writer()
+            else:
                 self._closed = True
                 self._space.notify_all()
+            thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
             if thread.is_alive():
@@ -275,13 +368,12 @@ class Recorder:
         self._spool.close()
         _LIVE.discard(self)
 
-    # --- the writer thread ---------------------------------------------------
+    # --- writing ---------------------------------------------------------------
 
     def _reset(self) -> None:
         """The in-memory state, fresh (at construction, and in a forked child)."""
         # Reentrant, for the SIGTERM handler's flush interrupting record().
         self._lock = threading.RLock()
-        self._work = threading.Condition(self._lock)  # the writer waits for records
         self._space = threading.Condition(self._lock)  # record() waits for room
         self._written = threading.Condition(self._lock)  # a write ended
         self._writer: int | None = None  # the thread writing to the store or spool now
@@ -290,17 +382,34 @@ class Recorder:
         self._pending = 0  # records queued or being written
         self._closing = False
         self._closed = False
+        self._gave_up_closing = False
+        # Both the store and the spool failed the last write: nobody writes
+        # again before _next_retry, which is also when the spool is replayed.
+        self._stalled = False
+        self._next_retry = 0.0
+        self._refusing = False
         self._thread: threading.Thread | None = None
+        self._slot: _WriterSlot | None = None
         # What went through the spool since it was last empty, for the log.
         self._replayed = 0
         self._spooling_since = time.monotonic()
 
-    def _start(self) -> None:
-        """Start the writer; call with the lock held."""
-        self._thread = threading.Thread(
-            target=self._run, name=f"pixel-recorder {self.spool_path.name}", daemon=True
-        )
-        self._thread.start()
+    def _wake_writer(self) -> None:
+        """Start or wake the background thread, which holds this recorder from now
+        until it runs out of work; call with the lock held."""
+        if self._closed:
+            return  # the thread died of a BaseException, or closing is over
+        if self._slot is None or self._thread is None:
+            self._slot = _WriterSlot(self)
+            self._thread = threading.Thread(
+                target=_writer_main,
+                args=(self._slot,),
+                name=f"pixel-recorder {self.spool_path.name}",
+                daemon=True,
+            )
+            self._thread.start()
+        self._slot.busy = self
+        self._slot.wake.set()
 
     def _claim(self) -> None:
         """Become the one thread writing; call with the lock held."""
@@ -308,157 +417,250 @@ class Recorder:
             self._written.wait()
         self._writer = threading.get_ident()
 
-    def _release(self, batch: _Batch | None) -> None:
-        """End a write begun by :meth:`_claim`; call with the lock held."""
+    def _finish(self, batch: _Batch | None, rest: list[PixelRecord] | None) -> None:
+        """End a write; call with the lock held.
+
+        ``rest``: the records of ``batch`` neither the store nor the spool took
+        (``[]``: all kept; ``None``: given up on, by a bug or while closing).
+        Untaken records go back to the head of the queue, and until
+        ``_next_retry`` nobody tries again.
+        """
         if batch is not None:
-            self._pending -= len(batch.records)
             self._inflight = None
-            self._space.notify(len(batch.records))
-            batch.done.set()
+            taken = len(batch.records) - (len(rest) if rest else 0)
+            if rest:
+                self._pending -= taken
+                batch.records = rest
+                self._batches.appendleft(batch)
+                self._next_retry = time.monotonic() + self.retry_interval
+                self._wake_writer()
+            else:
+                self._pending -= len(batch.records)
+                batch.kept = rest is not None
+                batch.done.set()
+                if batch.kept:
+                    self._refusing = False
+                    if self._stalled:
+                        logger.warning(
+                            "recorder for %s: records are kept again; %d wait in memory",
+                            _url(self.store),
+                            self._pending,
+                        )
+            self._space.notify(max(taken, 1))
+            self._stalled_now(bool(rest))
         self._writer = None
         self._written.notify_all()
 
-    def _commit_as_leader(self, batch: _Batch) -> None:
-        """Return once ``batch`` is committed, writing the queue's head ourselves
-        whenever no other thread is writing."""
+    def _stalled_now(self, stalled: bool) -> None:
+        if stalled and not self._stalled:
+            logger.error(
+                "recorder for %s: neither the store nor the spool %s takes records;"
+                " %d wait in memory (at most %d), tried again every %gs; pixels that"
+                " cannot be kept within %ss are refused",
+                _url(self.store),
+                self.spool_path,
+                self._pending,
+                self.max_pending,
+                self.retry_interval,
+                self.keep_timeout,
+            )
+        self._stalled = stalled
+
+    def _commit_as_leader(self, batch: _Batch, deadline: float | None) -> bool:
+        """Wait until ``batch`` is kept, writing the queue's head ourselves whenever
+        no other thread is writing; ``False`` at ``deadline`` or when given up."""
         while True:
             with self._lock:
-                while self._writer is not None and not batch.done.is_set():
-                    self._written.wait()
+                while not batch.done.is_set():
+                    now = time.monotonic()
+                    retry_in = self._next_retry - now if self._stalled else 0.0
+                    if self._writer is None and retry_in <= 0:
+                        break  # our turn to write
+                    wait = _left(deadline, now)
+                    if wait is not None and wait <= 0:
+                        # Left queued: the background thread writes it.
+                        self._wake_writer()
+                        return False
+                    if self._writer is None:
+                        wait = retry_in if wait is None else min(wait, retry_in)
+                    self._written.wait(wait)
                 if batch.done.is_set():
-                    return
+                    return batch.kept
                 # Not written and nobody writing: it is still queued, and every
                 # batch ahead of it goes first, which keeps the order.
                 self._writer = threading.get_ident()
                 head = self._batches.popleft()
                 self._inflight = head
+            rest: list[PixelRecord] | None
             try:
-                self._commit(head.records)
+                rest = self._commit(head.records)
             except Exception:
                 logger.exception("recorder: %d records may be lost", len(head.records))
+                rest = None
             except BaseException:
-                # SystemExit or KeyboardInterrupt in this caller's thread: it
-                # goes on up, and nobody may wait for a write that never ends.
-                logger.critical("recorder: interrupted; %d records not kept", len(head.records))
-                raise
-            finally:
+                # KeyboardInterrupt, SystemExit, gevent.Timeout in this caller's
+                # thread: it goes on up, and the batch goes back to the head of
+                # the queue for another caller or the background thread to
+                # write. Nobody returns before their own record is kept.
+                logger.critical(
+                    "recorder: interrupted writing %d records; another thread writes them",
+                    len(head.records),
+                )
                 with self._lock:
-                    self._release(head)
+                    self._inflight = None
+                    self._batches.appendleft(head)
+                    self._writer = None
+                    self._written.notify_all()
+                    self._wake_writer()
+                raise
+            with self._lock:
+                self._finish(head, rest)
+            if rest:
+                # Neither the store nor the spool took the head of the queue,
+                # which is or is ahead of ours: say so at once. The background
+                # thread keeps trying it.
+                return False
 
-    def _run(self) -> None:
+    def _write_step(self, slot: _WriterSlot) -> float | None:
+        """The background thread's one round: write what is due; then how long to
+        wait for more (``inf``: until woken), or ``None`` to stop."""
+        with self._lock:
+            slot.wake.clear()
+            now = time.monotonic()
+            closing = self._closing
+            retry_due = now >= self._next_retry
+            if not closing:
+                if self._batches:
+                    due = not self._stalled or retry_due
+                else:
+                    due = self._spooled() and retry_due
+                if not due:
+                    if self._batches or self._spooled():
+                        return self._next_retry - now
+                    slot.busy = None  # idle: let the recorder be freed
+                    return math.inf
+            self._claim()
+            batch = self._batches.popleft() if self._batches else None
+            self._inflight = batch
+            if batch is None and closing and (self._gave_up_closing or not self._spooled()):
+                self._closed = True
+                self._space.notify_all()
+                self._finish(None, None)
+                slot.busy = None
+                return None
+        rest: list[PixelRecord] | None = []
         try:
-            self._write_until_closed()
+            # The spool first: its records are older than any batch, and a full
+            # spool takes the batch only once the store took some of it.
+            # Closing tries it once at once instead of waiting (and spinning)
+            # until the next retry is due.
+            if self._spooled() and (closing or time.monotonic() >= self._next_retry):
+                try:
+                    replayed = self._replay()
+                except Exception:
+                    logger.exception("recorder: replaying the spool %s failed", self.spool_path)
+                    replayed = False
+                if not replayed:
+                    with self._lock:
+                        self._next_retry = time.monotonic() + self.retry_interval
+                        self._gave_up_closing = closing
+            if batch is not None:
+                try:
+                    rest = self._commit(batch.records)
+                except Exception:
+                    # A bug, not a store failure (those are handled inside):
+                    # say so loudly, but never leave record() waiting forever.
+                    logger.exception("recorder: %d records may be lost", len(batch.records))
+                    rest = None
+                if rest and closing:
+                    self._give_up(batch, rest)
+                    rest = None
         finally:
             with self._lock:
-                if not self._closed:
-                    # Only a BaseException (SystemExit raised by a store, say)
-                    # gets here: whatever waits would wait forever.
-                    lost = sum(len(batch.records) for batch in self._batches)
-                    logger.critical("recorder writer stopped: %d queued records not kept", lost)
-                    self._closed = True
-                    self._space.notify_all()
-                waiting, self._batches = list(self._batches), deque()
-                for batch in waiting:
-                    batch.done.set()
-                self._written.notify_all()
+                self._finish(batch, rest)
+        return 0.0
 
-    def _write_until_closed(self) -> None:
+    def _give_up(self, batch: _Batch, rest: list[PixelRecord]) -> None:
+        """Closing, and neither the store nor the spool takes ``rest``: give up on
+        it and on everything queued behind it, loudly."""
+        with self._lock:
+            waiting, self._batches = list(self._batches), deque()
+            lost = len(rest) + sum(len(other.records) for other in waiting)
+            for other in waiting:
+                self._pending -= len(other.records)
+                other.done.set()
+            self._gave_up_closing = True
+        logger.critical(
+            "recorder for %s closing: neither the store nor the spool %s takes records;"
+            " %d records not kept",
+            _url(self.store),
+            self.spool_path,
+            lost,
+        )
+
+    def _writer_died(self) -> None:
+        """The background thread dies of a BaseException (SystemExit raised by a
+        store, say): whatever waits would wait forever."""
+        with self._lock:
+            if not self._closed:
+                lost = sum(len(batch.records) for batch in self._batches)
+                logger.critical("recorder writer stopped: %d queued records not kept", lost)
+                self._closed = True
+                self._space.notify_all()
+            waiting, self._batches = list(self._batches), deque()
+            for batch in waiting:
+                batch.done.set()
+            if self._writer == threading.get_ident():
+                self._writer = None
+            self._written.notify_all()
+
+    def _adopt_spool(self) -> None:
         try:
-            self._spool.adopt()
+            if self._spool.adopt():
+                with self._lock:
+                    self._spooling_since = time.monotonic()
         except OSError as exc:
             logger.error("cannot adopt old spool files in %s: %s", self.spool_path, exc)
-        next_retry = 0.0  # when to hand the spool to the store again
-        gave_up_closing = False
-        while True:
-            with self._lock:
-                while not self._batches and not self._closing:
-                    if not self._spooled():
-                        self._work.wait()
-                        continue
-                    delay = next_retry - time.monotonic()
-                    if delay <= 0:
-                        break
-                    self._work.wait(delay)
-                # Durable callers write too: wait until none is writing.
-                self._claim()
-                batch = self._batches.popleft() if self._batches else None
-                self._inflight = batch
-                if batch is None and self._closing and (gave_up_closing or not self._spooled()):
-                    self._closed = True
-                    self._space.notify_all()
-                    self._release(None)
-                    return
-            try:
-                if batch is not None:
-                    try:
-                        self._commit(batch.records)
-                    except Exception:
-                        # A bug, not a store failure (those are handled inside):
-                        # say so loudly, but never leave record() waiting forever.
-                        logger.exception("recorder: %d records may be lost", len(batch.records))
-                # Closing tries the spool once at once instead of waiting (and
-                # spinning) until the next retry is due.
-                if self._spooled() and (self._closing or time.monotonic() >= next_retry):
-                    try:
-                        replayed = self._replay()
-                    except Exception:
-                        logger.exception("recorder: replaying the spool %s failed", self.spool_path)
-                        replayed = False
-                    if not replayed:
-                        next_retry = time.monotonic() + self.retry_interval
-                        gave_up_closing = self._closing
-            finally:
-                with self._lock:
-                    self._release(batch)
 
     def _spooled(self) -> bool:
         return len(self._spool) > 0
 
-    def _commit(self, records: Sequence[PixelRecord]) -> None:
-        """Keep ``records`` in the store, else in the spool; returns once they are kept."""
-        while True:
-            failure: Exception | None = None
-            if not self._spooled():
-                try:
-                    self.store.write(records)
-                    return
-                except RecordError:
-                    records, failure = self._write_one_by_one(records)
-                    if not records:
-                        return
-                except Exception as exc:
-                    failure = exc
+    def _commit(self, records: Sequence[PixelRecord]) -> list[PixelRecord]:
+        """Keep ``records`` in the store, else in the spool; the ones neither took."""
+        failure: Exception | None = None
+        if not self._spooled():
             try:
-                self._append_to_spool(records)
-            except OSError as exc:
-                # Neither the store nor the disk: keep the batch in memory (new
-                # records wait behind it, up to max_pending) and try both again.
-                logger.error(
-                    "cannot spool %d records to %s either (%s); trying again in %gs",
-                    len(records),
-                    self.spool_path,
-                    exc,
-                    self.retry_interval,
-                )
-                time.sleep(self.retry_interval)
-                continue
-            if failure is not None:
-                self._replayed = 0
-                self._spooling_since = time.monotonic()
-                logger.warning(
-                    "store %s failed (%s): spooling, %d records waiting in %s;"
-                    " trying the store again every %gs",
-                    _url(self.store),
-                    failure,
-                    len(self._spool),
-                    self.spool_path,
-                    self.retry_interval,
-                )
-                with self._lock:
-                    # A durable caller may have spooled: the writer thread,
-                    # which replays, must start counting to its next retry.
-                    self._work.notify()
-            return
+                self.store.write(records)
+                return []
+            except RecordError:
+                records, failure = self._write_one_by_one(records)
+                if not records:
+                    return []
+            except Exception as exc:
+                failure = exc
+        try:
+            self._append_to_spool(records)
+        except OSError as exc:
+            logger.debug("cannot spool %d records to %s: %s", len(records), self.spool_path, exc)
+            return list(records)
+        if failure is not None:
+            self._replayed = 0
+            self._spooling_since = time.monotonic()
+            logger.warning(
+                "store %s failed (%s): spooling, %d records waiting in %s;"
+                " trying the store again every %gs",
+                _url(self.store),
+                failure,
+                len(self._spool),
+                self.spool_path,
+                self.retry_interval,
+            )
+            with self._lock:
+                # The background thread, which replays, must start counting to
+                # its next retry.
+                self._next_retry = time.monotonic() + self.retry_interval
+                self._wake_writer()
+        return []
 
     def _append_to_spool(self, records: Sequence[PixelRecord]) -> None:
         try:
@@ -529,27 +731,66 @@ def _record_id(record: object) -> object:
 # --- process exit --------------------------------------------------------------
 
 
+def _left(deadline: float | None, now: float | None = None) -> float | None:
+    """Seconds until ``deadline`` (``None``: no deadline)."""
+    return None if deadline is None else deadline - (time.monotonic() if now is None else now)
+
+
+def _has_spool_files(directory: Path) -> bool:
+    try:
+        with os.scandir(directory) as entries:
+            return any(entry.name.endswith(".jsonl") for entry in entries)
+    except OSError:
+        return False
+
+
+def _writer_main(slot: _WriterSlot) -> None:
+    """The background thread: holds the recorder only while it has work."""
+    recorder = slot.busy
+    if recorder is None:
+        return
+    recorder._adopt_spool()
+    while True:
+        try:
+            wait = recorder._write_step(slot)
+        except BaseException:
+            recorder._writer_died()
+            raise
+        del recorder
+        if wait is None:
+            return
+        if wait > 0:
+            slot.wake.wait(None if wait == math.inf else wait)
+        # No other local may hold the recorder across the wait above.
+        recorder = slot.busy or slot.ref()
+        if recorder is None:
+            return  # freed while idle: nothing was waiting
+
+
 def _close_all() -> None:
+    deadline = time.monotonic() + EXIT_TIMEOUT
     for recorder in list(_LIVE):
-        recorder.close(timeout=_EXIT_TIMEOUT)
+        recorder.close(timeout=max(0.0, deadline - time.monotonic()))
 
 
 def _flush_all() -> None:
+    deadline = time.monotonic() + EXIT_TIMEOUT
     for recorder in list(_LIVE):
-        recorder.flush(timeout=_EXIT_TIMEOUT)
+        recorder.flush(timeout=max(0.0, deadline - time.monotonic()))
 
 
 def _after_fork_in_child() -> None:
-    # Only the forking thread lives on in a child: the writer is gone, and its
-    # queue belongs to the parent, which writes it. Start afresh; the writer
-    # starts again at the child's first record.
+    # Only the forking thread lives on in a child: the background thread is
+    # gone, and its queue belongs to the parent, which writes it. Start afresh;
+    # a thread starts again when the child needs one.
     for recorder in list(_LIVE):
         recorder._reset()
         recorder._spool.forget_after_fork()
 
 
-atexit.register(_close_all)
-os.register_at_fork(after_in_child=_after_fork_in_child)
+def _register_process_hooks() -> None:
+    _process.at_exit(_close_all)
+    _process.after_fork_in_child(_after_fork_in_child)
 
 
 def install_signal_flush(signals: Iterable[int] = (signal.SIGTERM,)) -> None:

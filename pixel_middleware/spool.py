@@ -17,10 +17,19 @@ already handed on go to the store again: at least once, never lost.
 Files are made under a ``.new`` name and renamed only once locked and
 complete, so an adopter never mistakes a file being made for an orphan.
 
-A :class:`Spool` is not thread-safe: the recorder's writer thread is its only
-user. :func:`count_spooled` counts the records of a spool directory from any
-process, without taking or locking anything (``pixel-middleware events`` and
-``serve`` use it to say how many wait).
+A spool has a size cap, ``max_bytes`` (1 GiB by default): the bytes of its
+files on disk, adopted ones included. An append that would go over it raises
+:class:`SpoolFullError` (an ``OSError``, as a full disk would) and logs one
+ERROR line when the cap is first reached; space comes back as records are
+handed on and files removed.
+
+A :class:`Spool` is thread-safe: the recorder's request threads (durable
+callers write themselves) and its background thread all use it, one
+operation at a time under the spool's lock. ``len()`` reads a counter and
+never waits for that lock, so it answers at once even while an append hangs
+on a dying disk. :func:`count_spooled` counts the records of a spool directory
+from any process, without taking or locking anything (``pixel-middleware
+events`` and ``serve`` use it to say how many wait).
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import json
 import logging
 import os
 import secrets
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,7 +49,7 @@ from typing import cast
 from pixel_middleware.core import PixelRecord
 from pixel_middleware.stores import RecordError
 
-__all__ = ["Spool", "count_spooled"]
+__all__ = ["DEFAULT_MAX_BYTES", "Spool", "SpoolFullError", "count_spooled"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,17 +58,26 @@ _BLOCK = 256 * 1024
 # process that died making it.
 _ABANDONED_AFTER = 60.0
 
+#: The default cap on a spool's files on disk, in bytes: 1 GiB.
+DEFAULT_MAX_BYTES = 1 << 30
+
+
+class SpoolFullError(OSError):
+    """The spool holds ``max_bytes`` already: nothing more is added until records
+    are handed on. An ``OSError``, like the full disk it stands in for."""
+
 
 class _SpoolFile:
     """One file of the spool, locked by this process, read from ``offset``."""
 
-    __slots__ = ("count", "fd", "offset", "path")
+    __slots__ = ("count", "fd", "offset", "path", "size")
 
-    def __init__(self, path: Path, fd: int, count: int) -> None:
+    def __init__(self, path: Path, fd: int, count: int, size: int = 0) -> None:
         self.path = path
         self.fd = fd
         self.offset = 0  # where the oldest record not yet consumed starts
         self.count = count  # records from `offset` on
+        self.size = size  # bytes in the file, consumed ones included
 
 
 class Spool:
@@ -74,19 +93,44 @@ class Spool:
         spool.consume(len(batch))
 
     The directory is created on the first append (or adoption finds nothing).
+
+    :param max_bytes: The most bytes its files may hold on disk (``None``: no
+        cap); an append that would go over raises :class:`SpoolFullError`.
     """
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+    def __init__(
+        self, directory: str | os.PathLike[str], *, max_bytes: int | None = DEFAULT_MAX_BYTES
+    ) -> None:
+        if max_bytes is not None and (
+            isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1
+        ):
+            raise ValueError(
+                f"Spool: max_bytes must be a whole number of 1 or more or None, got {max_bytes!r}"
+            )
         self.directory = Path(directory).absolute()
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()  # one operation at a time
         # Adopted files first (they are older), this process's own file last.
         self._files: list[_SpoolFile] = []
         self._own: _SpoolFile | None = None
         self._peeked: list[int] = []  # end offsets of the records peek() returned
-        self._left = 0  # records close() left on disk for the next spool
+        # Records waiting (after close(): left on disk for the next spool). Kept
+        # up to date by every operation, so that len() never takes the lock.
+        self._count = 0
+        self._full = False  # the cap was reached and said so in the log
 
     def __len__(self) -> int:
-        """The number of records waiting (after :meth:`close`: left on disk)."""
-        return self._left + sum(file.count for file in self._files)
+        """The number of records waiting (after :meth:`close`: left on disk).
+
+        Never waits: it reads a counter, also while another thread's append or
+        read is under way (it then counts what that operation has not finished).
+        """
+        return self._count
+
+    @property
+    def size(self) -> int:
+        """The bytes of this spool's files on disk (what ``max_bytes`` caps)."""
+        return sum(file.size for file in list(self._files))
 
     def __repr__(self) -> str:
         return f"Spool({str(self.directory)!r}, {len(self)} records)"
@@ -101,23 +145,44 @@ class Spool:
         if not records:
             return
         data = b"".join(_line(record) for record in records)
-        own = self._own if self._own is not None else self._create()
-        size = os.fstat(own.fd).st_size
-        written = 0
-        try:
-            view = memoryview(data)
-            while written < len(data):
-                written += os.write(own.fd, view[written:])
-            os.fsync(own.fd)
-        except OSError:
-            # Whole records or none: the file is ours alone, so cut it back.
-            with contextlib.suppress(OSError):
-                os.ftruncate(own.fd, size)
-            raise
-        own.count += len(records)
+        with self._lock:
+            if self.max_bytes is not None and self.size + len(data) > self.max_bytes:
+                if not self._full:
+                    self._full = True
+                    logger.error(
+                        "spool %s is full (%d bytes, the cap is %d): records that fail to"
+                        " reach the store can no longer be spooled until it takes some",
+                        self.directory,
+                        self.size,
+                        self.max_bytes,
+                    )
+                raise SpoolFullError(
+                    f"the spool {self.directory} holds its cap of {self.max_bytes} bytes"
+                )
+            own = self._own if self._own is not None else self._create()
+            size = os.fstat(own.fd).st_size
+            written = 0
+            try:
+                view = memoryview(data)
+                while written < len(data):
+                    written += os.write(own.fd, view[written:])
+                os.fsync(own.fd)
+            except OSError:
+                # Whole records or none: the file is ours alone, so cut it back.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(own.fd, size)
+                raise
+            own.size = size + len(data)
+            own.count += len(records)
+            self._count += len(records)
+            self._full = False
 
     def peek(self, limit: int) -> list[PixelRecord]:
         """Up to ``limit`` of the oldest records, left in place until consumed."""
+        with self._lock:
+            return self._peek(limit)
+
+    def _peek(self, limit: int) -> list[PixelRecord]:
         self._peeked = []
         records: list[PixelRecord] = []
         while self._files:
@@ -139,6 +204,7 @@ class Spool:
                     )
                     file.offset = end
                     file.count -= 1
+                    self._count -= 1
                     continue
                 records.append(cast(PixelRecord, record))
                 self._peeked.append(end)
@@ -148,19 +214,25 @@ class Spool:
 
     def consume(self, count: int) -> None:
         """Drop the first ``count`` records the last :meth:`peek` returned."""
-        if not 0 <= count <= len(self._peeked):
-            raise ValueError(f"consume({count}) after peeking {len(self._peeked)} records")
-        if count == 0:
-            return
-        file = self._files[0]
-        file.offset = self._peeked[count - 1]
-        file.count -= count
-        self._peeked = self._peeked[count:]
-        if file.count <= 0:
-            self._remove(file)
+        with self._lock:
+            if not 0 <= count <= len(self._peeked):
+                raise ValueError(f"consume({count}) after peeking {len(self._peeked)} records")
+            if count == 0:
+                return
+            file = self._files[0]
+            file.offset = self._peeked[count - 1]
+            file.count -= count
+            self._count -= count
+            self._peeked = self._peeked[count:]
+            if file.count <= 0:
+                self._remove(file)
 
     def adopt(self) -> int:
         """Take over the files of processes that are gone; the number of records gained."""
+        with self._lock:
+            return self._adopt()
+
+    def _adopt(self) -> int:
         try:
             with os.scandir(self.directory) as entries:
                 names = [Path(entry.path) for entry in entries]
@@ -188,11 +260,15 @@ class Spool:
         # Before this process's own file, whose records are newer.
         at = len(self._files) - (1 if self._own is not None else 0)
         self._files[at:at] = adopted
+        self._count += gained
         return gained
 
     def close(self) -> None:
         """Let go of the files: empty ones are removed, others wait for adoption."""
-        self._left += sum(max(file.count, 0) for file in self._files)
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
         for file in self._files:
             if file.count <= 0:
                 _unlink_and_close(file)
@@ -210,13 +286,16 @@ class Spool:
 
     def forget_after_fork(self) -> None:
         """In a forked child: drop the parent's files without touching them."""
+        # Another thread of the parent may have held the lock at the fork.
+        self._lock = threading.Lock()
         for file in self._files:
             # Closing the child's copy of the descriptor leaves the parent's
             # lock in place (it is released only when every copy is closed),
             # and keeps the file adoptable once the parent is gone.
             with contextlib.suppress(OSError):
                 os.close(file.fd)
-        self._left = 0
+        self._count = 0
+        self._full = False
         self._files = []
         self._own = None
         self._peeked = []
@@ -266,6 +345,8 @@ class Spool:
         _fsync_directory(self.directory)
 
     def _remove(self, file: _SpoolFile) -> None:
+        """Drop ``file`` (used up, or only a torn last line left); hold the lock."""
+        self._count -= max(file.count, 0)
         self._files.remove(file)
         if file is self._own:
             self._own = None
@@ -324,10 +405,11 @@ def _claim(path: Path) -> _SpoolFile | None:
         if os.stat(path).st_ino != os.fstat(fd).st_ino:
             raise FileNotFoundError(path)
         count = _count_lines(fd)
+        size = os.fstat(fd).st_size
     except OSError:
         os.close(fd)
         return None
-    return _SpoolFile(path, fd, count)
+    return _SpoolFile(path, fd, count, size)
 
 
 def _count_lines(fd: int) -> int:

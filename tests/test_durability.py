@@ -15,10 +15,12 @@ Loopback only; bounded counts and timeouts. docs/durability.md says what they pr
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -183,7 +185,9 @@ class Load:
                 timeout=15,
             )
             status = response.status_code if response.content.startswith(b"GIF89a") else -1
-        except requests.RequestException:
+        except Exception:
+            # Not only RequestException: any other error left the pixel out of
+            # `answered`, and wait_until() then waited out its whole deadline.
             status = 0
             session.close()
             self._local.session = None
@@ -277,8 +281,15 @@ def test_redis_outage_under_load_loses_no_answered_pixel(
     assert all(len(ids) == 1 for ids in records_by_message.values())
 
 
+def outbox_pending(directory: Path) -> int:
+    """Events waiting in the workers' shared outbox, read as another process would."""
+    with contextlib.closing(sqlite3.connect(directory / "outbox.sqlite3", timeout=10)) as db:
+        ((count,),) = db.execute("SELECT count(*) FROM outbox").fetchall()
+    return int(count)
+
+
 def test_a_flapping_forwarding_endpoint_gets_every_event(
-    serve: Callable[[str], Gunicorn], batch_server: BatchServer
+    serve: Callable[[str], Gunicorn], batch_server: BatchServer, tmp_path: Path
 ) -> None:
     server = serve(
         f"forward+{batch_server.url}?outbox=outbox.sqlite3"
@@ -291,7 +302,11 @@ def test_a_flapping_forwarding_endpoint_gets_every_event(
     load.wait_until(300)
     batch_server.down()
     load.wait_until(600)
-    arrived_while_down = len(batch_server.events)
+    # Proof the endpoint was down while pixels were answered: nothing listens on
+    # its port, and what was answered meanwhile waits in the outbox.
+    with pytest.raises(requests.ConnectionError):
+        requests.post(batch_server.url + "/v1/batch", data=b"{}", timeout=2)
+    assert outbox_pending(tmp_path) > 0
     batch_server.up()
     batch_server.inject(503, times=2)
     load.wait_until(900)
@@ -299,15 +314,69 @@ def test_a_flapping_forwarding_endpoint_gets_every_event(
     time.sleep(0.5)
     batch_server.up()
     ok = load.finish()
-    assert arrived_while_down < 600  # the outbox held the rest
 
     deadline = time.monotonic() + 30
     while not ok <= set(batch_server.message_ids()) and time.monotonic() < deadline:
         time.sleep(0.1)
     server.stop()
     arrived = batch_server.message_ids()
-    assert ok <= set(arrived), f"{len(ok - set(arrived))} events never arrived"
+    assert ok <= set(arrived), (
+        f"{len(ok - set(arrived))} events never arrived; outbox {outbox_pending(tmp_path)},"
+        f" answers {Counter(r.status for r in batch_server.requests)}"
+    )
     statuses = Counter(request.status for request in batch_server.requests)
     assert statuses[500] == 3
     assert statuses[429] == 1
     assert statuses[503] == 2
+
+
+def test_serve_answers_503_when_nothing_can_keep_a_pixel_and_still_stops_on_sigterm(
+    tmp_path: Path,
+) -> None:
+    # A real collector whose store and spool both refuse writes, as on a full
+    # disk: /dev/full answers ENOSPC to every write, even root's, and the spool
+    # directory cannot be made because a file has its name.
+    from pixel_middleware.recorder import default_spool_path
+
+    store = "jsonl:////dev/full"
+    spool = tmp_path / default_spool_path(store)
+    spool.parent.mkdir()
+    spool.write_text("")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pixel_middleware.cli", "serve", "--port", "0", "--store", store],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line.startswith("Collecting pixels on http://127.0.0.1:"), line
+        url = line.split()[3].rstrip(",")
+        event = {"writeKey": "wk", "userId": "u", "event": "Opened"}
+        data = base64.urlsafe_b64encode(json.dumps(event).encode()).decode()
+        started = time.monotonic()
+        segment = requests.get(f"{url}v1/pixel/track?data={data}", timeout=10)
+        rudder = requests.get(
+            f"{url}pixel/v1/track?writeKey=wk&anonymousId=a&event=Opened", timeout=10
+        )
+        assert time.monotonic() - started < 10, "an honest answer, not a hang"
+        for response in (segment, rudder):
+            assert response.status_code == 503
+            assert response.headers["Retry-After"] == "5"
+            assert response.headers["Cache-Control"] == "no-cache, no-store, must-revalidate"
+        assert segment.content.startswith(b"GIF89a"), "Segment: always the GIF"
+        assert segment.headers["Content-Type"] == "image/gif"
+        assert rudder.text.startswith("Service Unavailable")
+        assert "Opened" not in rudder.text, "no answer repeats its input"
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=30)
+        assert time.monotonic() - started < 5, "stopped within the drain time"
+        assert process.returncode == 0, err
+        assert "not kept" in err
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=10)

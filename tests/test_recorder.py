@@ -6,6 +6,8 @@ Real stores (memory, SQLite files) and real processes; the only stand-in is
 
 from __future__ import annotations
 
+import gc
+import json
 import logging
 import os
 import signal
@@ -15,6 +17,7 @@ import sys
 import textwrap
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -257,7 +260,7 @@ def test_backpressure_blocks_record_and_drops_nothing(
 ) -> None:
     store = FlakyStore()
     store.gate.clear()  # the store hangs: nothing gets written
-    recorder = make_recorder(store, durable=False, max_pending=10, max_batch=4)
+    recorder = make_recorder(store, durable=False, max_pending=10, max_batch=4, keep_timeout=None)
     returned = 0
 
     def produce() -> None:
@@ -268,10 +271,12 @@ def test_backpressure_blocks_record_and_drops_nothing(
 
     producer = threading.Thread(target=produce)
     producer.start()
-    time.sleep(0.2)
+    # The producer waiting for room is the event to wait for, not a guess at time.
+    wait_until(lambda: len(recorder._space._waiters) == 1)  # type: ignore[attr-defined]
     # Ten in memory (one batch of them with the hanging store), the
     # eleventh record() waits for room.
     assert returned == 10
+    assert recorder._pending == 10
     assert producer.is_alive()
     store.gate.set()
     producer.join(timeout=5)
@@ -594,34 +599,61 @@ def test_a_writer_killed_by_its_store_leaves_nobody_waiting(
     assert "is closed: record later not kept" in caplog.text
 
 
-def test_a_durable_caller_interrupted_in_its_write_releases_the_others(
+class InterruptOnceStore(FlakyStore):
+    """Its ``interrupt_at``-th write raises KeyboardInterrupt (as a Ctrl-C or a
+    gevent.Timeout would land in the writing thread), once."""
+
+    def __init__(self, interrupt_at: int) -> None:
+        super().__init__()
+        self.calls = 0
+        self.interrupt_at = interrupt_at
+
+    def write(self, records: Sequence[PixelRecord]) -> None:
+        self.gate.wait()
+        self.calls += 1
+        if self.calls == self.interrupt_at:
+            raise KeyboardInterrupt
+        super().write(records)
+
+
+def test_an_interrupted_leader_lets_no_follower_return_before_its_record_is_kept(
     make_recorder: Callable[..., Recorder], caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Durable: a caller writes the queue itself. A BaseException from the store
-    # goes up that caller's thread; the others waiting for that write return.
-    store = FlakyStore(error=KeyboardInterrupt)
+    # r0 writes alone and is held at the store's gate; r1 and r2 queue behind it
+    # in one batch. The second write (that batch, led by r1 or r2) is interrupted:
+    # the leader raises, and the other returns only once its record is kept.
+    store = InterruptOnceStore(interrupt_at=2)
     store.gate.clear()
     recorder = make_recorder(store)
-    raised: list[BaseException] = []
+    results: dict[str, object] = {}
 
-    def record(n: int) -> None:
+    def record(record_id: str) -> None:
         try:
-            recorder.record(make_record(id=f"r{n}"))
+            results[record_id] = recorder.record(make_record(id=record_id))
         except BaseException as exc:
-            raised.append(exc)
+            results[record_id] = exc
 
-    waiters = [threading.Thread(target=record, args=(n,)) for n in range(3)]
-    with caplog.at_level(logging.ERROR, logger="pixel_middleware.recorder"):
-        for waiter in waiters:
-            waiter.start()
-        wait_until(lambda: recorder._pending == 3)
-        store.failing.set()
+    threads = {rid: threading.Thread(target=record, args=(rid,)) for rid in ("r0", "r1", "r2")}
+    threads["r0"].start()
+    wait_until(lambda: store.calls == 0 and recorder._inflight is not None)
+    threads["r1"].start()
+    threads["r2"].start()
+    wait_until(lambda: recorder._pending == 3)
+    assert len(recorder._batches) == 1, "r1 and r2 share one batch"
+    with caplog.at_level(logging.CRITICAL, logger="pixel_middleware.recorder"):
         store.gate.set()
-        for waiter in waiters:
-            waiter.join(timeout=5)
-            assert not waiter.is_alive()
-    assert raised
-    assert all(isinstance(exc, KeyboardInterrupt) for exc in raised)
+        for thread in threads.values():
+            thread.join(timeout=5)
+            assert not thread.is_alive()
+    interrupted = [rid for rid, result in results.items() if isinstance(result, KeyboardInterrupt)]
+    returned = [rid for rid, result in results.items() if result is True]
+    assert len(interrupted) == 1, results
+    assert sorted(returned) == sorted({"r0", "r1", "r2"} - set(interrupted))
+    # Every caller that returned has its record in the store; the interrupted
+    # one's record was written too, by the caller that took the batch over.
+    ids = store.ids()
+    assert ids[0] == "r0"
+    assert sorted(ids) == ["r0", "r1", "r2"]
     assert "interrupted" in caplog.text
 
 
@@ -639,3 +671,191 @@ def test_offer_queues_only_when_that_needs_no_waiting(
     assert slow.ids() == ["r0", "r1"]
     durable = make_recorder(FlakyStore())
     assert not durable.offer(make_record(id="d0"))  # durable callers wait for the commit
+
+
+# --- when nothing can keep a record (store and spool both fail) -------------------
+
+
+@pytest.fixture
+def unwritable_spool(tmp_path: Path) -> Path:
+    """A spool directory that cannot be made, even by root: its parent is a file."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    return blocker / "spool"
+
+
+def test_a_record_nothing_can_keep_gets_a_prompt_false_then_is_kept_on_recovery(
+    make_recorder: Callable[..., Recorder],
+    unwritable_spool: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = FlakyStore()
+    store.failing.set()
+    recorder = make_recorder(store, spool_path=unwritable_spool, keep_timeout=0.5)
+    with caplog.at_level(logging.ERROR, logger="pixel_middleware.recorder"):
+        started = time.monotonic()
+        # The leader tried the store and the spool once: it knows at once.
+        assert recorder.record(make_record(id="r0")) is False
+        assert time.monotonic() - started < 0.4
+        # The next caller waits for the next retry, which it may make itself.
+        started = time.monotonic()
+        assert recorder.record(make_record(id="r1")) is False
+        assert time.monotonic() - started < 0.5 + 0.5
+    assert "neither the store nor the spool" in caplog.text
+    assert caplog.text.count("neither the store nor the spool") == 1, "said once, not per retry"
+    assert store.ids() == []
+    # Still in memory, and written once the store is back: at least once.
+    store.failing.clear()
+    wait_until(lambda: store.ids() == ["r0", "r1"])
+    assert recorder.record(make_record(id="r2")) is True
+    assert store.ids() == ["r0", "r1", "r2"]
+
+
+def test_close_stops_at_once_when_nothing_can_keep_a_record(
+    make_recorder: Callable[..., Recorder],
+    unwritable_spool: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = FlakyStore()
+    store.failing.set()
+    recorder = make_recorder(store, spool_path=unwritable_spool, durable=False, retry_interval=30)
+    for n in range(5):
+        assert recorder.record(make_record(id=f"r{n}")) is True  # queued
+    started = time.monotonic()
+    with caplog.at_level(logging.CRITICAL, logger="pixel_middleware.recorder"):
+        recorder.close()  # no timeout: still it ends
+    assert time.monotonic() - started < 2
+    assert "5 records not kept" in caplog.text
+    assert store.closed
+    assert recorder.record(make_record(id="late")) is False
+
+
+def test_spooled_never_waits_for_a_write_under_way(
+    make_recorder: Callable[..., Recorder],
+) -> None:
+    store = FlakyStore()
+    store.failing.set()
+    recorder = make_recorder(store)
+    recorder.record(make_record(id="r0"))
+    answers: list[int] = []
+    # An operation of the spool under way in another thread (a hung fsync, say).
+    with recorder._spool._lock:
+        reader = threading.Thread(target=lambda: answers.append(recorder.spooled))
+        reader.start()
+        reader.join(timeout=2)
+        assert not reader.is_alive()
+    assert answers == [1]
+
+
+def test_the_spool_cap_refuses_records_with_one_loud_line(
+    make_recorder: Callable[..., Recorder], spool_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    line = len(json.dumps(make_record(id="r0"), separators=(",", ":")).encode()) + 1
+    store = FlakyStore()
+    store.failing.set()
+    recorder = make_recorder(store, spool_max_bytes=2 * line, keep_timeout=0.2)
+    with caplog.at_level(logging.ERROR):
+        assert recorder.record(make_record(id="r0")) is True
+        assert recorder.record(make_record(id="r1")) is True  # exactly the cap
+        assert recorder.record(make_record(id="r2")) is False  # one over
+        assert recorder.record(make_record(id="r3")) is False
+    assert recorder.spooled == 2
+    assert sum(path.stat().st_size for path in spool_dir.glob("*.jsonl")) == 2 * line
+    assert caplog.text.count("is full") == 1
+    store.failing.clear()
+    wait_until(lambda: store.ids() == ["r0", "r1", "r2", "r3"])
+
+
+def test_bad_keep_timeout_and_spool_cap_fail_at_construction() -> None:
+    for options in ({"keep_timeout": 0}, {"keep_timeout": float("inf")}, {"spool_max_bytes": 0}):
+        with pytest.raises(ValueError, match=r"keep_timeout|spool_max_bytes"):
+            Recorder(MemoryStore(), **options)
+
+
+# --- threads and process-wide state ---------------------------------------------------
+
+
+def recorder_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("pixel-recorder")]
+
+
+def test_no_thread_until_one_is_needed(
+    make_recorder: Callable[..., Recorder], tmp_path: Path
+) -> None:
+    durable = make_recorder(SQLiteStore(tmp_path / "events.sqlite3"))
+    assert recorder_threads() == []
+    assert durable.record(make_record(id="d0"))
+    assert recorder_threads() == [], "a durable caller with a working store writes itself"
+    fire_and_forget = make_recorder(MemoryStore(), durable=False, spool_path=tmp_path / "o")
+    assert recorder_threads() == []
+    fire_and_forget.record(make_record(id="f0"))
+    assert len(recorder_threads()) == 1
+
+
+def test_spool_files_left_at_construction_start_the_thread(
+    make_recorder: Callable[..., Recorder], spool_dir: Path
+) -> None:
+    down = FlakyStore()
+    down.failing.set()
+    first = make_recorder(down)
+    first.record(make_record(id="left"))
+    first.close(timeout=5)
+    assert list(spool_dir.glob("*.jsonl"))
+    up = FlakyStore()
+    make_recorder(up)  # no record: the files alone start the thread
+    wait_until(lambda: up.ids() == ["left"])
+
+
+def test_an_idle_recorder_nobody_holds_is_freed_and_its_thread_ends(
+    make_recorder: Callable[..., Recorder],
+) -> None:
+    store = MemoryStore()
+    recorder = Recorder(store, durable=False, spool_path=make_recorder(MemoryStore()).spool_path)
+    recorder.record(make_record(id="r0"))
+    flushed = recorder.flush(timeout=5)  # not in an assert: its temporaries would hold it
+    thread = recorder._thread
+    assert flushed
+    assert thread is not None
+    ref = weakref.ref(recorder)
+    del recorder
+    # The thread lets go once its round ends; until then it holds the recorder.
+    wait_until(lambda: gc.collect() >= 0 and ref() is None)
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+    assert [r["id"] for _, r in store.read()] == ["r0"]
+
+
+def test_importing_the_package_installs_no_process_hook() -> None:
+    child = run_child(
+        """
+        import atexit, os
+        hooks = []
+        register = atexit.register
+        register_at_fork = os.register_at_fork
+        def spy_exit(callback, *args, **kwargs):
+            hooks.append(("exit", callback.__module__))
+            return register(callback, *args, **kwargs)
+        def spy_fork(**kwargs):
+            hooks.extend(("fork", f.__module__) for f in kwargs.values())
+            return register_at_fork(**kwargs)
+        atexit.register, os.register_at_fork = spy_exit, spy_fork
+        import pixel_middleware, pixel_middleware.recorder, pixel_middleware.middleware
+        import pixel_middleware.stores.sqlite, pixel_middleware.stores.jsonl
+        import pixel_middleware.stores.forward
+        print(sorted(set(h for h in hooks if h[1].startswith("pixel_middleware"))))
+        from pixel_middleware.recorder import Recorder
+        from pixel_middleware.stores.memory import MemoryStore
+        Recorder(MemoryStore()).close()
+        Recorder(MemoryStore()).close()
+        print(sorted(h for h in hooks if h[1].startswith("pixel_middleware")))
+        """
+    )
+    out, err = child.communicate(timeout=30)
+    assert child.returncode == 0, err
+    at_import, with_recorders = out.splitlines()
+    # The stores' fork callbacks go into one registry, whose hook is installed
+    # once, at the first registration; the exit hook only once a recorder exists.
+    assert at_import == "[('fork', 'pixel_middleware._process')]"
+    assert with_recorders == (
+        "[('exit', 'pixel_middleware._process'), ('fork', 'pixel_middleware._process')]"
+    )

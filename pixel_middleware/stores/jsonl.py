@@ -305,4 +305,6 @@ def _after_fork_in_child() -> None:
         store._lock = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+from pixel_middleware._process import after_fork_in_child  # noqa: E402 - one hook for all
+
+after_fork_in_child(_after_fork_in_child)

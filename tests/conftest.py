@@ -1,0 +1,44 @@
+"""Shared checks: every test closes the recorders it opened, no thread outlives its module.
+
+A Recorder's background thread (named ``pixel-recorder ...``) is started only when
+needed, and a test that forgets ``close()`` would leave it running into the next
+tests. The autouse fixtures close what a test left open and fail a module that
+still has a recorder thread running when it ends.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+
+import pytest
+
+from pixel_middleware import recorder as recorder_module
+
+THREAD_PREFIX = "pixel-recorder"
+
+
+def recorder_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX) and t.is_alive()]
+
+
+@pytest.fixture(autouse=True)
+def _close_the_recorders_a_test_opened() -> Iterator[None]:
+    before = weakref.WeakSet(recorder_module._LIVE)
+    yield
+    for recorder in list(recorder_module._LIVE):
+        if recorder not in before:
+            recorder.close(timeout=5)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_recorder_thread_outlives_its_module() -> Iterator[None]:
+    yield
+    # close() joins the thread; one whose recorder was freed ends on its own, at once.
+    deadline = time.monotonic() + 5
+    while recorder_threads() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    left = recorder_threads()
+    assert not left, f"recorder threads still running after the module: {left}"
