@@ -13,6 +13,10 @@ answered. The addon never decodes anything itself and never changes the request.
 
 This is the only module of the package that imports mitmproxy.
 
+What the addon shows of a record (its log line, the flow's comment, the
+``pixel`` content view's text) is made by :mod:`pixel_middleware.mitm_text`,
+which needs no mitmproxy; this module is the adapter.
+
 .. warning::
    Decoded values come from whoever sent the pixel: the log line and the content
    view escape control characters and terminal escapes instead of printing them.
@@ -26,7 +30,7 @@ import json
 import logging
 import os
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -45,6 +49,8 @@ from pixel_middleware.core import (
     match_route,
     split_target,
 )
+from pixel_middleware.display import terminal_text
+from pixel_middleware.mitm_text import comment_line, log_line, upstream_ok, upstream_text, view_text
 from pixel_middleware.recorder import Recorder
 from pixel_middleware.stores import StoreError, open_store
 
@@ -178,7 +184,9 @@ class PixelCapture:
             "seed",
             """
             What a RudderStack pixel is answered with under pixel_answer: "seed"
-            (what rudder-server sends) or "gif".
+            (200 OK, or 400 with the problems, as RudderStack's pixel document
+            says) or "gif" (the GIF, always 200: what rudder-server itself has
+            sent since 2021).
             """,
             choices=_RUDDERSTACK_RESPONSES,
         )
@@ -295,7 +303,7 @@ class PixelCapture:
         except Exception:
             # The core handles bad input itself; this is a bug, and the proxy
             # must still pass the request on untouched.
-            logger.exception("pixel: decoding %s failed; passed on untouched", escape(path))
+            logger.exception("pixel: decoding %s failed; passed on untouched", terminal_text(path))
             return
         if outcome is None:
             return
@@ -358,7 +366,7 @@ class PixelCapture:
         self.records.append(record)
         accepted = bool(record.get("accepted"))
         logger.log(
-            logging.INFO if accepted and _upstream_ok(record) else logging.WARNING,
+            logging.INFO if accepted and upstream_ok(record) else logging.WARNING,
             log_line(record, flow.request.pretty_host),
             extra={"client": flow.client_conn.peername},
         )
@@ -370,7 +378,7 @@ class PixelCapture:
             return  # the user's own mark wins
         if not record.get("accepted"):
             flow.marked = MARK_REJECTED
-        elif not _upstream_ok(record):
+        elif not upstream_ok(record):
             flow.marked = MARK_UPSTREAM_FAILED
         else:
             # Our own mark from an earlier pass goes: a pixel fixed in the flow
@@ -413,7 +421,7 @@ class PixelCapture:
         for record in self.records:
             verdicts["accepted" if record.get("accepted") else "rejected"] += 1
             rules.update(p["rule"] for p in record.get("problems") or ())
-            upstream[_upstream_text(record.get("upstream"), brief=True)] += 1
+            upstream[upstream_text(record.get("upstream"), brief=True)] += 1
         parts = [
             f"{len(self.records)} pixel(s)",
             f"{verdicts['accepted']} accepted",
@@ -448,123 +456,6 @@ def _header(request: http.Request, name: bytes) -> str | None:
     # joined with ",", so that both front ends hand the core the same text.
     values = [value for key, value in request.headers.fields if key.lower() == name]
     return b",".join(values).decode("latin-1") if values else None
-
-
-# -- display ----------------------------------------------------------------------
-
-
-def escape(text: str) -> str:
-    """``text`` safe to show on a terminal: non-printable characters escaped.
-
-    Control characters, terminal escapes (ESC, CSI), bidirectional overrides and
-    line separators become ``\\xNN``/``\\uNNNN``; backslashes are doubled so that
-    an escape in the output is never ambiguous with literal text.
-    """
-    if text.isprintable() and "\\" not in text:
-        return text
-    out = []
-    for ch in text:
-        if ch == "\\":
-            out.append("\\\\")
-        elif ch.isprintable():
-            out.append(ch)
-        else:
-            code = ord(ch)
-            out.append(
-                f"\\x{code:02x}"
-                if code < 0x100
-                else f"\\u{code:04x}"
-                if code < 0x10000
-                else f"\\U{code:08x}"
-            )
-    return "".join(out)
-
-
-def _shown(value: object, limit: int = 60, *, quote: bool = False) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-    if len(text) > limit:
-        text = text[: limit - 1] + "…"
-    text = escape(text)
-    if quote or not text or any(c in text for c in ' "=,[]()'):
-        return '"' + text.replace('"', '\\"') + '"'
-    return text
-
-
-def _event_name(record: Mapping[str, Any]) -> str | None:
-    event = record.get("event") or {}
-    for key in ("event", "name", "groupId", "previousId"):
-        value = event.get(key)
-        if value not in (None, ""):
-            return _shown(value, quote=True)
-    return None
-
-
-def _identity(record: Mapping[str, Any]) -> list[str]:
-    event = record.get("event") or {}
-    return [
-        f"{key}={_shown(event[key])}"
-        for key in ("userId", "anonymousId")
-        if event.get(key) not in (None, "")
-    ]
-
-
-def _upstream_ok(record: Mapping[str, Any]) -> bool:
-    upstream = record.get("upstream") or {}
-    if "error" in upstream:
-        return False
-    status = upstream.get("status")
-    return status is None or 200 <= status < 400
-
-
-def _upstream_text(upstream: dict[str, Any] | None, *, brief: bool = False) -> str:
-    if not upstream:
-        return "pending"
-    if upstream.get("answeredLocally"):
-        return "answered locally"
-    if "error" in upstream:
-        return "failed" if brief else f"failed ({escape(str(upstream['error'])[:80])})"
-    if brief:
-        return str(upstream.get("status"))
-    return f"{upstream.get('status')} in {upstream.get('ms')} ms"
-
-
-def _rules(problems: list[dict[str, str]] | None, sep: str = ",") -> str:
-    return sep.join(escape(p["rule"]) for p in problems or ())
-
-
-def log_line(record: Mapping[str, Any], host: str) -> str:
-    """One line per pixel: call, name, identity, verdict, problems, upstream answer."""
-    parts = [f"pixel {escape(record['dialect'])} {escape(record['call'])}"]
-    if name := _event_name(record):
-        parts.append(name)
-    parts.extend(_identity(record))
-    if record.get("writeKey"):
-        parts.append(f"writeKey={_shown(record['writeKey'], 24)}")
-    if record.get("accepted"):
-        parts.append("accepted")
-    else:
-        parts.append(f"REJECTED [{_rules(record.get('problems'))}]")
-    if record.get("notes"):
-        parts.append(f"notes [{_rules(record.get('notes'))}]")
-    parts.append(f"upstream {_upstream_text(record.get('upstream'))}")
-    parts.append(f"host={_shown(host)}")
-    return " ".join(parts)
-
-
-def comment_line(record: Mapping[str, Any]) -> str:
-    """The short summary shown as the flow's comment."""
-    head = f"{escape(record['dialect'])} {escape(record['call'])}"
-    if name := _event_name(record):
-        head += f" {name}"
-    verdict = (
-        "accepted"
-        if record.get("accepted")
-        else f"rejected: {_rules(record.get('problems'), ', ')}"
-    )
-    text = f"{head}: {verdict}"
-    if record.get("upstream"):
-        text += f"; upstream {_upstream_text(record['upstream'], brief=True)}"
-    return text
 
 
 # -- content view -------------------------------------------------------------------
@@ -603,22 +494,7 @@ class PixelContentview(contentviews.Contentview):
 
     def prettify(self, data: bytes, metadata: contentviews.Metadata) -> str:
         record, edited = self._record(metadata)
-        lines = [
-            f"{record['dialect']} {record['call']}: "
-            + ("accepted" if record["accepted"] else "REJECTED"),
-            f"writeKey: {record['writeKey']}",
-        ]
-        if edited:
-            lines.append("upstream: not sent (edited since it passed)")
-        elif upstream := record.get("upstream"):
-            lines.append(f"upstream: {_upstream_text(upstream)}")
-        for title in ("problems", "notes"):
-            items = record.get(title) or []
-            lines.append(f"{title}:" + ("" if items else " none"))
-            lines.extend(f"  - {p['rule']}: {p['message']}" for p in items)
-        lines.append("event:")
-        lines.append(json.dumps(record["event"], indent=2, ensure_ascii=False))
-        return _escape_lines("\n".join(lines))
+        return view_text(record, edited=edited)
 
     def _record(self, metadata: contentviews.Metadata) -> tuple[dict[str, Any], bool]:
         """The record to show, and whether the request was edited since it passed."""
@@ -648,18 +524,3 @@ class PixelContentview(contentviews.Contentview):
         if seen.get("request") == current["request"]:
             return seen, False
         return current, True
-
-
-def _escape_lines(text: str) -> str:
-    # As in ``escape``, but newlines stay and escapes use JSON's \\uNNNN form, so
-    # the event block stays valid JSON.
-    if text.replace("\n", "").isprintable():
-        return text
-    return "".join(
-        ch
-        if ch == "\n" or ch.isprintable()
-        else f"\\u{ord(ch):04x}"
-        if ord(ch) < 0x10000
-        else f"\\U{ord(ch):08x}"
-        for ch in text
-    )

@@ -133,6 +133,16 @@ def test_rudderstack_response_choices_are_enforced(addon: PixelCapture) -> None:
         configure(addon, pixel_rudderstack_response="png")
 
 
+def test_rudderstack_response_help_says_which_answer_rudder_server_sends(
+    addon: PixelCapture,
+) -> None:
+    # rudder-server answers the GIF (docs/dialects.md); "seed" is the document's.
+    help_text = " ".join(addon.tctx.options._options["pixel_rudderstack_response"].help.split())  # type: ignore[attr-defined]
+    seed, gif = help_text.split('"gif"', 1)
+    assert "rudder-server" not in seed
+    assert "rudder-server itself has sent" in gif
+
+
 def test_loading_the_addon_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     addon = PixelCapture()
@@ -492,7 +502,7 @@ def test_content_view_decodes_a_request_edited_after_it_passed(addon: PixelCaptu
     del flow.request.headers["User-Agent"]
     flow.request.url = REJECTED
     text = contentviews.prettify_message(flow.request, flow).text
-    assert text.startswith("rudderstack track: REJECTED\nwriteKey: None\nupstream: 400 in ")
+    assert text.startswith("rudderstack track: REJECTED\nwriteKey: -\nupstream: 400 in ")
     assert flow.metadata["pixel"]["event"]["messageId"] in text
 
 
