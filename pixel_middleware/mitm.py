@@ -29,6 +29,7 @@ import collections
 import json
 import logging
 import os
+import threading
 import typing
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -52,14 +53,18 @@ from pixel_middleware.core import (
 from pixel_middleware.display import terminal_text
 from pixel_middleware.mitm_text import comment_line, log_line, upstream_ok, upstream_text, view_text
 from pixel_middleware.recorder import Recorder
-from pixel_middleware.stores import StoreError, open_store
+from pixel_middleware.stores import StoreError, open_store, redact_url, store_schemes
 
-__all__ = ["KEEP_RECORDS", "PixelCapture", "PixelContentview"]
+__all__ = ["KEEP_RECORDS", "STORE_CLOSE_TIMEOUT", "PixelCapture", "PixelContentview"]
 
 logger = logging.getLogger(__name__)
 
 KEEP_RECORDS: Final = 10_000
 """How many of this session's records the addon keeps in memory for ``pixel.export``."""
+
+STORE_CLOSE_TIMEOUT: Final = 5.0
+"""Seconds a store is given to write what is queued when it is closed: when
+``pixel_store`` changes, and when mitmproxy exits (which waits that long at most)."""
 
 # What a rejected pixel, and an accepted one the collector did not take, look like
 # in mitmproxy's flow list (emoji names, as ``flow.mark`` accepts them).
@@ -109,6 +114,11 @@ class PixelCapture:
         # known yet, by flow id.
         self._pending: dict[str, tuple[http.HTTPFlow, PixelRecord]] = {}
         self._view = PixelContentview(self)
+        # Whether mitmproxy has configured the addon once (loaded it).
+        self._loaded = False
+        # The connection_strategy that pixel_answer replaced with "lazy", to put
+        # back when pixel_answer is turned off.
+        self._strategy_replaced: str | None = None
 
     # -- options ----------------------------------------------------------------
 
@@ -118,8 +128,9 @@ class PixelCapture:
             str,
             "",
             """
-            Where to record every captured pixel, as a store URL:
-            sqlite:///PATH, jsonl:///PATH or memory://. Empty (the default): keep
+            Where to record every captured pixel, as a store URL
+            (sqlite:///PATH, jsonl:///PATH, memory://, redis://HOST, ...; see
+            pixel-middleware's docs). Empty (the default): keep
             records only in this session's memory (see the pixel.export command),
             so that merely loading the addon writes nothing to disk.
             """,
@@ -129,9 +140,10 @@ class PixelCapture:
             bool,
             False,
             """
-            Answer pixels locally with the dialect's own response (a GIF, or
-            RudderStack's seed) instead of passing them on: no upstream connection
-            is made. Off (the default): the real collector answers.
+            Answer pixels locally with the dialect's own response (the GIF, or
+            RudderStack's 200 OK / 400) instead of passing them on: no upstream
+            connection is made, for HTTPS too (this sets connection_strategy to
+            lazy while it is on). Off (the default): the real collector answers.
             """,
         )
         loader.add_option(
@@ -193,6 +205,19 @@ class PixelCapture:
         contentviews.add(self._view)
 
     def configure(self, updated: set[str]) -> None:
+        try:
+            self._apply_options(updated)
+        except exceptions.OptionsError as e:
+            if self._loaded:
+                raise  # a change at run time: mitmproxy rolls it back and says why
+            # mitmproxy logs an error raised while it loads a script with the
+            # whole traceback, which buries the one line that matters. Say that
+            # line; an error logged at startup still stops mitmdump (exit 1).
+            logger.error("%s", e)
+        finally:
+            self._loaded = True
+
+    def _apply_options(self, updated: set[str]) -> None:
         # Build everything first, then swap: a rejected option leaves the addon
         # as it was (mitmproxy rolls the option back and calls configure again).
         config = self.config
@@ -204,6 +229,33 @@ class PixelCapture:
         self.answer = bool(ctx.options.pixel_answer)
         if "pixel_store" in updated:
             self._switch_store(ctx.options.pixel_store)
+        if "pixel_answer" in updated:
+            self._connect_lazily_while_answering()
+
+    def _connect_lazily_while_answering(self) -> None:
+        """Set mitmproxy's ``connection_strategy`` to ``lazy`` while pixel_answer is on.
+
+        With ``eager`` (mitmproxy's default) the proxy connects to the server
+        before it answers a CONNECT, and answers ``502`` when it cannot: an HTTPS
+        pixel to a collector that cannot be reached never reaches the ``request``
+        hook that would answer it, and even a reachable collector is connected
+        to, which pixel_answer promises not to do. ``lazy`` connects only when a
+        request is passed on. For other flows, an unreachable server is then
+        reported by a ``502`` to the request instead of to the CONNECT.
+        """
+        if "connection_strategy" not in ctx.options:
+            return  # no proxy server here (mitmproxy's test harness)
+        if self.answer and ctx.options.connection_strategy != "lazy":
+            self._strategy_replaced = ctx.options.connection_strategy
+            ctx.options.connection_strategy = "lazy"
+            logger.info(
+                "pixel: pixel_answer sets connection_strategy=lazy, so that pixels are"
+                " answered without connecting to their server; other flows connect when"
+                " their first request is passed on"
+            )
+        elif not self.answer and self._strategy_replaced is not None:
+            strategy, self._strategy_replaced = self._strategy_replaced, None
+            ctx.options.connection_strategy = strategy
 
     def _config_from_options(self) -> PixelConfig:
         opts = ctx.options
@@ -248,39 +300,48 @@ class PixelCapture:
             try:
                 store = open_store(url)
             except (ValueError, StoreError, OSError) as e:
+                shown = redact_url(url)
+                # The store's own message may quote the URL, password and all.
+                reason = str(e).replace(url, shown)
+                schemes = ", ".join(f"{scheme}://" for scheme in store_schemes())
                 raise _options_error(
-                    f"pixel_store: cannot open {url!r} ({e}); accepted: sqlite:///PATH,"
-                    " jsonl:///PATH, memory://, or empty to keep records in memory only"
+                    f"pixel_store: cannot open {shown!r} ({reason}); give a store URL"
+                    f" ({schemes}), e.g. sqlite:///pixels.sqlite3, or nothing to keep"
+                    " records in memory only"
                 ) from e
             # durable=False: records are queued and committed in batches by the
             # recorder's own thread, so a slow disk never stalls the proxy.
             recorder = Recorder(store, durable=False)
         old, self._recorder = self._recorder, recorder
         if old is not None:
-            self._close_recorder(old)
-
-    def _close_recorder(self, recorder: Recorder) -> None:
-        recorder.flush()
-        recorder.close()
-        if recorder.spooled:
-            logger.warning(
-                "pixel: the store failed; %s record(s) were spooled for a later retry",
-                recorder.spooled,
-            )
+            _close_in_background(old)
 
     def done(self) -> None:
         # Pixels still waiting for the collector are recorded too: seen, not answered.
         pending, self._pending = self._pending, {}
+        not_queued = 0
         for flow, record in pending.values():
             record.setdefault("upstream", {"error": "mitmproxy stopped before the answer"})
             self._show(flow, record)
-            if self._recorder is not None:
-                self._recorder.record(record)  # no event loop now
+            # offer(), not record(): a full queue would wait for the store.
+            if self._recorder is not None and not self._recorder.offer(record):
+                not_queued += 1
+        if not_queued:
+            logger.error("pixel: %d record(s) not written: the store is not keeping up", not_queued)
         if self.records:
             logger.info("pixel: %s", self.summary())
         if self._recorder is not None:
             recorder, self._recorder = self._recorder, None
-            self._close_recorder(recorder)
+            closing = _close_in_background(recorder)
+            # done() also runs when the script is reloaded, on the event loop of
+            # a proxy that goes on: wait for the store only when mitmproxy exits,
+            # and then a bounded time (the recorder logs what it did not write).
+            if ctx.master.should_exit.is_set():
+                closing.join(STORE_CLOSE_TIMEOUT + 1)
+        if self._strategy_replaced is not None and not ctx.master.should_exit.is_set():
+            # Unloaded from a proxy that goes on: its connection_strategy back.
+            strategy, self._strategy_replaced = self._strategy_replaced, None
+            ctx.options.connection_strategy = strategy
 
     # -- flows ------------------------------------------------------------------
 
@@ -432,6 +493,30 @@ class PixelCapture:
         if upstream:
             parts.append("upstream: " + ", ".join(f"{u} {n}" for u, n in upstream.most_common()))
         return "; ".join(parts)
+
+
+def _close_in_background(recorder: Recorder) -> threading.Thread:
+    """Flush and close ``recorder`` in a thread of its own, never on the event loop.
+
+    A store that hangs (a Redis server that accepts and never answers, a network
+    disk) would otherwise freeze every connection of the proxy.
+    """
+    thread = threading.Thread(
+        target=_close_recorder, args=(recorder,), name="pixel-store-close", daemon=True
+    )
+    thread.start()
+    return thread
+
+
+def _close_recorder(recorder: Recorder) -> None:
+    # After STORE_CLOSE_TIMEOUT, close() logs how many records were not written
+    # and leaves its writer trying until the process exits.
+    recorder.close(timeout=STORE_CLOSE_TIMEOUT)
+    if recorder.spooled:
+        logger.warning(
+            "pixel: the store failed; %s record(s) were spooled for a later retry",
+            recorder.spooled,
+        )
 
 
 def pixel_request(

@@ -6,12 +6,15 @@ import asyncio
 import base64
 import json
 import logging
+import threading
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from silent_server import SilentServer
 
 with warnings.catch_warnings():
     # mitmproxy 12.2 builds its filter grammar at import with pyparsing names that
@@ -64,6 +67,40 @@ def configure(addon: PixelCapture, **options: Any) -> None:
     addon.tctx.configure(addon, **options)  # type: ignore[attr-defined]
 
 
+def exit_mitmproxy(addon: PixelCapture) -> None:
+    """What mitmproxy does when it exits: the master should exit, then done()."""
+    addon.tctx.master.should_exit.set()  # type: ignore[attr-defined]
+    addon.done()
+
+
+def stores_closed(timeout: float = 10) -> None:
+    """Wait until every store the addon closes in the background is closed."""
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if thread.name == "pixel-store-close":
+            thread.join(max(0.0, deadline - time.monotonic()))
+            assert not thread.is_alive(), "a store did not close"
+
+
+def within(seconds: float, call: Any, *args: Any) -> float:
+    """Run ``call`` in a thread; fail if it has not returned after ``seconds``."""
+    thread = threading.Thread(target=call, args=args, daemon=True)
+    start = time.monotonic()
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{call} still blocked after {seconds}s"
+    return time.monotonic() - start
+
+
+@pytest.fixture
+def hung_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SilentServer]:
+    """A Redis store that takes the connection and never answers (spool in tmp_path)."""
+    monkeypatch.chdir(tmp_path)
+    server = SilentServer()
+    yield server
+    server.close()  # the hung writes fail now, and their recorders can finish
+
+
 def through(
     addon: PixelCapture,
     url: str,
@@ -99,7 +136,11 @@ def through(
             {"pixel_filter": "~d ("}, r"pixel_filter: .* is not a flow filter", id="filter"
         ),
         pytest.param(
-            {"pixel_store": "ftp://x"}, r"pixel_store: .*accepted: sqlite:///", id="store"
+            {"pixel_store": "ftp://x"},
+            r"pixel_store: cannot open 'ftp://x' .*; give a store URL \(fanout://,"
+            r" forward\+http://, forward\+https://, jsonl://, memory://, redis://,"
+            r" rediss://, sqlite://\), e\.g\. sqlite:///pixels\.sqlite3, or nothing",
+            id="store",
         ),
         pytest.param(
             {"pixel_store": "nonsense"}, r"pixel_store: .*no scheme", id="store-no-scheme"
@@ -353,7 +394,7 @@ def test_pixels_in_flight_at_exit_are_recorded(addon: PixelCapture, tmp_path: Pa
     configure(addon, pixel_store=url)
     flow = tflow.tflow(req=http.Request.make("GET", TRACK))
     addon.request(flow)  # the collector has not answered yet
-    addon.done()
+    exit_mitmproxy(addon)
     (record,) = addon.records
     assert record["upstream"] == {"error": "mitmproxy stopped before the answer"}
     assert flow.marked == ":warning:"
@@ -581,7 +622,7 @@ def test_records_go_to_the_store(addon: PixelCapture, tmp_path: Path) -> None:
     configure(addon, pixel_store=url)
     through(addon, TRACK)
     through(addon, REJECTED, error="Connection refused")
-    addon.done()  # flushes and closes
+    exit_mitmproxy(addon)  # flushes and closes
     store = open_store(url)
     try:
         stored = [record for _, record in store.read()]
@@ -598,6 +639,7 @@ def test_switching_store_flushes_the_old_one(addon: PixelCapture, tmp_path: Path
     configure(addon, pixel_store=second)
     through(addon, RUDDER_PAGE)
     configure(addon, pixel_store="")
+    stores_closed()
     assert [json.loads(x)["call"] for x in (tmp_path / "a.jsonl").read_text().splitlines()] == [
         "track"
     ]
@@ -618,3 +660,57 @@ def test_a_core_failure_leaves_the_flow_alone(
     assert flow.response is not None
     assert flow.response.status_code == 200
     assert "decoding /v1/pixel/track failed" in caplog.text
+
+
+# -- a store that hangs -------------------------------------------------------------------
+
+
+def test_switching_away_from_a_hung_store_does_not_wait_for_it(
+    addon: PixelCapture, hung_store: SilentServer, tmp_path: Path
+) -> None:
+    """configure() runs on mitmproxy's event loop: the old store is closed in a
+    thread, so a store that never answers cannot freeze the proxy."""
+    configure(addon, pixel_store=hung_store.redis_url())
+    through(addon, TRACK)  # queued; the writer now waits for Redis
+    wait_for(lambda: hung_store.connections > 0)
+    next_url = f"jsonl:///{tmp_path}/next.jsonl"
+    within(2, lambda: configure(addon, pixel_store=next_url))
+    through(addon, RUDDER_PAGE)
+    exit_mitmproxy(addon)
+    assert [json.loads(x)["call"] for x in (tmp_path / "next.jsonl").read_text().splitlines()] == [
+        "page"
+    ]
+
+
+def test_exit_waits_a_bounded_time_for_a_hung_store_and_says_what_was_lost(
+    addon: PixelCapture,
+    hung_store: SilentServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(mitm, "STORE_CLOSE_TIMEOUT", 0.5, raising=False)
+    configure(addon, pixel_store=hung_store.redis_url())
+    through(addon, TRACK)  # in the writer's hands, waiting for Redis
+    wait_for(lambda: hung_store.connections > 0)
+    through(addon, RUDDER_PAGE)  # queued behind it
+    elapsed = within(5, exit_mitmproxy, addon)
+    assert 0.5 <= elapsed < 3
+    assert "2 records still not written after 0.5s of closing" in caplog.text
+
+
+def test_done_without_exiting_does_not_wait_for_a_hung_store(
+    addon: PixelCapture, hung_store: SilentServer
+) -> None:
+    """done() also runs when mitmproxy reloads the script, and the proxy goes on."""
+    configure(addon, pixel_store=hung_store.redis_url())
+    through(addon, TRACK)
+    wait_for(lambda: hung_store.connections > 0)
+    assert within(2, addon.done) < 1
+
+
+def wait_for(condition: Any, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
