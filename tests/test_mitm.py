@@ -714,3 +714,49 @@ def wait_for(condition: Any, timeout: float = 10) -> None:
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
 
+
+# -- filtering the flow list to pixels ----------------------------------------------------
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "mitmproxy.md"
+# The filters docs/mitmproxy.md gives for "pixels only", as a user types them.
+PIXELS_DECODED = '~meta "^pixel: "'
+PIXEL_ROUTES = (
+    '~m GET & ~u "^[a-z]+://[^/]+/'
+    '(v1/pixel/(identify|group|alias|page|screen|track)|pixel/v1/(page|track))($|[?])"'
+)
+
+
+def test_the_documented_pixel_filters_are_the_tested_ones() -> None:
+    docs = DOCS.read_text()
+    assert f"`{PIXELS_DECODED}`" in docs
+    assert f"`{PIXEL_ROUTES}`" in docs
+
+
+@pytest.mark.parametrize("spec", [PIXELS_DECODED, PIXEL_ROUTES], ids=["decoded", "routes"])
+def test_pixel_filters_match_pixels_and_nothing_else(addon: PixelCapture, spec: str) -> None:
+    from mitmproxy import flowfilter
+
+    match = flowfilter.parse(spec)
+    pixels = {
+        "accepted": through(addon, TRACK),
+        "rejected": through(addon, REJECTED),
+        "collector-refused": through(addon, RUDDER_PAGE, response=gif_response(500)),
+        "connection-failed": through(addon, TRACK, error="Connection refused"),
+        "plain-http-with-port": through(
+            addon, "http://127.0.0.1:8000/pixel/v1/track?writeKey=k&anonymousId=a&event=E"
+        ),
+        "every-segment-call": through(
+            addon, segment_url("identify", {"writeKey": "k", "userId": "u"})
+        ),
+    }
+    others = {
+        "other-site": through(addon, "https://example.com/?a=1"),
+        "trailing-slash": through(addon, "https://api.segment.io/v1/pixel/track/?data=e30="),
+        "unknown-call": through(addon, "https://api.segment.io/v1/pixel/batch?data=e30="),
+        "route-in-the-query": through(addon, "https://x.test/r?to=/v1/pixel/track?data=e30="),
+        "route-under-a-path": through(addon, "https://x.test/a/v1/pixel/track?data=e30="),
+        "head": through(addon, TRACK, method="HEAD"),
+        "post": through(addon, TRACK, method="POST"),
+    }
+    assert [name for name, flow in pixels.items() if not match(flow)] == []
+    assert [name for name, flow in others.items() if match(flow)] == []
