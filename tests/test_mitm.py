@@ -419,6 +419,21 @@ def test_pixel_answer_answers_locally(addon: PixelCapture) -> None:
     assert len(addon.records) == 1
 
 
+def test_pixel_answer_connects_lazily_while_it_is_on() -> None:
+    """mitmproxy's eager strategy connects (and answers 502) before the request
+    hook can answer the pixel; pixel_answer makes it lazy, and puts it back."""
+    from mitmproxy.addons.proxyserver import Proxyserver
+
+    addon = PixelCapture()
+    with taddons.context(addon, Proxyserver()) as tctx:
+        tctx.configure(addon)
+        assert tctx.options.connection_strategy == "eager"
+        tctx.configure(addon, pixel_answer=True)
+        assert tctx.options.connection_strategy == "lazy"
+        tctx.configure(addon, pixel_answer=False)
+        assert tctx.options.connection_strategy == "eager"
+
+
 @pytest.mark.parametrize(
     ("option", "status", "body"),
     [
