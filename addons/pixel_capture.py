@@ -13,7 +13,8 @@ The options (``--set name=value``; add ``--options`` to list them with help):
 pixel_store, pixel_answer, pixel_filter, pixel_prefix, pixel_dialects,
 pixel_write_keys, pixel_trusted_proxies, pixel_rudderstack_response.
 Commands (mitmproxy's and mitmweb's command prompt): pixel.export PATH,
-pixel.summary, pixel.clear. See docs/mitmproxy.md.
+pixel.summary, pixel.clear. Show only pixels in the flow list with the filter
+~meta "^pixel: ". See docs/mitmproxy.md.
 
 The addon lives in the package (``pixel_middleware.mitm``). A mitmproxy that
 cannot import the installed package (the standalone binaries, a pipx install)

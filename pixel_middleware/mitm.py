@@ -13,6 +13,10 @@ answered. The addon never decodes anything itself and never changes the request.
 
 This is the only module of the package that imports mitmproxy.
 
+What the addon shows of a record (its log line, the flow's comment, the
+``pixel`` content view's text) is made by :mod:`pixel_middleware.mitm_text`,
+which needs no mitmproxy; this module is the adapter.
+
 .. warning::
    Decoded values come from whoever sent the pixel: the log line and the content
    view escape control characters and terminal escapes instead of printing them.
@@ -25,8 +29,9 @@ import collections
 import json
 import logging
 import os
+import threading
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -45,15 +50,21 @@ from pixel_middleware.core import (
     match_route,
     split_target,
 )
+from pixel_middleware.display import terminal_text
+from pixel_middleware.mitm_text import comment_line, log_line, upstream_ok, upstream_text, view_text
 from pixel_middleware.recorder import Recorder
-from pixel_middleware.stores import StoreError, open_store
+from pixel_middleware.stores import StoreError, open_store, redact_url, store_schemes
 
-__all__ = ["KEEP_RECORDS", "PixelCapture", "PixelContentview"]
+__all__ = ["KEEP_RECORDS", "STORE_CLOSE_TIMEOUT", "PixelCapture", "PixelContentview"]
 
 logger = logging.getLogger(__name__)
 
 KEEP_RECORDS: Final = 10_000
 """How many of this session's records the addon keeps in memory for ``pixel.export``."""
+
+STORE_CLOSE_TIMEOUT: Final = 5.0
+"""Seconds a store is given to write what is queued when it is closed: when
+``pixel_store`` changes, and when mitmproxy exits (which waits that long at most)."""
 
 # What a rejected pixel, and an accepted one the collector did not take, look like
 # in mitmproxy's flow list (emoji names, as ``flow.mark`` accepts them).
@@ -103,6 +114,11 @@ class PixelCapture:
         # known yet, by flow id.
         self._pending: dict[str, tuple[http.HTTPFlow, PixelRecord]] = {}
         self._view = PixelContentview(self)
+        # Whether mitmproxy has configured the addon once (loaded it).
+        self._loaded = False
+        # The connection_strategy that pixel_answer replaced with "lazy", to put
+        # back when pixel_answer is turned off.
+        self._strategy_replaced: str | None = None
 
     # -- options ----------------------------------------------------------------
 
@@ -112,8 +128,9 @@ class PixelCapture:
             str,
             "",
             """
-            Where to record every captured pixel, as a store URL:
-            sqlite:///PATH, jsonl:///PATH or memory://. Empty (the default): keep
+            Where to record every captured pixel, as a store URL
+            (sqlite:///PATH, jsonl:///PATH, memory://, redis://HOST, ...; see
+            pixel-middleware's docs). Empty (the default): keep
             records only in this session's memory (see the pixel.export command),
             so that merely loading the addon writes nothing to disk.
             """,
@@ -123,9 +140,10 @@ class PixelCapture:
             bool,
             False,
             """
-            Answer pixels locally with the dialect's own response (a GIF, or
-            RudderStack's seed) instead of passing them on: no upstream connection
-            is made. Off (the default): the real collector answers.
+            Answer pixels locally with the dialect's own response (the GIF, or
+            RudderStack's 200 OK / 400) instead of passing them on: no upstream
+            connection is made, for HTTPS too (this sets connection_strategy to
+            lazy while it is on). Off (the default): the real collector answers.
             """,
         )
         loader.add_option(
@@ -178,13 +196,28 @@ class PixelCapture:
             "seed",
             """
             What a RudderStack pixel is answered with under pixel_answer: "seed"
-            (what rudder-server sends) or "gif".
+            (200 OK, or 400 with the problems, as RudderStack's pixel document
+            says) or "gif" (the GIF, always 200: what rudder-server itself has
+            sent since 2021).
             """,
             choices=_RUDDERSTACK_RESPONSES,
         )
         contentviews.add(self._view)
 
     def configure(self, updated: set[str]) -> None:
+        try:
+            self._apply_options(updated)
+        except exceptions.OptionsError as e:
+            if self._loaded:
+                raise  # a change at run time: mitmproxy rolls it back and says why
+            # mitmproxy logs an error raised while it loads a script with the
+            # whole traceback, which buries the one line that matters. Say that
+            # line; an error logged at startup still stops mitmdump (exit 1).
+            logger.error("%s", e)
+        finally:
+            self._loaded = True
+
+    def _apply_options(self, updated: set[str]) -> None:
         # Build everything first, then swap: a rejected option leaves the addon
         # as it was (mitmproxy rolls the option back and calls configure again).
         config = self.config
@@ -196,6 +229,33 @@ class PixelCapture:
         self.answer = bool(ctx.options.pixel_answer)
         if "pixel_store" in updated:
             self._switch_store(ctx.options.pixel_store)
+        if "pixel_answer" in updated:
+            self._connect_lazily_while_answering()
+
+    def _connect_lazily_while_answering(self) -> None:
+        """Set mitmproxy's ``connection_strategy`` to ``lazy`` while pixel_answer is on.
+
+        With ``eager`` (mitmproxy's default) the proxy connects to the server
+        before it answers a CONNECT, and answers ``502`` when it cannot: an HTTPS
+        pixel to a collector that cannot be reached never reaches the ``request``
+        hook that would answer it, and even a reachable collector is connected
+        to, which pixel_answer promises not to do. ``lazy`` connects only when a
+        request is passed on. For other flows, an unreachable server is then
+        reported by a ``502`` to the request instead of to the CONNECT.
+        """
+        if "connection_strategy" not in ctx.options:
+            return  # no proxy server here (mitmproxy's test harness)
+        if self.answer and ctx.options.connection_strategy != "lazy":
+            self._strategy_replaced = ctx.options.connection_strategy
+            ctx.options.connection_strategy = "lazy"
+            logger.info(
+                "pixel: pixel_answer sets connection_strategy=lazy, so that pixels are"
+                " answered without connecting to their server; other flows connect when"
+                " their first request is passed on"
+            )
+        elif not self.answer and self._strategy_replaced is not None:
+            strategy, self._strategy_replaced = self._strategy_replaced, None
+            ctx.options.connection_strategy = strategy
 
     def _config_from_options(self) -> PixelConfig:
         opts = ctx.options
@@ -240,39 +300,48 @@ class PixelCapture:
             try:
                 store = open_store(url)
             except (ValueError, StoreError, OSError) as e:
+                shown = redact_url(url)
+                # The store's own message may quote the URL, password and all.
+                reason = str(e).replace(url, shown)
+                schemes = ", ".join(f"{scheme}://" for scheme in store_schemes())
                 raise _options_error(
-                    f"pixel_store: cannot open {url!r} ({e}); accepted: sqlite:///PATH,"
-                    " jsonl:///PATH, memory://, or empty to keep records in memory only"
+                    f"pixel_store: cannot open {shown!r} ({reason}); give a store URL"
+                    f" ({schemes}), e.g. sqlite:///pixels.sqlite3, or nothing to keep"
+                    " records in memory only"
                 ) from e
             # durable=False: records are queued and committed in batches by the
             # recorder's own thread, so a slow disk never stalls the proxy.
             recorder = Recorder(store, durable=False)
         old, self._recorder = self._recorder, recorder
         if old is not None:
-            self._close_recorder(old)
-
-    def _close_recorder(self, recorder: Recorder) -> None:
-        recorder.flush()
-        recorder.close()
-        if recorder.spooled:
-            logger.warning(
-                "pixel: the store failed; %s record(s) were spooled for a later retry",
-                recorder.spooled,
-            )
+            _close_in_background(old)
 
     def done(self) -> None:
         # Pixels still waiting for the collector are recorded too: seen, not answered.
         pending, self._pending = self._pending, {}
+        not_queued = 0
         for flow, record in pending.values():
             record.setdefault("upstream", {"error": "mitmproxy stopped before the answer"})
             self._show(flow, record)
-            if self._recorder is not None:
-                self._recorder.record(record)  # no event loop now
+            # offer(), not record(): a full queue would wait for the store.
+            if self._recorder is not None and not self._recorder.offer(record):
+                not_queued += 1
+        if not_queued:
+            logger.error("pixel: %d record(s) not written: the store is not keeping up", not_queued)
         if self.records:
             logger.info("pixel: %s", self.summary())
         if self._recorder is not None:
             recorder, self._recorder = self._recorder, None
-            self._close_recorder(recorder)
+            closing = _close_in_background(recorder)
+            # done() also runs when the script is reloaded, on the event loop of
+            # a proxy that goes on: wait for the store only when mitmproxy exits,
+            # and then a bounded time (the recorder logs what it did not write).
+            if ctx.master.should_exit.is_set():
+                closing.join(STORE_CLOSE_TIMEOUT + 1)
+        if self._strategy_replaced is not None and not ctx.master.should_exit.is_set():
+            # Unloaded from a proxy that goes on: its connection_strategy back.
+            strategy, self._strategy_replaced = self._strategy_replaced, None
+            ctx.options.connection_strategy = strategy
 
     # -- flows ------------------------------------------------------------------
 
@@ -295,7 +364,7 @@ class PixelCapture:
         except Exception:
             # The core handles bad input itself; this is a bug, and the proxy
             # must still pass the request on untouched.
-            logger.exception("pixel: decoding %s failed; passed on untouched", escape(path))
+            logger.exception("pixel: decoding %s failed; passed on untouched", terminal_text(path))
             return
         if outcome is None:
             return
@@ -358,7 +427,7 @@ class PixelCapture:
         self.records.append(record)
         accepted = bool(record.get("accepted"))
         logger.log(
-            logging.INFO if accepted and _upstream_ok(record) else logging.WARNING,
+            logging.INFO if accepted and upstream_ok(record) else logging.WARNING,
             log_line(record, flow.request.pretty_host),
             extra={"client": flow.client_conn.peername},
         )
@@ -370,7 +439,7 @@ class PixelCapture:
             return  # the user's own mark wins
         if not record.get("accepted"):
             flow.marked = MARK_REJECTED
-        elif not _upstream_ok(record):
+        elif not upstream_ok(record):
             flow.marked = MARK_UPSTREAM_FAILED
         else:
             # Our own mark from an earlier pass goes: a pixel fixed in the flow
@@ -413,7 +482,7 @@ class PixelCapture:
         for record in self.records:
             verdicts["accepted" if record.get("accepted") else "rejected"] += 1
             rules.update(p["rule"] for p in record.get("problems") or ())
-            upstream[_upstream_text(record.get("upstream"), brief=True)] += 1
+            upstream[upstream_text(record.get("upstream"), brief=True)] += 1
         parts = [
             f"{len(self.records)} pixel(s)",
             f"{verdicts['accepted']} accepted",
@@ -424,6 +493,30 @@ class PixelCapture:
         if upstream:
             parts.append("upstream: " + ", ".join(f"{u} {n}" for u, n in upstream.most_common()))
         return "; ".join(parts)
+
+
+def _close_in_background(recorder: Recorder) -> threading.Thread:
+    """Flush and close ``recorder`` in a thread of its own, never on the event loop.
+
+    A store that hangs (a Redis server that accepts and never answers, a network
+    disk) would otherwise freeze every connection of the proxy.
+    """
+    thread = threading.Thread(
+        target=_close_recorder, args=(recorder,), name="pixel-store-close", daemon=True
+    )
+    thread.start()
+    return thread
+
+
+def _close_recorder(recorder: Recorder) -> None:
+    # After STORE_CLOSE_TIMEOUT, close() logs how many records were not written
+    # and leaves its writer trying until the process exits.
+    recorder.close(timeout=STORE_CLOSE_TIMEOUT)
+    if recorder.spooled:
+        logger.warning(
+            "pixel: the store failed; %s record(s) were spooled for a later retry",
+            recorder.spooled,
+        )
 
 
 def pixel_request(
@@ -448,123 +541,6 @@ def _header(request: http.Request, name: bytes) -> str | None:
     # joined with ",", so that both front ends hand the core the same text.
     values = [value for key, value in request.headers.fields if key.lower() == name]
     return b",".join(values).decode("latin-1") if values else None
-
-
-# -- display ----------------------------------------------------------------------
-
-
-def escape(text: str) -> str:
-    """``text`` safe to show on a terminal: non-printable characters escaped.
-
-    Control characters, terminal escapes (ESC, CSI), bidirectional overrides and
-    line separators become ``\\xNN``/``\\uNNNN``; backslashes are doubled so that
-    an escape in the output is never ambiguous with literal text.
-    """
-    if text.isprintable() and "\\" not in text:
-        return text
-    out = []
-    for ch in text:
-        if ch == "\\":
-            out.append("\\\\")
-        elif ch.isprintable():
-            out.append(ch)
-        else:
-            code = ord(ch)
-            out.append(
-                f"\\x{code:02x}"
-                if code < 0x100
-                else f"\\u{code:04x}"
-                if code < 0x10000
-                else f"\\U{code:08x}"
-            )
-    return "".join(out)
-
-
-def _shown(value: object, limit: int = 60, *, quote: bool = False) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-    if len(text) > limit:
-        text = text[: limit - 1] + "…"
-    text = escape(text)
-    if quote or not text or any(c in text for c in ' "=,[]()'):
-        return '"' + text.replace('"', '\\"') + '"'
-    return text
-
-
-def _event_name(record: Mapping[str, Any]) -> str | None:
-    event = record.get("event") or {}
-    for key in ("event", "name", "groupId", "previousId"):
-        value = event.get(key)
-        if value not in (None, ""):
-            return _shown(value, quote=True)
-    return None
-
-
-def _identity(record: Mapping[str, Any]) -> list[str]:
-    event = record.get("event") or {}
-    return [
-        f"{key}={_shown(event[key])}"
-        for key in ("userId", "anonymousId")
-        if event.get(key) not in (None, "")
-    ]
-
-
-def _upstream_ok(record: Mapping[str, Any]) -> bool:
-    upstream = record.get("upstream") or {}
-    if "error" in upstream:
-        return False
-    status = upstream.get("status")
-    return status is None or 200 <= status < 400
-
-
-def _upstream_text(upstream: dict[str, Any] | None, *, brief: bool = False) -> str:
-    if not upstream:
-        return "pending"
-    if upstream.get("answeredLocally"):
-        return "answered locally"
-    if "error" in upstream:
-        return "failed" if brief else f"failed ({escape(str(upstream['error'])[:80])})"
-    if brief:
-        return str(upstream.get("status"))
-    return f"{upstream.get('status')} in {upstream.get('ms')} ms"
-
-
-def _rules(problems: list[dict[str, str]] | None, sep: str = ",") -> str:
-    return sep.join(escape(p["rule"]) for p in problems or ())
-
-
-def log_line(record: Mapping[str, Any], host: str) -> str:
-    """One line per pixel: call, name, identity, verdict, problems, upstream answer."""
-    parts = [f"pixel {escape(record['dialect'])} {escape(record['call'])}"]
-    if name := _event_name(record):
-        parts.append(name)
-    parts.extend(_identity(record))
-    if record.get("writeKey"):
-        parts.append(f"writeKey={_shown(record['writeKey'], 24)}")
-    if record.get("accepted"):
-        parts.append("accepted")
-    else:
-        parts.append(f"REJECTED [{_rules(record.get('problems'))}]")
-    if record.get("notes"):
-        parts.append(f"notes [{_rules(record.get('notes'))}]")
-    parts.append(f"upstream {_upstream_text(record.get('upstream'))}")
-    parts.append(f"host={_shown(host)}")
-    return " ".join(parts)
-
-
-def comment_line(record: Mapping[str, Any]) -> str:
-    """The short summary shown as the flow's comment."""
-    head = f"{escape(record['dialect'])} {escape(record['call'])}"
-    if name := _event_name(record):
-        head += f" {name}"
-    verdict = (
-        "accepted"
-        if record.get("accepted")
-        else f"rejected: {_rules(record.get('problems'), ', ')}"
-    )
-    text = f"{head}: {verdict}"
-    if record.get("upstream"):
-        text += f"; upstream {_upstream_text(record['upstream'], brief=True)}"
-    return text
 
 
 # -- content view -------------------------------------------------------------------
@@ -603,22 +579,7 @@ class PixelContentview(contentviews.Contentview):
 
     def prettify(self, data: bytes, metadata: contentviews.Metadata) -> str:
         record, edited = self._record(metadata)
-        lines = [
-            f"{record['dialect']} {record['call']}: "
-            + ("accepted" if record["accepted"] else "REJECTED"),
-            f"writeKey: {record['writeKey']}",
-        ]
-        if edited:
-            lines.append("upstream: not sent (edited since it passed)")
-        elif upstream := record.get("upstream"):
-            lines.append(f"upstream: {_upstream_text(upstream)}")
-        for title in ("problems", "notes"):
-            items = record.get(title) or []
-            lines.append(f"{title}:" + ("" if items else " none"))
-            lines.extend(f"  - {p['rule']}: {p['message']}" for p in items)
-        lines.append("event:")
-        lines.append(json.dumps(record["event"], indent=2, ensure_ascii=False))
-        return _escape_lines("\n".join(lines))
+        return view_text(record, edited=edited)
 
     def _record(self, metadata: contentviews.Metadata) -> tuple[dict[str, Any], bool]:
         """The record to show, and whether the request was edited since it passed."""
@@ -648,18 +609,3 @@ class PixelContentview(contentviews.Contentview):
         if seen.get("request") == current["request"]:
             return seen, False
         return current, True
-
-
-def _escape_lines(text: str) -> str:
-    # As in ``escape``, but newlines stay and escapes use JSON's \\uNNNN form, so
-    # the event block stays valid JSON.
-    if text.replace("\n", "").isprintable():
-        return text
-    return "".join(
-        ch
-        if ch == "\n" or ch.isprintable()
-        else f"\\u{ord(ch):04x}"
-        if ord(ch) < 0x10000
-        else f"\\U{ord(ch):08x}"
-        for ch in text
-    )

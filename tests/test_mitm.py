@@ -6,12 +6,15 @@ import asyncio
 import base64
 import json
 import logging
+import threading
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from silent_server import SilentServer
 
 with warnings.catch_warnings():
     # mitmproxy 12.2 builds its filter grammar at import with pyparsing names that
@@ -64,6 +67,40 @@ def configure(addon: PixelCapture, **options: Any) -> None:
     addon.tctx.configure(addon, **options)  # type: ignore[attr-defined]
 
 
+def exit_mitmproxy(addon: PixelCapture) -> None:
+    """What mitmproxy does when it exits: the master should exit, then done()."""
+    addon.tctx.master.should_exit.set()  # type: ignore[attr-defined]
+    addon.done()
+
+
+def stores_closed(timeout: float = 10) -> None:
+    """Wait until every store the addon closes in the background is closed."""
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if thread.name == "pixel-store-close":
+            thread.join(max(0.0, deadline - time.monotonic()))
+            assert not thread.is_alive(), "a store did not close"
+
+
+def within(seconds: float, call: Any, *args: Any) -> float:
+    """Run ``call`` in a thread; fail if it has not returned after ``seconds``."""
+    thread = threading.Thread(target=call, args=args, daemon=True)
+    start = time.monotonic()
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{call} still blocked after {seconds}s"
+    return time.monotonic() - start
+
+
+@pytest.fixture
+def hung_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SilentServer]:
+    """A Redis store that takes the connection and never answers (spool in tmp_path)."""
+    monkeypatch.chdir(tmp_path)
+    server = SilentServer()
+    yield server
+    server.close()  # the hung writes fail now, and their recorders can finish
+
+
 def through(
     addon: PixelCapture,
     url: str,
@@ -99,7 +136,11 @@ def through(
             {"pixel_filter": "~d ("}, r"pixel_filter: .* is not a flow filter", id="filter"
         ),
         pytest.param(
-            {"pixel_store": "ftp://x"}, r"pixel_store: .*accepted: sqlite:///", id="store"
+            {"pixel_store": "ftp://x"},
+            r"pixel_store: cannot open 'ftp://x' .*; give a store URL \(fanout://,"
+            r" forward\+http://, forward\+https://, jsonl://, memory://, redis://,"
+            r" rediss://, sqlite://\), e\.g\. sqlite:///pixels\.sqlite3, or nothing",
+            id="store",
         ),
         pytest.param(
             {"pixel_store": "nonsense"}, r"pixel_store: .*no scheme", id="store-no-scheme"
@@ -131,6 +172,16 @@ def test_bad_options_are_refused_with_what_is_accepted(
 def test_rudderstack_response_choices_are_enforced(addon: PixelCapture) -> None:
     with pytest.raises(exceptions.OptionsError, match="seed"):
         configure(addon, pixel_rudderstack_response="png")
+
+
+def test_rudderstack_response_help_says_which_answer_rudder_server_sends(
+    addon: PixelCapture,
+) -> None:
+    # rudder-server answers the GIF (docs/dialects.md); "seed" is the document's.
+    help_text = " ".join(addon.tctx.options._options["pixel_rudderstack_response"].help.split())  # type: ignore[attr-defined]
+    seed, gif = help_text.split('"gif"', 1)
+    assert "rudder-server" not in seed
+    assert "rudder-server itself has sent" in gif
 
 
 def test_loading_the_addon_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -343,7 +394,7 @@ def test_pixels_in_flight_at_exit_are_recorded(addon: PixelCapture, tmp_path: Pa
     configure(addon, pixel_store=url)
     flow = tflow.tflow(req=http.Request.make("GET", TRACK))
     addon.request(flow)  # the collector has not answered yet
-    addon.done()
+    exit_mitmproxy(addon)
     (record,) = addon.records
     assert record["upstream"] == {"error": "mitmproxy stopped before the answer"}
     assert flow.marked == ":warning:"
@@ -366,6 +417,21 @@ def test_pixel_answer_answers_locally(addon: PixelCapture) -> None:
     assert flow.metadata["pixel"]["upstream"] == {"answeredLocally": True}
     asyncio.run(addon.response(flow))  # the hook firing again records nothing more
     assert len(addon.records) == 1
+
+
+def test_pixel_answer_connects_lazily_while_it_is_on() -> None:
+    """mitmproxy's eager strategy connects (and answers 502) before the request
+    hook can answer the pixel; pixel_answer makes it lazy, and puts it back."""
+    from mitmproxy.addons.proxyserver import Proxyserver
+
+    addon = PixelCapture()
+    with taddons.context(addon, Proxyserver()) as tctx:
+        tctx.configure(addon)
+        assert tctx.options.connection_strategy == "eager"
+        tctx.configure(addon, pixel_answer=True)
+        assert tctx.options.connection_strategy == "lazy"
+        tctx.configure(addon, pixel_answer=False)
+        assert tctx.options.connection_strategy == "eager"
 
 
 @pytest.mark.parametrize(
@@ -492,7 +558,7 @@ def test_content_view_decodes_a_request_edited_after_it_passed(addon: PixelCaptu
     del flow.request.headers["User-Agent"]
     flow.request.url = REJECTED
     text = contentviews.prettify_message(flow.request, flow).text
-    assert text.startswith("rudderstack track: REJECTED\nwriteKey: None\nupstream: 400 in ")
+    assert text.startswith("rudderstack track: REJECTED\nwriteKey: -\nupstream: 400 in ")
     assert flow.metadata["pixel"]["event"]["messageId"] in text
 
 
@@ -571,7 +637,7 @@ def test_records_go_to_the_store(addon: PixelCapture, tmp_path: Path) -> None:
     configure(addon, pixel_store=url)
     through(addon, TRACK)
     through(addon, REJECTED, error="Connection refused")
-    addon.done()  # flushes and closes
+    exit_mitmproxy(addon)  # flushes and closes
     store = open_store(url)
     try:
         stored = [record for _, record in store.read()]
@@ -588,6 +654,7 @@ def test_switching_store_flushes_the_old_one(addon: PixelCapture, tmp_path: Path
     configure(addon, pixel_store=second)
     through(addon, RUDDER_PAGE)
     configure(addon, pixel_store="")
+    stores_closed()
     assert [json.loads(x)["call"] for x in (tmp_path / "a.jsonl").read_text().splitlines()] == [
         "track"
     ]
@@ -608,3 +675,103 @@ def test_a_core_failure_leaves_the_flow_alone(
     assert flow.response is not None
     assert flow.response.status_code == 200
     assert "decoding /v1/pixel/track failed" in caplog.text
+
+
+# -- a store that hangs -------------------------------------------------------------------
+
+
+def test_switching_away_from_a_hung_store_does_not_wait_for_it(
+    addon: PixelCapture, hung_store: SilentServer, tmp_path: Path
+) -> None:
+    """configure() runs on mitmproxy's event loop: the old store is closed in a
+    thread, so a store that never answers cannot freeze the proxy."""
+    configure(addon, pixel_store=hung_store.redis_url())
+    through(addon, TRACK)  # queued; the writer now waits for Redis
+    wait_for(lambda: hung_store.connections > 0)
+    next_url = f"jsonl:///{tmp_path}/next.jsonl"
+    within(2, lambda: configure(addon, pixel_store=next_url))
+    through(addon, RUDDER_PAGE)
+    exit_mitmproxy(addon)
+    assert [json.loads(x)["call"] for x in (tmp_path / "next.jsonl").read_text().splitlines()] == [
+        "page"
+    ]
+
+
+def test_exit_waits_a_bounded_time_for_a_hung_store_and_says_what_was_lost(
+    addon: PixelCapture,
+    hung_store: SilentServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(mitm, "STORE_CLOSE_TIMEOUT", 0.5, raising=False)
+    configure(addon, pixel_store=hung_store.redis_url())
+    through(addon, TRACK)  # in the writer's hands, waiting for Redis
+    wait_for(lambda: hung_store.connections > 0)
+    through(addon, RUDDER_PAGE)  # queued behind it
+    elapsed = within(5, exit_mitmproxy, addon)
+    assert 0.5 <= elapsed < 3
+    assert "2 records still not written after 0.5s of closing" in caplog.text
+
+
+def test_done_without_exiting_does_not_wait_for_a_hung_store(
+    addon: PixelCapture, hung_store: SilentServer
+) -> None:
+    """done() also runs when mitmproxy reloads the script, and the proxy goes on."""
+    configure(addon, pixel_store=hung_store.redis_url())
+    through(addon, TRACK)
+    wait_for(lambda: hung_store.connections > 0)
+    assert within(2, addon.done) < 1
+
+
+def wait_for(condition: Any, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+# -- filtering the flow list to pixels ----------------------------------------------------
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "mitmproxy.md"
+# The filters docs/mitmproxy.md gives for "pixels only", as a user types them.
+PIXELS_DECODED = '~meta "^pixel: "'
+PIXEL_ROUTES = (
+    '~m GET & ~u "^[a-z]+://[^/]+/'
+    '(v1/pixel/(identify|group|alias|page|screen|track)|pixel/v1/(page|track))($|[?])"'
+)
+
+
+def test_the_documented_pixel_filters_are_the_tested_ones() -> None:
+    docs = DOCS.read_text()
+    assert f"`{PIXELS_DECODED}`" in docs
+    assert f"`{PIXEL_ROUTES}`" in docs
+
+
+@pytest.mark.parametrize("spec", [PIXELS_DECODED, PIXEL_ROUTES], ids=["decoded", "routes"])
+def test_pixel_filters_match_pixels_and_nothing_else(addon: PixelCapture, spec: str) -> None:
+    from mitmproxy import flowfilter
+
+    match = flowfilter.parse(spec)
+    pixels = {
+        "accepted": through(addon, TRACK),
+        "rejected": through(addon, REJECTED),
+        "collector-refused": through(addon, RUDDER_PAGE, response=gif_response(500)),
+        "connection-failed": through(addon, TRACK, error="Connection refused"),
+        "plain-http-with-port": through(
+            addon, "http://127.0.0.1:8000/pixel/v1/track?writeKey=k&anonymousId=a&event=E"
+        ),
+        "every-segment-call": through(
+            addon, segment_url("identify", {"writeKey": "k", "userId": "u"})
+        ),
+    }
+    others = {
+        "other-site": through(addon, "https://example.com/?a=1"),
+        "trailing-slash": through(addon, "https://api.segment.io/v1/pixel/track/?data=e30="),
+        "unknown-call": through(addon, "https://api.segment.io/v1/pixel/batch?data=e30="),
+        "route-in-the-query": through(addon, "https://x.test/r?to=/v1/pixel/track?data=e30="),
+        "route-under-a-path": through(addon, "https://x.test/a/v1/pixel/track?data=e30="),
+        "head": through(addon, TRACK, method="HEAD"),
+        "post": through(addon, TRACK, method="POST"),
+    }
+    assert [name for name, flow in pixels.items() if not match(flow)] == []
+    assert [name for name, flow in others.items() if match(flow)] == []

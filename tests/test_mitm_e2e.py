@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import requests
 from collector_server import Collector, QuietHandler, not_found
+from silent_server import SilentServer
 from werkzeug.serving import make_server
 
 from pixel_middleware import GIF, PixelMiddleware, PixelRecord
@@ -75,7 +77,14 @@ def dead_port() -> int:
 class Mitmdump:
     """A real ``mitmdump -s addons/pixel_capture.py`` on a free port."""
 
-    def __init__(self, workdir: Path, *args: str, store: bool = True, wait: bool = True) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *args: str,
+        store: bool = True,
+        wait: bool = True,
+        script: Path = SCRIPT,
+    ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         # Four slashes: an absolute path (SQLAlchemy's convention).
@@ -91,7 +100,7 @@ class Mitmdump:
             "--set",
             f"confdir={workdir}/conf",
             "-s",
-            str(SCRIPT),
+            str(script),
             *(["--set", f"pixel_store={self.store_url}"] if store else []),
             *args,
         ]
@@ -338,6 +347,27 @@ def test_pixel_answer_makes_no_upstream_connection(tmp_path: Path) -> None:
     assert [r["accepted"] for r in records] == [True, False]
 
 
+def test_pixel_answer_over_https_needs_no_reachable_collector(tmp_path: Path) -> None:
+    """With mitmproxy's default (eager) connection strategy a CONNECT to a server
+    that cannot be reached is answered 502 before any request is seen; the addon
+    makes pixel_answer connect lazily, so the pixel inside the tunnel is answered."""
+    nowhere = f"https://127.0.0.1:{dead_port()}"
+    proxy = Mitmdump(tmp_path, "--set", "pixel_answer=true")
+    try:
+        with via(proxy, verify=str(proxy.ca_cert)) as client:
+            pixel = client.get(nowhere + TRACK, timeout=30)
+            rudder = client.get(nowhere + RS_PAGE, timeout=30)
+            other = client.get(nowhere + "/not-a-pixel", timeout=30)
+    finally:
+        proxy.stop()
+    assert (pixel.status_code, pixel.content) == (200, GIF)
+    assert (rudder.status_code, rudder.content) == (200, b"OK")
+    # Not a pixel: passed on, and the server's absence is told to the request.
+    assert other.status_code == 502
+    assert [r["upstream"] for r in proxy.records()] == [{"answeredLocally": True}] * 2
+    assert any("pixel_answer sets connection_strategy=lazy" in line for line in proxy.lines)
+
+
 def test_collector_down_is_recorded_with_the_error(tmp_path: Path) -> None:
     nowhere = f"http://127.0.0.1:{dead_port()}"
     proxy = Mitmdump(tmp_path, "--mode", f"reverse:{nowhere}", "--set", "connection_strategy=lazy")
@@ -370,8 +400,28 @@ def test_without_a_store_nothing_is_written(tmp_path: Path) -> None:
     ("option", "message"),
     [
         pytest.param("pixel_filter=~d (", "pixel_filter: '~d (' is not a flow filter", id="filter"),
-        pytest.param("pixel_store=ftp://x", "pixel_store: cannot open 'ftp://x'", id="store"),
+        pytest.param(
+            "pixel_store=ftp://x",
+            "pixel_store: cannot open 'ftp://x' (unknown store URL scheme 'ftp' in 'ftp://x';"
+            " expected one of fanout://, forward+http://, forward+https://, jsonl://,"
+            " memory://, redis://, rediss://, sqlite://); give a store URL (fanout://,"
+            " forward+http://, forward+https://, jsonl://, memory://, redis://, rediss://,"
+            " sqlite://), e.g. sqlite:///pixels.sqlite3, or nothing to keep records in"
+            " memory only",
+            id="store",
+        ),
+        pytest.param(
+            "pixel_store=redis://:s3cret@127.0.0.1:1/0?nonsense=1",
+            "pixel_store: cannot open 'redis://:***@127.0.0.1:1/0?nonsense=1'",
+            id="store-password",
+        ),
         pytest.param("pixel_dialects=amp", "pixel_dialects: 'amp' is not accepted", id="dialect"),
+        pytest.param(
+            "pixel_trusted_proxies=-1",
+            "pixel_trusted_proxies: -1 is not accepted; give the number of trusted proxies,"
+            " 0 or more",
+            id="proxies",
+        ),
     ],
 )
 def test_bad_option_stops_mitmdump_with_the_reason(
@@ -397,7 +447,14 @@ def test_bad_option_stops_mitmdump_with_the_reason(
         timeout=60,
     )
     assert result.returncode != 0
-    assert message in result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    # One line that says it, not mitmproxy's traceback of the addon.
+    name = option.split("=", 1)[0]
+    (line,) = [line for line in output.splitlines() if f"{name}:" in line]
+    assert line.startswith("["), output  # mitmproxy's time: a log line of its own
+    assert "] " + message in line, output
+    assert "Traceback" not in output
+    assert "s3cret" not in output
 
 
 # -- parity with the middleware -----------------------------------------------------
@@ -537,3 +594,70 @@ def test_every_case_gives_the_middlewares_record(tmp_path: Path) -> None:
             middleware.close()
     assert not mismatches
     assert compared == sum(case.expect_accepted is not None for case in CASES)
+
+
+# -- a store that hangs ----------------------------------------------------------------
+
+
+def test_a_hung_store_does_not_freeze_the_proxy_when_the_script_reloads(
+    collector: Collector, tmp_path: Path
+) -> None:
+    """mitmproxy reloads a script when its file changes, calling the old addon's
+    done() on the event loop of a proxy that goes on: the store, which never
+    answers, is closed in a thread and the proxy keeps passing requests."""
+    script = tmp_path / "pixel_capture.py"
+    script.write_text(SCRIPT.read_text())
+    hung = SilentServer()
+    proxy = Mitmdump(
+        tmp_path,
+        "--set",
+        f"pixel_store={hung.redis_url()}",
+        store=False,
+        script=script,
+    )
+    try:
+        with via(proxy) as client:
+            assert client.get(collector.url + TRACK, timeout=30).status_code == 200
+            wait_until(lambda: hung.connections > 0)  # the writer waits for Redis
+            loads = sum("Loading script" in line for line in proxy.lines)
+            os.utime(script, (time.time() + 5, time.time() + 5))
+            wait_until(lambda: sum("Loading script" in line for line in proxy.lines) > loads)
+            # The old addon's done() ran; the proxy still answers, at once.
+            answer = client.get(collector.url + "/not-a-pixel", timeout=5)
+            assert answer.status_code == 404
+            assert client.get(collector.url + RS_PAGE, timeout=5).status_code == 200
+    finally:
+        proxy.proc.kill()  # the exit is the next test's
+        proxy.stop()
+        hung.close()
+
+
+def test_exit_waits_a_bounded_time_for_a_hung_store(collector: Collector, tmp_path: Path) -> None:
+    hung = SilentServer()
+    proxy = Mitmdump(tmp_path, "--set", f"pixel_store={hung.redis_url()}", store=False)
+    try:
+        with via(proxy) as client:
+            assert client.get(collector.url + TRACK, timeout=30).status_code == 200
+            wait_until(lambda: hung.connections > 0)
+            assert client.get(collector.url + RS_PAGE, timeout=30).status_code == 200
+        start = time.monotonic()
+        proxy.proc.send_signal(signal.SIGTERM)
+        proxy.proc.wait(timeout=60)
+        elapsed = time.monotonic() - start
+        output = proxy.stop()
+    finally:
+        if proxy.proc.poll() is None:
+            proxy.proc.kill()
+        hung.close()
+    # done() waits STORE_CLOSE_TIMEOUT (5 s); the recorder's own exit hook then
+    # gives its writer up to 10 s more before the process ends.
+    assert elapsed < 5 + 10 + 5, output
+    assert "records still not written after 5.0s of closing" in output
+    assert "pixel: 2 pixel(s); 2 accepted" in output
+
+
+def wait_until(condition: Any, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)

@@ -248,7 +248,7 @@ def test_mitmweb_shows_marks_comments_the_pixel_view_and_runs_the_commands(
         head, event_json = shown["text"].split("\nevent:\n", 1)
         assert head.splitlines() == [
             "rudderstack track: REJECTED",
-            "writeKey: None",
+            "writeKey: -",
             head.splitlines()[2],
             "problems:",
             "  - missing_write_key: No write key: send writeKey in the event or as a"
