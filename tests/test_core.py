@@ -730,6 +730,22 @@ def _message(note: str) -> Any:
 
 
 _IGNORED = _message("params_ignored")
+
+
+def _message_id_replaced(record: PixelRecord, sent: str) -> bool:
+    """Whether the messageId sent was replaced; exactly then it is a problem."""
+    assert record["event"] is not None
+    replaced: bool = record["event"]["messageId"] != sent
+    assert replaced is ("message_id_too_long" in rules(record))
+    return replaced
+
+
+def _names_listed(message: str, n: int) -> bool:
+    """Whether the note says it left names out; it always shows the first ten."""
+    assert message.count('"x') == min(n, 10), message
+    return message.endswith(f" and {n - 10} more")
+
+
 SMALL = 200
 
 BOUNDARIES = {
@@ -860,7 +876,7 @@ BOUNDARIES = {
             "/v1/pixel/track",
             b"data=" + _base64(_padded_json(50)) + b"".join(b"&x%d=1" % i for i in range(n)),
         ),
-        lambda record, n: _IGNORED(record).endswith(" and 1 more"),
+        lambda record, n: _names_listed(_IGNORED(record), n),
     ),
     "note-name-chars": Boundary(
         64,
@@ -872,7 +888,18 @@ BOUNDARIES = {
         100,
         DEFAULT,
         lambda n: _query(_TRACK_RS, _RS_MIN + b"&messageId=" + b"m" * n),
-        _rules_have("message_id_too_long"),
+        lambda record, n: _message_id_replaced(record, "m" * n),
+    ),
+    "message-id-chars-blank": Boundary(
+        # blank and too long: the length decides which problem it is
+        100,
+        DEFAULT,
+        lambda n: _query(_TRACK_RS, _RS_MIN + b"&messageId=" + b"%20" * n),
+        lambda record, n: (
+            ("message_id_too_long" in rules(record))
+            is ("message_id_generated" not in notes(record))
+            is True
+        ),
     ),
     "unknown-call-chars": Boundary(
         64,
@@ -934,3 +961,148 @@ def test_stored_event_size_counts_non_ascii_as_escapes() -> None:
     over = decode(_query("/v1/pixel/track", b"data=" + _base64(data.encode())), config)
     assert over.record is not None
     assert (rules(over.record), over.record["event"]) == ({"too_large"}, None)
+
+
+# --- the GIF, checked against bytes written out here and parsed independently ---------
+
+# The 43 bytes, written out: header, logical screen, global colour table, graphic
+# control extension, image descriptor, LZW image data, trailer.
+EXPECTED_GIF = bytes.fromhex(
+    "474946383961"  # "GIF89a"
+    "0100"
+    "0100"
+    "80"
+    "00"
+    "00"  # 1x1; global colour table of 2 entries; bg 0; aspect 0
+    "000000"
+    "000000"  # the two colours (black, black)
+    "21f9"
+    "04"
+    "01"
+    "0000"
+    "00"
+    "00"  # GCE: transparency flag, delay 0, transparent index 0
+    "2c"
+    "0000"
+    "0000"
+    "0100"
+    "0100"
+    "00"  # image at 0,0, 1x1, no local colour table
+    "02"
+    "02"
+    "4401"
+    "00"  # LZW minimum code size 2, one 2-byte block, end of blocks
+    "3b"  # trailer
+)
+
+
+def _lzw_decode(data: bytes, minimum_code_size: int) -> list[int]:
+    """GIF's variable-width LZW (codes packed least significant bit first)."""
+    clear, end = 1 << minimum_code_size, (1 << minimum_code_size) + 1
+    bits = int.from_bytes(data, "little")
+    position, width = 0, minimum_code_size + 1
+    table: list[list[int]] = []
+    previous: list[int] | None = None
+    pixels: list[int] = []
+    while position + width <= len(data) * 8:
+        code = (bits >> position) & ((1 << width) - 1)
+        position += width
+        if code == clear:
+            table = [[index] for index in range(clear)] + [[], []]
+            width, previous = minimum_code_size + 1, None
+            continue
+        if code == end:
+            return pixels
+        if code < len(table):
+            entry = table[code]
+        else:
+            assert previous is not None
+            assert code == len(table), "a code past the table"
+            entry = previous + previous[:1]
+        pixels += entry
+        if previous is not None:
+            table.append(previous + entry[:1])
+            if len(table) == 1 << width and width < 12:
+                width += 1
+        previous = entry
+    raise AssertionError("no end-of-information code")
+
+
+def parse_gif(gif: bytes) -> dict[str, Any]:
+    """What a browser draws from ``gif``: size, colours, transparency, pixel indexes."""
+    assert gif[:6] == b"GIF89a"
+    width, height, packed = (
+        int.from_bytes(gif[6:8], "little"),
+        int.from_bytes(gif[8:10], "little"),
+        gif[10],
+    )
+    at = 13
+    colours: list[bytes] = []
+    if packed & 0x80:
+        count = 2 << (packed & 0x07)
+        colours = [gif[at + 3 * i : at + 3 * i + 3] for i in range(count)]
+        at += 3 * count
+    transparent: int | None = None
+    image: dict[str, Any] = {}
+    while gif[at] != 0x3B:
+        if gif[at] == 0x21:  # an extension
+            label, size = gif[at + 1], gif[at + 2]
+            if label == 0xF9:
+                assert size == 4
+                if gif[at + 3] & 0x01:
+                    transparent = gif[at + 6]
+            at += 3 + size
+            assert gif[at] == 0, "extension blocks end with a 0-length block"
+            at += 1
+        else:
+            assert gif[at] == 0x2C, f"unexpected block {gif[at]:#x}"
+            left, top, w, h = (
+                int.from_bytes(gif[at + i : at + i + 2], "little") for i in (1, 3, 5, 7)
+            )
+            assert gif[at + 9] & 0x80 == 0, "no local colour table"
+            minimum = gif[at + 10]
+            at += 11
+            data = b""
+            while gif[at]:
+                data += gif[at + 1 : at + 1 + gif[at]]
+                at += 1 + gif[at]
+            at += 1
+            image = {"box": (left, top, w, h), "pixels": _lzw_decode(data, minimum)}
+    assert at == len(gif) - 1, "nothing after the trailer"
+    return {"size": (width, height), "colours": colours, "transparent": transparent, **image}
+
+
+def assert_transparent_pixel(gif: bytes) -> None:
+    parsed = parse_gif(gif)
+    assert parsed["size"] == (1, 1)
+    assert parsed["box"] == (0, 0, 1, 1)
+    assert parsed["transparent"] == 0
+    assert len(parsed["colours"]) == 2
+    assert parsed["pixels"] == [parsed["transparent"]]
+
+
+def test_gif_is_the_43_bytes_of_a_transparent_pixel() -> None:
+    assert len(EXPECTED_GIF) == 43
+    assert_transparent_pixel(EXPECTED_GIF)
+    assert GIF == EXPECTED_GIF
+    outcome = get(b"/v1/pixel/track?data=e30")
+    assert outcome.body == EXPECTED_GIF
+
+
+@pytest.mark.parametrize(
+    ("offset", "value", "what"),
+    [
+        (22, 0x00, "transparency flag cleared"),
+        (25, 0x01, "transparent index 1"),
+        (39, 0x45, "an LZW bit changed"),
+        (8, 0x02, "height 2"),
+        (42, 0x00, "no trailer"),
+    ],
+    ids=lambda value: value if isinstance(value, str) else None,
+)
+def test_gif_parser_catches_a_broken_pixel(offset: int, value: int, what: str) -> None:
+    broken = bytearray(EXPECTED_GIF)
+    assert broken[offset] != value, what
+    broken[offset] = value
+    with pytest.raises((AssertionError, IndexError)):
+        assert_transparent_pixel(bytes(broken))
