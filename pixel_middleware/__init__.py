@@ -1,7 +1,10 @@
 """Segment- and RudderStack-style tracking pixels for any Python web app.
 
-``pixel_middleware.core`` is stdlib-only; the names that need werkzeug are
-imported on first use, so the mitmproxy addon can load the core anywhere.
+``pixel_middleware.core`` is stdlib-only, and so are the WSGI middleware, the
+recorder and the SQLite, JSONL and memory stores; werkzeug is needed only by the
+standalone collector (and waitress by ``pixel-middleware serve``).
+``PixelMiddleware`` is imported on first use, so that importing the package for
+the core starts no recorder and loads no store.
 """
 
 from __future__ import annotations

@@ -16,7 +16,14 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["DataResult", "decode_data", "exceeds_depth", "repair_surrogates", "repair_text"]
+__all__ = [
+    "DataResult",
+    "decode_data",
+    "exceeds_depth",
+    "json_scanner",
+    "repair_surrogates",
+    "repair_text",
+]
 
 # Byte values: ``45 in data`` is a memchr, ``b"-" in data`` ten times slower
 # (CPython first tries the needle as an int and swallows the TypeError).
@@ -49,8 +56,23 @@ def _reject_constant(name: str) -> Any:
 # One decoder, built once: json.loads(**kw) would build one per call. NaN,
 # Infinity and overflowing floats are refused so every record stays valid JSON.
 _DECODER = json.JSONDecoder(parse_float=_finite_float, parse_constant=_reject_constant)
-# The decoder's C scanner, called directly (typeshed does not declare the attribute).
-_SCAN_ONCE: Callable[[str, int], tuple[Any, int]] = _DECODER.scan_once  # type: ignore[attr-defined]
+Scanner = Callable[[str, int], tuple[Any, int]]
+
+
+def json_scanner(decoder: json.JSONDecoder) -> Scanner:
+    """The fastest way to read one JSON value at an index with ``decoder``.
+
+    ``scan_once`` (CPython's scanner, C when available) is not documented: it
+    skips ``raw_decode``'s wrapper but raises ``StopIteration`` where no value
+    starts. Without it, the documented ``raw_decode`` does the same work and
+    raises ``JSONDecodeError`` (a ``ValueError``) instead; ``decode_data``
+    treats both alike.
+    """
+    scan: Scanner | None = getattr(decoder, "scan_once", None)
+    return decoder.raw_decode if scan is None else scan
+
+
+_SCAN_ONCE = json_scanner(_DECODER)
 _JSON_WHITESPACE = " \t\n\r"
 
 
@@ -120,13 +142,16 @@ def repair_surrogates(value: Any) -> bool:
     return changed
 
 
-def decode_data(value: bytes, max_event_bytes: int, max_depth: int) -> DataResult:
+def decode_data(
+    value: bytes, max_event_bytes: int, max_depth: int, *, scan: Scanner | None = None
+) -> DataResult:
     """Decode a ``data=`` value (form-decoded bytes) into a JSON value.
 
     Fatal outcomes, as rule ids: ``bad_base64``, ``too_large``, ``bad_json``,
     ``too_deep``. Notes: ``raw_json``, ``spaces_to_plus``, ``padding_restored``,
     ``invalid_utf8`` (raw JSON that was not UTF-8, or lone surrogate escapes,
-    replaced by U+FFFD).
+    replaced by U+FFFD). ``scan`` replaces the JSON scanner (for tests of the
+    fallback, see :func:`json_scanner`).
     """
     notes: list[str] = []
     encoded = value.lstrip()
@@ -170,7 +195,7 @@ def decode_data(value: bytes, max_event_bytes: int, max_depth: int) -> DataResul
     try:
         # What JSONDecoder.decode does, minus two regex matches: the scanner
         # at 0, then only JSON whitespace may follow.
-        decoded, end = _SCAN_ONCE(text, 0)
+        decoded, end = (_SCAN_ONCE if scan is None else scan)(text, 0)
     except RecursionError:
         return None, "too_deep", notes
     except (StopIteration, ValueError):  # no JSON; NaN/Infinity; ints past the digit limit

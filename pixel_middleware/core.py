@@ -1,9 +1,11 @@
 """The decoding core: raw pixel request in, plain record and HTTP answer out.
 
-Pure: no I/O, no clock, no randomness of its own (the caller passes ``now`` and
-may pass ``new_id``), and nothing beyond the standard library, so that the WSGI
-middleware and the mitmproxy addon (which may run inside a mitmproxy that cannot
-import werkzeug) decode the same request into the same record.
+Pure: no I/O and no clock (the caller passes ``now``), and nothing beyond the
+standard library, so that the WSGI middleware and the mitmproxy addon (which may
+run inside a mitmproxy that cannot import werkzeug) decode the same request into
+the same record. The one source of randomness is the default ``new_id``, which
+makes UUID4 record ids and messageIds from ``os.urandom``; pass your own
+``new_id`` for fully deterministic records.
 
 Specification: Segment's and RudderStack's Pixel API documents, plus what the
 reference systems do beyond them (see docs/dialects.md, which lists every rule
@@ -26,6 +28,8 @@ Bad request data never raises here: it becomes a rejected record with problems.
 
 from __future__ import annotations
 
+import difflib
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -59,6 +63,7 @@ __all__ = [
     "RequestInfo",
     "Route",
     "decode_pixel",
+    "default_answer",
     "match_route",
     "split_target",
 ]
@@ -95,6 +100,8 @@ RULES: Final[dict[str, str]] = {
     "too_many_params": "The query has more parameters than this collector accepts.",
     "message_id_too_long": "messageId is longer than 100 characters; a new one was generated.",
     "invalid_field": "A field has the wrong type.",
+    # The message names the calls that exist (see _unknown_call_problem).
+    "unknown_call": "There is no such pixel call.",
 }
 
 # Every note id, with its message. Notes explain what was repaired or ignored;
@@ -118,12 +125,16 @@ NOTES: Final[dict[str, str]] = {
     "unknown_page_name": "An empty page name was replaced by 'Unknown Page'",
     "message_id_generated": "messageId was blank or not a string; a new one was generated",
     "received_at_overwritten": "The receivedAt sent was replaced by the time of receipt",
+    "header_truncated": "Request headers longer than this collector keeps were cut",
 }
 
 # At most this many names are listed in one note, each cut to this length.
 _NOTE_NAMES = 10
 _NOTE_NAME_CHARS = 64
 _MAX_MESSAGE_ID = 100
+# An unknown call's name (the path below the pixel root) is kept in the record
+# cut to this length: it is request data, only there to show what was asked.
+_MAX_CALL_CHARS = 64
 _SEGMENT_ROOT = "/v1/pixel/"
 _RUDDERSTACK_ROOT = "/pixel/v1/"
 
@@ -139,6 +150,9 @@ class RequestInfo(TypedDict):
     query: str
     ip: str | None
     userAgent: str | None
+    #: The Referer header (for a pixel, the page or email client that embedded
+    #: it). Always set by the core; absent from records made before it existed.
+    referer: NotRequired[str | None]
 
 
 class PixelRecord(TypedDict):
@@ -173,21 +187,32 @@ class Limits:
       summed decoded key and value bytes (``too_large``).
     - ``max_depth``: nesting of objects and arrays, the event itself being
       level 1; a dot path of n segments has depth n (``too_deep``).
+      The whole stored event, after enrichment (``context.userAgent``,
+      ``context.ip``, ``messageId``, ...), serialised as the stores write it
+      (compact JSON, non-ASCII as ``\\uXXXX`` escapes), is held to it too, so
+      no stored event is ever larger.
+    - ``max_depth``: nesting of objects and arrays, the event itself being
+      level 1; a dot path of n segments has depth n (``too_deep``).
     - ``max_params``: query parameters (``too_many_params``), and also the
       total length of all arrays that dot-notation indexes may build
       (``too_large``), so no query can make us allocate a huge array.
+    - ``max_header_chars``: each header the record keeps (``User-Agent``,
+      ``Referer``, the ``X-Forwarded-For`` entry taken as the address) is cut
+      to this many characters, with note ``header_truncated`` naming it.
     """
 
     max_query_bytes: int = 64 * 1024
     max_event_bytes: int = 32_000  # Segment's per-event limit
     max_depth: int = 32
     max_params: int = 1_000
+    max_header_chars: int = 1_024
 
     def __post_init__(self) -> None:
         _positive("max_query_bytes", self.max_query_bytes)
         _positive("max_event_bytes", self.max_event_bytes)
         _positive("max_depth", self.max_depth)
         _positive("max_params", self.max_params)
+        _positive("max_header_chars", self.max_header_chars)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -204,6 +229,10 @@ class PixelConfig:
     - ``rudderstack_response``: ``"seed"`` answers RudderStack pixels ``200 OK``
       or ``400`` with the problems (the published document); ``"gif"`` always
       answers 200 with the GIF (what rudder-server does since 2021).
+    - ``unknown_calls``: what a path under a pixel root with no such call
+      (``/v1/pixel/trak``) is. ``"pass"`` (the default): not a pixel, the
+      application may own it. ``"reject"``: a rejected pixel, rule
+      ``unknown_call``, whose message lists the calls and names the closest.
 
     Invalid values raise ``ValueError`` here, at construction.
     """
@@ -214,9 +243,13 @@ class PixelConfig:
     trusted_proxies: int = 0
     limits: Limits = field(default_factory=Limits)
     rudderstack_response: Literal["seed", "gif"] = "seed"
+    unknown_calls: Literal["pass", "reject"] = "pass"
     # Precomputed in __post_init__ so that match_route costs one startswith.
     _routes: dict[str, Route] = field(init=False, repr=False, compare=False, hash=False)
     _route_roots: tuple[str, ...] = field(init=False, repr=False, compare=False, hash=False)
+    _root_dialects: tuple[tuple[str, Dialect], ...] = field(
+        init=False, repr=False, compare=False, hash=False
+    )
 
     def __post_init__(self) -> None:
         prefix = self.prefix
@@ -275,16 +308,22 @@ class PixelConfig:
                 f"rudderstack_response must be 'seed' (200 OK / 400 text) or 'gif' "
                 f"(always the GIF), got {self.rudderstack_response!r}"
             )
+        if self.unknown_calls not in ("pass", "reject"):
+            raise ValueError(
+                f"unknown_calls must be 'pass' (leave such paths to the application) or "
+                f"'reject' (record them as rejected pixels), got {self.unknown_calls!r}"
+            )
         routes: dict[str, Route] = {}
-        roots: list[str] = []
+        roots: list[tuple[str, Dialect]] = []
         for dialect in DIALECTS:
             if dialect in dialects:
                 root = prefix + (_SEGMENT_ROOT if dialect == "segment" else _RUDDERSTACK_ROOT)
-                roots.append(root)
+                roots.append((root, dialect))
                 for call in CALLS[dialect]:
                     routes[root + call] = Route(dialect, call)
         object.__setattr__(self, "_routes", routes)
-        object.__setattr__(self, "_route_roots", tuple(roots))
+        object.__setattr__(self, "_route_roots", tuple(root for root, _ in roots))
+        object.__setattr__(self, "_root_dialects", tuple(roots))
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,9 +334,10 @@ class PixelRequest:
       as latin-1); :func:`split_target` makes it from a raw request target.
     - ``query``: the raw query bytes, still percent-encoded.
     - ``peer``: the address of the TCP peer (``REMOTE_ADDR``).
-    - ``user_agent``, ``forwarded_for``: header values as WSGI gives them (the
-      raw bytes read as latin-1; several ``X-Forwarded-For`` headers joined
-      with ``","``). The record shows them decoded as UTF-8.
+    - ``user_agent``, ``forwarded_for``, ``referer``: header values as WSGI
+      gives them (the raw bytes read as latin-1; several ``X-Forwarded-For``
+      headers joined with ``","``). The record shows them decoded as UTF-8,
+      each cut to ``Limits.max_header_chars``.
     """
 
     method: str
@@ -306,6 +346,7 @@ class PixelRequest:
     peer: str | None = None
     user_agent: str | None = None
     forwarded_for: str | None = None
+    referer: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -389,10 +430,18 @@ def match_route(path: str, config: PixelConfig) -> Route | None:
     """The pixel route ``path`` names, or ``None``; cheap enough for every request.
 
     Exact match only: no trailing slash, case-sensitive, only enabled dialects.
+    With ``unknown_calls="reject"``, any other path under a pixel root is a
+    route too, whose ``call`` is the rest of the path, not one of
+    :data:`CALLS`: :func:`decode_pixel` rejects it.
     """
     if not path.startswith(config._route_roots):
         return None
-    return config._routes.get(path)
+    route = config._routes.get(path)
+    if route is None and config.unknown_calls == "reject":
+        for root, dialect in config._root_dialects:
+            if path.startswith(root):
+                return Route(dialect, path[len(root) :])
+    return route
 
 
 # Helpers ------------------------------------------------------------------
@@ -475,19 +524,29 @@ def _parse_time(text: str) -> datetime | None:
         return None
 
 
-def _header_text(value: str) -> str:
-    """A header value as the record shows it: WSGI's latin-1 text read as UTF-8."""
-    if value.isascii():
-        return value
-    try:
-        raw = value.encode("latin-1")
-    except UnicodeEncodeError:
-        # Not WSGI-style text: keep it, but never let a lone surrogate through.
-        return repair_text(value)
-    return raw.decode("utf-8", "replace")
+def _header_text(value: str, max_chars: int) -> tuple[str, bool]:
+    """A header value as the record shows it, and whether it was cut.
+
+    WSGI's latin-1 text read as UTF-8 (invalid bytes replaced), at most
+    ``max_chars`` characters. A UTF-8 character takes at most 4 bytes, so only
+    the first ``4 * max_chars`` bytes are ever decoded, whatever the header's size.
+    """
+    cut = len(value) > 4 * max_chars
+    if cut:
+        value = value[: 4 * max_chars]
+    if not value.isascii():
+        try:
+            value = value.encode("latin-1").decode("utf-8", "replace")
+        except UnicodeEncodeError:
+            # Not WSGI-style text: keep it, but never let a lone surrogate through.
+            value = repair_text(value)
+    if len(value) > max_chars:
+        return value[:max_chars], True
+    return value, cut
 
 
-def _client_ip(request: PixelRequest, trusted: int) -> str | None:
+def _client_ip(request: PixelRequest, trusted: int) -> tuple[str | None, bool]:
+    """The client address as WSGI-style text, and whether it came from X-Forwarded-For."""
     # werkzeug ProxyFix: with n trusted proxies the client is the n-th entry
     # from the right; fewer entries than that means the header is not to be
     # trusted and the peer is used. rudder-server takes the first entry, which
@@ -497,9 +556,8 @@ def _client_ip(request: PixelRequest, trusted: int) -> str | None:
         entries = [entry.strip() for entry in forwarded.split(",")]
         entries = [entry for entry in entries if entry]
         if len(entries) >= trusted:
-            return _header_text(entries[-trusted])
-    peer = request.peer
-    return None if peer is None else _header_text(peer)
+            return entries[-trusted], True
+    return request.peer, False
 
 
 def _present(value: Any) -> bool:
@@ -794,6 +852,42 @@ def _enrich(
             context["userAgent"] = user_agent
 
 
+def _request_headers(
+    request: PixelRequest, config: PixelConfig, notes: _Notes
+) -> tuple[str | None, str | None, str | None]:
+    """(ip, user agent, referer) as the record keeps them: decoded and capped."""
+    max_chars = config.limits.max_header_chars
+    ip, forwarded = _client_ip(request, config.trusted_proxies)
+    kept: list[str | None] = []
+    for name, value in (
+        ("X-Forwarded-For" if forwarded else "peer", ip),
+        ("User-Agent", request.user_agent),
+        ("Referer", request.referer),
+    ):
+        if value is not None:
+            value, cut = _header_text(value, max_chars)
+            if cut:
+                _note(notes, "header_truncated", name)
+        kept.append(value)
+    return kept[0], kept[1], kept[2]
+
+
+def _unknown_call_problem(dialect: Dialect, call: str) -> Problem:
+    calls = CALLS[dialect]
+    # Only our own call names appear in the message, never what was sent.
+    closest = difflib.get_close_matches(call, calls, n=1)
+    hint = f"; the closest is {closest[0]}" if closest else ""
+    return _problem(
+        "unknown_call", f"There is no such pixel call: the calls are {', '.join(calls)}{hint}."
+    )
+
+
+def _stored_size(event: dict[str, Any]) -> int:
+    # As the stores write it: compact JSON, non-ASCII as \uXXXX escapes. That
+    # is never shorter than the UTF-8 of the same JSON, so it bounds both forms.
+    return len(json.dumps(event, separators=(",", ":")))
+
+
 def _decode_record(
     request: PixelRequest,
     route: Route,
@@ -805,15 +899,21 @@ def _decode_record(
     received_at = _format_time(now)
     limits = config.limits
     query = request.query
-    ip = _client_ip(request, config.trusted_proxies)
-    user_agent = request.user_agent
-    if user_agent is not None:
-        user_agent = _header_text(user_agent)
     notes: _Notes = {}
     problems: list[Problem] = []
+    ip, user_agent, referer = _request_headers(request, config, notes)
     event: dict[str, Any] | None = None
     write_key: str | None = None
-    if len(query) > limits.max_query_bytes:
+    path = request.path
+    call = route.call
+    if call not in CALLS[route.dialect]:
+        # Only with unknown_calls="reject": match_route made this route. The
+        # name is request data, kept (cut) only to show what was asked for.
+        if len(call) > _MAX_CALL_CHARS:
+            path = path[: len(path) - len(call) + _MAX_CALL_CHARS]
+            call = call[:_MAX_CALL_CHARS]
+        problems.append(_unknown_call_problem(route.dialect, call))
+    elif len(query) > limits.max_query_bytes:
         problems.append(_problem("too_large"))
     else:
         pieces = split_query(query, limits.max_params)
@@ -835,11 +935,16 @@ def _decode_record(
             problems.append(_problem("unknown_write_key"))
         _validate(event, route.call, problems)
         _enrich(event, route.call, now, received_at, ip, user_agent, new_id, notes, problems)
+        if _stored_size(event) > limits.max_event_bytes:
+            # What was added (the User-Agent, the address, ids) counts too: no
+            # stored event may be larger than the limit.
+            problems.append(_problem("too_large"))
+            event = None
     return {
         "id": record_id,
         "receivedAt": received_at,
         "dialect": route.dialect,
-        "call": route.call,
+        "call": call,
         "writeKey": write_key,
         "accepted": not problems,
         "problems": problems,
@@ -847,12 +952,13 @@ def _decode_record(
         "event": event,
         "request": {
             "method": request.method,
-            "path": request.path,
+            "path": path,
             "query": (
                 query if len(query) <= limits.max_query_bytes else query[: limits.max_query_bytes]
             ).decode("utf-8", "backslashreplace"),
             "ip": ip,
             "userAgent": user_agent,
+            "referer": referer,
         },
     }
 
@@ -906,3 +1012,18 @@ def decode_pixel(
     if method == "HEAD":
         return PixelOutcome(status, headers, b"", None)
     return PixelOutcome(status, headers, body, record)
+
+
+def default_answer(route: Route, method: str, config: PixelConfig) -> PixelOutcome:
+    """The dialect's answer to an accepted pixel (``405`` for other methods), no record.
+
+    For front ends that must still answer when :func:`decode_pixel` itself
+    failed: the same status, headers and body it gives, from one definition.
+    """
+    if method != "GET" and method != "HEAD":
+        return PixelOutcome(405, list(_405_HEADERS), _405_BODY, None)
+    if route.dialect == "rudderstack" and config.rudderstack_response == "seed":
+        headers, body = list(_OK_HEADERS), _OK_BODY
+    else:
+        headers, body = list(_GIF_HEADERS), GIF
+    return PixelOutcome(200, headers, b"" if method == "HEAD" else body, None)

@@ -16,9 +16,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Literal
 
 from pixel_middleware.core import (
-    ALLOWED_METHODS,
     DIALECTS,
-    GIF,
     Limits,
     PixelConfig,
     PixelOutcome,
@@ -26,6 +24,7 @@ from pixel_middleware.core import (
     PixelRequest,
     Route,
     decode_pixel,
+    default_answer,
     match_route,
 )
 from pixel_middleware.recorder import Recorder
@@ -43,13 +42,9 @@ _DEFAULT_LIMITS = Limits()
 # "200 OK", "405 Method Not Allowed", ...: built once, not per request.
 _STATUS_LINES = {status.value: f"{status.value} {status.phrase}" for status in HTTPStatus}
 
-# What a pixel answer always carries when the core could not build one: a pixel
-# that must count every open has to defeat browser and mail-client caches.
-_NO_CACHE = [
-    ("Cache-Control", "no-cache, no-store, must-revalidate"),
-    ("Pragma", "no-cache"),
-    ("Expires", "0"),
-]
+# How much of an exception's text (and of an unknown call's name) the fallback
+# record keeps: an exception may quote request data.
+_MAX_FAILURE_CHARS = 200
 
 
 # The answer to a pixel that could not be recorded (see _not_kept_answer).
@@ -200,18 +195,16 @@ class PixelMiddleware:
         now = datetime.now(UTC)
         outcome: PixelOutcome | None
         try:
-            outcome = decode_pixel(
-                PixelRequest(
-                    method,
-                    path,
-                    _query_bytes(environ.get("QUERY_STRING", "")),
-                    environ.get("REMOTE_ADDR"),
-                    environ.get("HTTP_USER_AGENT"),
-                    environ.get("HTTP_X_FORWARDED_FOR"),
-                ),
-                config=self.config,
-                now=now,
+            request = PixelRequest(
+                method,
+                path,
+                _query_bytes(environ.get("QUERY_STRING", "")),
+                environ.get("REMOTE_ADDR"),
+                environ.get("HTTP_USER_AGENT"),
+                environ.get("HTTP_X_FORWARDED_FOR"),
+                environ.get("HTTP_REFERER"),
             )
+            outcome = decode_pixel(request, config=self.config, now=now)
         except Exception as exc:
             logger.exception("decoding the pixel %s failed; answering the default", path)
             outcome = self._fallback_outcome(environ, route, method, path, now, exc)
@@ -271,35 +264,29 @@ class PixelMiddleware:
         now: datetime,
         exc: Exception,
     ) -> PixelOutcome:
-        """The dialect's normal answer, and a record saying why, when decoding crashed."""
-        if method not in ("GET", "HEAD"):
-            body = b"Method Not Allowed: pixels answer GET and HEAD only.\n"
-            headers = [
-                *_NO_CACHE,
-                ("Allow", ALLOWED_METHODS),
-                ("Content-Type", "text/plain; charset=utf-8"),
-                ("Content-Length", str(len(body))),
-            ]
-            return PixelOutcome(405, headers, body, None)
-        if route.dialect == "rudderstack" and self.config.rudderstack_response == "seed":
-            body, content_type = b"OK", "text/plain; charset=utf-8"
-        else:
-            body, content_type = GIF, "image/gif"
-        headers = [*_NO_CACHE, ("Content-Type", content_type), ("Content-Length", str(len(body)))]
-        if method == "HEAD":
-            return PixelOutcome(200, headers, b"", None)
-        query: str = environ.get("QUERY_STRING", "")
+        """The dialect's normal answer, and a record saying why, when decoding crashed.
+
+        Everything copied from the request is cut as the core cuts it, so that
+        not even this record can grow with the request.
+        """
+        outcome = default_answer(route, method, self.config)
+        if method != "GET":
+            return outcome
+        limits = self.config.limits
+        # WSGI text is latin-1 (one character per byte): cutting it cuts bytes.
+        query: str = environ.get("QUERY_STRING", "")[: limits.max_query_bytes]
+        failure = f"{type(exc).__name__}: {exc}"[:_MAX_FAILURE_CHARS]
         record: PixelRecord = {
             "id": str(uuid.uuid4()),
             "receivedAt": now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "dialect": route.dialect,
-            "call": route.call,
+            "call": route.call[:_MAX_FAILURE_CHARS],
             "writeKey": None,
             "accepted": False,
             "problems": [
                 {
                     "rule": "internal_error",
-                    "message": f"the decoder failed ({type(exc).__name__}: {exc});"
+                    "message": f"the decoder failed ({failure});"
                     " this is a bug in pixel-middleware, please report it",
                 }
             ],
@@ -307,13 +294,14 @@ class PixelMiddleware:
             "event": None,
             "request": {
                 "method": method,
-                "path": path,
+                "path": path[: limits.max_header_chars],
                 "query": query,
-                "ip": environ.get("REMOTE_ADDR"),
-                "userAgent": environ.get("HTTP_USER_AGENT"),
+                "ip": _capped(environ.get("REMOTE_ADDR"), limits.max_header_chars),
+                "userAgent": _capped(environ.get("HTTP_USER_AGENT"), limits.max_header_chars),
+                "referer": _capped(environ.get("HTTP_REFERER"), limits.max_header_chars),
             },
         }
-        return PixelOutcome(200, headers, body, record)
+        return PixelOutcome(outcome.status, outcome.headers, outcome.body, record)
 
     def close(self, timeout: float | None = None) -> None:
         """Flush what is queued, then close the recorder this middleware created
@@ -360,6 +348,10 @@ def _as_set(values: Iterable[str]) -> Any:
     if isinstance(values, str) or not isinstance(values, Iterable):
         return values
     return frozenset(values)
+
+
+def _capped(value: str | None, max_chars: int) -> str | None:
+    return None if value is None else value[:max_chars]
 
 
 def _query_bytes(query: str) -> bytes:

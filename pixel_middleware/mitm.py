@@ -533,6 +533,7 @@ def pixel_request(
         peer=str(peername[0]) if peername else None,
         user_agent=_header(request, b"user-agent"),
         forwarded_for=_header(request, b"x-forwarded-for"),
+        referer=_header(request, b"referer"),
     )
 
 

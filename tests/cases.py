@@ -17,7 +17,8 @@ Usage::
 ``expect_rules`` are the rule ids of the record's problems, and also what the
 ``X-Pixel-Rejected`` header lists (HEAD included); ``expect_notes`` the note ids.
 A case's ``target`` is the raw request target (``path?query``) as it goes on
-the wire; ``headers`` are ASCII request headers; ``config`` holds keyword
+the wire, raw bytes >= 0x80 included (as browsers send them); ``headers`` are
+ASCII request headers; ``config`` holds keyword
 arguments for ``PixelConfig`` (most cases use the defaults). ``expect_accepted``
 is ``None`` when no record is made (HEAD, 405). ``check(event)`` makes further
 assertions on the decoded event (``None`` when nothing could be decoded); it
@@ -33,11 +34,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import quote
 
 from pixel_middleware.core import PixelConfig, PixelRequest, split_target
 
 __all__ = [
     "CASES",
+    "CORE_ONLY_CASES",
     "GOLDEN_RUDDERSTACK_PAGE_EVENT",
     "GOLDEN_RUDDERSTACK_TRACK_EVENT",
     "GOLDEN_SEGMENT_EVENT",
@@ -90,6 +93,7 @@ def case_request(case: Case, peer: str | None = PEER) -> PixelRequest:
         peer,
         headers.get("user-agent"),
         headers.get("x-forwarded-for"),
+        headers.get("referer"),
     )
 
 
@@ -104,6 +108,13 @@ def segment_data(
 
 def _seg(call: str, event: Any, query_tail: str = "", **kwargs: Any) -> bytes:
     return f"/v1/pixel/{call}?data={segment_data(event, **kwargs)}{query_tail}".encode("ascii")
+
+
+def _ascii_quoted(text: str) -> bytes:
+    """``text`` percent-encoded except for its non-ASCII characters, sent as raw UTF-8."""
+    return b"".join(
+        quote(char, safe="").encode() if char.isascii() else char.encode() for char in text
+    )
 
 
 def server_fields(event: dict[str, Any]) -> None:
@@ -946,9 +957,130 @@ CASES: tuple[Case, ...] = (
         check=_that("the peer", lambda event: event["context"]["ip"] != "198.51.100.1"),
         trusted_proxies=2,
     ),
+    # --- raw bytes >= 0x80 in the query: UTF-8 as browsers send it, and not ----------
+    # (a front end that read WSGI's latin-1 query text as UTF-8 would record "CafÃ©")
+    _c(
+        "segment-raw-utf8-unencoded",
+        f"/v1/pixel/track?writeKey={WRITE_KEY}&userId=u1&event=Caf\u00e9+\u2615".encode(),
+        notes=("unencoded_form",),
+        check=_equals("event", "Caf\u00e9 \u2615"),
+    ),
+    _c(
+        "segment-raw-utf8-json",
+        b"/v1/pixel/track?data="
+        + _ascii_quoted(
+            '{"writeKey":"wk_2Xq9","userId":"\u00fc1","event":"Caf\u00e9",'
+            '"properties":{"n":"\U0001f600"}}'
+        ),
+        notes=("raw_json",),
+        check=_all(
+            _equals("event", "Caf\u00e9"),
+            _equals("userId", "\u00fc1"),
+            _equals("properties.n", "\U0001f600"),
+        ),
+    ),
+    _c(
+        "segment-raw-invalid-utf8",
+        b"/v1/pixel/track?writeKey=wk_2Xq9&userId=u1&event=Caf\xe9",
+        notes=("unencoded_form", "invalid_utf8"),
+        check=_equals("event", "Caf\ufffd"),
+    ),
+    _c(
+        "rudderstack-raw-utf8",
+        f"{_RS}&properties.name=Caf\u00e9&properties.\u00e9t\u00e9=\u2615".encode(),
+        check=_equals("properties", {"name": "Caf\u00e9", "\u00e9t\u00e9": "\u2615"}),
+    ),
+    _c(
+        "rudderstack-raw-invalid-utf8",
+        _RS.encode() + b"&properties.name=Caf\xe9\xff",
+        notes=("invalid_utf8",),
+        check=_equals("properties.name", "Caf\ufffd\ufffd"),
+    ),
+    # --- headers the record keeps, and their cap ---------------------------------------
+    _c(
+        "segment-referer-kept",
+        _seg("track", _E, padded=True),
+        headers={**_H, "Referer": "https://mail.example/inbox?id=7"},
+        check=_absent("referer", "referrer"),  # in record["request"], not in the event
+    ),
+    _c(
+        "segment-long-user-agent-cut",
+        _seg("track", _E, padded=True),
+        headers={"User-Agent": "M" * 1024 + "ozilla", "Referer": "r" * 2000},
+        notes=("header_truncated",),
+        check=_equals("context.userAgent", "M" * 1024),
+    ),
+    _c(
+        "rudderstack-user-agent-at-cap",
+        _RS,
+        headers={"User-Agent": "U" * 1024},
+        check=_equals("context.userAgent", "U" * 1024),
+    ),
+    _c(
+        "segment-too-large-once-enriched",
+        # data decodes to 31,900 bytes (under max_event_bytes); the User-Agent,
+        # address and ids the server adds take the stored event over 32,000.
+        _seg(
+            "track",
+            {**_E, "p": "x" * (31_900 - len(json.dumps({**_E, "p": ""}, separators=(",", ":"))))},
+            padded=True,
+        ),
+        headers={"User-Agent": "U" * 1024},
+        accepted=False,
+        rules=("too_large",),
+        check=_no_event,
+    ),
     # --- prefix and dialect selection ------------------------------------------------
     _c("prefixed-segment", b"/collect" + _seg("track", _E, padded=True), prefix="/collect"),
     _c("prefixed-rudderstack", "/collect" + _RS, prefix="/collect"),
+)
+
+# Cases for options that only the core has so far (the front ends' own
+# options come later): tests/test_core.py runs them as it runs CASES.
+CORE_ONLY_CASES: tuple[Case, ...] = (
+    _c(
+        "segment-unknown-call-rejected",
+        _seg("trak", _E, padded=True),
+        accepted=False,
+        rules=("unknown_call",),
+        check=_no_event,
+        unknown_calls="reject",
+    ),
+    _c(
+        "rudderstack-unknown-call-rejected",
+        f"/pixel/v1/identify?writeKey={WRITE_KEY}&anonymousId=a1",
+        status=400,
+        accepted=False,
+        rules=("unknown_call",),
+        check=_no_event,
+        unknown_calls="reject",
+    ),
+    _c(
+        "rudderstack-unknown-call-gif",
+        "/pixel/v1/pageview",
+        accepted=False,
+        rules=("unknown_call",),
+        check=_no_event,
+        unknown_calls="reject",
+        rudderstack_response="gif",
+    ),
+    _c(
+        "segment-unknown-call-head",
+        "/v1/pixel/",
+        method="HEAD",
+        accepted=None,
+        rules=("unknown_call",),
+        unknown_calls="reject",
+    ),
+    _c(
+        "segment-unknown-call-post",
+        "/v1/pixel/trak",
+        method="POST",
+        status=405,
+        accepted=None,
+        unknown_calls="reject",
+    ),
+    _c("segment-known-call-with-reject", _seg("track", _E, padded=True), unknown_calls="reject"),
 )
 
 # Targets that are no pixel route (with the default config): the app answers them.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import itertools
 import json
@@ -12,7 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cases import CASES, NOT_PIXELS, PEER, Case, case_config, case_request, segment_data
+from cases import (
+    CASES,
+    CORE_ONLY_CASES,
+    NOT_PIXELS,
+    PEER,
+    Case,
+    case_config,
+    case_request,
+    segment_data,
+)
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -73,7 +83,10 @@ def assert_plain_json(record: PixelRecord) -> None:
 # --- the shared table -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+ALL_CASES = CASES + CORE_ONLY_CASES
+
+
+@pytest.mark.parametrize("case", ALL_CASES, ids=[case.id for case in ALL_CASES])
 def test_case(case: Case) -> None:
     outcome = decode(case_request(case), case_config(case))
     assert outcome.status == case.expect_status
@@ -105,6 +118,10 @@ def test_case(case: Case) -> None:
     assert notes(record) == case.expect_notes
     assert record["receivedAt"] == NOW_TEXT
     assert record["request"]["method"] == "GET"
+    sent = {name.lower(): value for name, value in case.headers.items()}
+    for name, kept in (("user-agent", "userAgent"), ("referer", "referer")):
+        value = sent.get(name)
+        assert record["request"][kept] == (None if value is None else value[:1024]), name  # type: ignore[literal-required]
     assert_plain_json(record)
     if case.check is not None:
         case.check(record["event"])
@@ -121,8 +138,8 @@ def test_case(case: Case) -> None:
 
 
 def test_the_table_covers_every_rule_and_note() -> None:
-    assert set().union(*(case.expect_rules for case in CASES)) == set(RULES)
-    assert set().union(*(case.expect_notes for case in CASES)) == set(NOTES)
+    assert set().union(*(case.expect_rules for case in ALL_CASES)) == set(RULES)
+    assert set().union(*(case.expect_notes for case in ALL_CASES)) == set(NOTES)
     for dialect in ("segment", "rudderstack"):
         ids = [case.id for case in CASES if case.id.startswith(dialect)]
         assert len(ids) > 20, dialect
@@ -135,7 +152,7 @@ def test_docs_name_every_rule_and_note() -> None:
 
 
 def test_case_ids_are_unique() -> None:
-    assert len({case.id for case in CASES}) == len(CASES)
+    assert len({case.id for case in ALL_CASES}) == len(ALL_CASES)
 
 
 @pytest.mark.parametrize("target", NOT_PIXELS, ids=lambda target: target.decode())
@@ -158,6 +175,7 @@ def test_record_shape() -> None:
         b"/v1/pixel/page?data=" + segment_data({"writeKey": "k", "userId": "u"}).encode(),
         peer="203.0.113.9",
         user_agent="UA/1",
+        referer="https://mail.example/",
     )
     record = outcome.record
     assert record is not None
@@ -182,6 +200,7 @@ def test_record_shape() -> None:
         "query": "data=" + segment_data({"writeKey": "k", "userId": "u"}),
         "ip": "203.0.113.9",
         "userAgent": "UA/1",
+        "referer": "https://mail.example/",
     }
     assert record["event"] == {
         "userId": "u",
@@ -404,6 +423,7 @@ def test_notes_name_parameters_briefly() -> None:
         ({"trusted_proxies": 1.0}, "trusted_proxies"),
         ({"limits": {"max_depth": 3}}, r"Limits\(\.\.\.\) instance"),
         ({"rudderstack_response": "ok"}, "'seed' .* or 'gif'"),
+        ({"unknown_calls": "drop"}, "unknown_calls must be 'pass' .* or 'reject'"),
     ],
     ids=lambda value: str(value)[:40] if isinstance(value, dict) else None,
 )
@@ -412,7 +432,7 @@ def test_bad_config(options: dict[str, Any], match: str) -> None:
         PixelConfig(**options)
 
 
-@pytest.mark.parametrize("name", ["max_query_bytes", "max_event_bytes", "max_depth", "max_params"])
+@pytest.mark.parametrize("name", [field.name for field in dataclasses.fields(Limits)])
 @pytest.mark.parametrize("value", [0, -1, 1.5, True, "10"])
 def test_bad_limits(name: str, value: Any) -> None:
     with pytest.raises(ValueError, match=f"Limits.{name} must be a positive integer"):
@@ -545,16 +565,6 @@ def test_limits(target: bytes, config: PixelConfig, rule: str | None) -> None:
     assert_plain_json(record)
 
 
-def test_dot_form_size_is_decoded_keys_and_values() -> None:
-    config = PixelConfig(limits=Limits(max_event_bytes=20))
-    fits = get(b"/pixel/v1/page?writeKey=k&a=%41%41%41", config)  # 8+1 + 1+3 = 13 bytes
-    assert fits.record is not None
-    assert "too_large" not in rules(fits.record)
-    over = get(b"/pixel/v1/page?writeKey=k&anonymousId=abcdef", config)  # 9 + 17 = 26
-    assert over.record is not None
-    assert rules(over.record) == {"too_large"}
-
-
 # --- never raises ----------------------------------------------------------------------
 
 query_bytes = st.one_of(
@@ -646,3 +656,453 @@ def test_split_target_never_raises(target: bytes) -> None:
     assert isinstance(path, str)
     assert query in target or query == b""
     path.encode("latin-1")
+
+
+# --- every limit and fixed cap, exactly at it and one over ---------------------------
+
+FIXED_ID = "00000000-0000-4000-8000-000000000000"
+
+
+@dataclasses.dataclass(frozen=True)
+class Boundary:
+    """A request of size ``n`` for ``request(n)``; ``passed(record, n)``: the limit showed."""
+
+    limit: int
+    config: PixelConfig
+    request: Any  # Callable[[int], PixelRequest]
+    passed: Any  # Callable[[PixelRecord, int], bool]
+
+
+def _query(path: str, query: bytes, **headers: Any) -> PixelRequest:
+    return PixelRequest("GET", path, query, **headers)
+
+
+def _padded_json(n: int) -> bytes:
+    """A valid event's JSON text padded with trailing spaces to exactly ``n`` bytes."""
+    text = json.dumps({"writeKey": "k", "userId": "u", "event": "E"}).encode()
+    return text + b" " * (n - len(text))
+
+
+def _base64(raw: bytes) -> bytes:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=")
+
+
+_TRACK_RS = "/pixel/v1/track"
+_RS_MIN = b"writeKey=k&anonymousId=a&event=E"
+
+
+def _stored_event_of_size(n: int) -> PixelRequest:
+    # Enriched with a fixed id and time: the stored size grows one byte per "x".
+    empty = _stored_size(b"")
+    return _query("/v1/pixel/track", b"data=" + _base64(_event_json("x" * (n - empty))))
+
+
+def _event_json(pad: str) -> bytes:
+    return json.dumps({"writeKey": "k", "userId": "u", "event": "E", "p": pad}).encode()
+
+
+def _stored_size(pad: bytes) -> int:
+    record = decode(
+        _query("/v1/pixel/track", b"data=" + _base64(_event_json(pad.decode()))),
+        new_id=lambda: FIXED_ID,
+    ).record
+    assert record is not None
+    assert record["event"] is not None
+    return len(json.dumps(record["event"], separators=(",", ":")))
+
+
+def _rules_have(rule: str) -> Any:
+    return lambda record, n: rule in rules(record)
+
+
+def _noted(note: str) -> Any:
+    return lambda record, n: note in notes(record)
+
+
+def _message(note: str) -> Any:
+    def message(record: PixelRecord) -> str:
+        """The note's message, or "" without that note."""
+        texts = [each["message"] for each in record["notes"] if each["rule"] == note]
+        assert len(texts) <= 1
+        return texts[0] if texts else ""
+
+    return message
+
+
+_IGNORED = _message("params_ignored")
+
+
+def _message_id_replaced(record: PixelRecord, sent: str) -> bool:
+    """Whether the messageId sent was replaced; exactly then it is a problem."""
+    assert record["event"] is not None
+    replaced: bool = record["event"]["messageId"] != sent
+    assert replaced is ("message_id_too_long" in rules(record))
+    return replaced
+
+
+def _names_listed(message: str, n: int) -> bool:
+    """Whether the note says it left names out; it always shows the first ten."""
+    assert message.count('"x') == min(n, 10), message
+    return message.endswith(f" and {n - 10} more")
+
+
+SMALL = 200
+
+BOUNDARIES = {
+    "max_query_bytes": Boundary(
+        SMALL,
+        PixelConfig(limits=Limits(max_query_bytes=SMALL)),
+        lambda n: _query(_TRACK_RS, _RS_MIN + b"&p=" + b"x" * (n - len(_RS_MIN) - 3)),
+        _rules_have("too_large"),
+    ),
+    "max_event_bytes-base64": Boundary(
+        SMALL,
+        PixelConfig(limits=Limits(max_event_bytes=SMALL)),
+        lambda n: _query("/v1/pixel/track", b"data=" + _base64(_padded_json(n))),
+        _rules_have("too_large"),
+    ),
+    "max_event_bytes-raw-json": Boundary(
+        SMALL,
+        PixelConfig(limits=Limits(max_event_bytes=SMALL)),
+        lambda n: _query("/v1/pixel/track", b"data=" + _padded_json(n).replace(b" ", b"%20")),
+        _rules_have("too_large"),
+    ),
+    "max_event_bytes-dot-form": Boundary(
+        # writeKey counts (key and value bytes) but is not in the event
+        SMALL,
+        PixelConfig(limits=Limits(max_event_bytes=SMALL)),
+        lambda n: _query("/v1/pixel/track", b"anonymousId=a&event=E&writeKey=" + b"k" * (n - 26)),
+        _rules_have("too_large"),
+    ),
+    "max_event_bytes-stored-event": Boundary(
+        1_000,
+        PixelConfig(limits=Limits(max_event_bytes=1_000)),
+        _stored_event_of_size,
+        _rules_have("too_large"),
+    ),
+    "max_depth-json": Boundary(
+        5,
+        PixelConfig(limits=Limits(max_depth=5)),
+        lambda n: _query(
+            "/v1/pixel/track",
+            b"data="
+            + _base64(
+                json.dumps(
+                    {
+                        "writeKey": "k",
+                        "userId": "u",
+                        "event": "E",
+                        "p": json.loads("[" * (n - 1) + "]" * (n - 1)),
+                    }
+                ).encode()
+            ),
+        ),
+        _rules_have("too_deep"),
+    ),
+    "max_depth-dot-path": Boundary(
+        5,
+        PixelConfig(limits=Limits(max_depth=5)),
+        lambda n: _query(_TRACK_RS, _RS_MIN + b"&" + b".".join([b"a"] * n) + b"=x"),
+        _rules_have("too_deep"),
+    ),
+    "max_params-count": Boundary(
+        10,
+        PixelConfig(limits=Limits(max_params=10)),
+        lambda n: _query(_TRACK_RS, _RS_MIN + b"".join(b"&p%d=x" % i for i in range(n - 3))),
+        _rules_have("too_many_params"),
+    ),
+    "max_params-array-index": Boundary(
+        10,
+        PixelConfig(limits=Limits(max_params=10)),
+        lambda n: _query(_TRACK_RS, _RS_MIN + b"&p.a.%d=x" % (n - 1)),
+        _rules_have("too_large"),
+    ),
+    "max_params-index-leading-zeros": Boundary(
+        10,
+        PixelConfig(limits=Limits(max_params=10)),
+        lambda n: _query(_TRACK_RS, _RS_MIN + b"&p.a.000%d=x" % (n - 1)),
+        _rules_have("too_large"),
+    ),
+    "max_params-all-arrays": Boundary(
+        10,
+        PixelConfig(limits=Limits(max_params=10)),
+        lambda n: _query(_TRACK_RS, _RS_MIN + b"&p.a.3=x&p.b.%d=y" % (n - 5)),
+        _rules_have("too_large"),
+    ),
+    "max_header_chars-user-agent": Boundary(
+        16,
+        PixelConfig(limits=Limits(max_header_chars=16)),
+        lambda n: _query(_TRACK_RS, _RS_MIN, user_agent="u" * n),
+        lambda record, n: (
+            "header_truncated" in notes(record) and record["request"]["userAgent"] == "u" * 16
+        ),
+    ),
+    "max_header_chars-user-agent-4-byte-utf8": Boundary(
+        # 4 bytes a character: exactly the bytes decoded, then one byte more
+        16,
+        PixelConfig(limits=Limits(max_header_chars=16)),
+        lambda n: _query(
+            _TRACK_RS, _RS_MIN, user_agent="\U0001f600".encode().decode("latin-1") * n
+        ),
+        lambda record, n: (
+            "header_truncated" in notes(record)
+            and record["request"]["userAgent"] == "\U0001f600" * 16
+        ),
+    ),
+    "max_header_chars-referer": Boundary(
+        16,
+        PixelConfig(limits=Limits(max_header_chars=16)),
+        lambda n: _query(_TRACK_RS, _RS_MIN, referer="r" * n),
+        lambda record, n: (
+            "Referer" in _message("header_truncated")(record)
+            and record["request"]["referer"] == "r" * 16
+        ),
+    ),
+    "max_header_chars-x-forwarded-for": Boundary(
+        16,
+        PixelConfig(trusted_proxies=1, limits=Limits(max_header_chars=16)),
+        lambda n: _query(
+            _TRACK_RS, _RS_MIN, peer=PEER, forwarded_for="1." * (n // 2) + "1" * (n % 2)
+        ),
+        lambda record, n: (
+            "X-Forwarded-For" in _message("header_truncated")(record)
+            and len(record["request"]["ip"]) == 16
+        ),
+    ),
+    "note-names-listed": Boundary(
+        10,
+        DEFAULT,
+        lambda n: _query(
+            "/v1/pixel/track",
+            b"data=" + _base64(_padded_json(50)) + b"".join(b"&x%d=1" % i for i in range(n)),
+        ),
+        lambda record, n: _names_listed(_IGNORED(record), n),
+    ),
+    "note-name-chars": Boundary(
+        64,
+        DEFAULT,
+        lambda n: _query("/v1/pixel/track", b"data=" + _base64(_padded_json(50)) + b"&" + b"n" * n),
+        lambda record, n: _IGNORED(record).endswith('..."'),
+    ),
+    "message-id-chars": Boundary(
+        100,
+        DEFAULT,
+        lambda n: _query(_TRACK_RS, _RS_MIN + b"&messageId=" + b"m" * n),
+        lambda record, n: _message_id_replaced(record, "m" * n),
+    ),
+    "message-id-chars-blank": Boundary(
+        # blank and too long: the length decides which problem it is
+        100,
+        DEFAULT,
+        lambda n: _query(_TRACK_RS, _RS_MIN + b"&messageId=" + b"%20" * n),
+        lambda record, n: (
+            ("message_id_too_long" in rules(record))
+            is ("message_id_generated" not in notes(record))
+            is True
+        ),
+    ),
+    "unknown-call-chars": Boundary(
+        64,
+        PixelConfig(unknown_calls="reject"),
+        lambda n: _query("/v1/pixel/" + "c" * n, b""),
+        lambda record, n: (
+            (record["call"], record["request"]["path"]) == ("c" * 64, "/v1/pixel/" + "c" * 64)
+            and n > 64
+        ),
+    ),
+    "timestamp-chars-parsed": Boundary(
+        # originalTimestamp longer than 64 characters is not parsed: timestamp
+        # then keeps it as sent instead of correcting it by sentAt.
+        64,
+        DEFAULT,
+        lambda n: _query(
+            _TRACK_RS,
+            _RS_MIN
+            + b"&sentAt=2024-05-01T12:00:10Z&originalTimestamp=2024-05-01T12:00:00."
+            + b"0" * (n - 26)
+            + b"%2B00:00",
+        ),
+        lambda record, n: record["event"]["timestamp"].startswith("2024-05-01T12:00:00.000"),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(BOUNDARIES))
+def test_limit_boundaries(name: str) -> None:
+    boundary = BOUNDARIES[name]
+    for n, over in (
+        (boundary.limit - 1, False),
+        (boundary.limit, False),
+        (boundary.limit + 1, True),
+    ):
+        outcome = decode(boundary.request(n), boundary.config, new_id=lambda: FIXED_ID)
+        record = outcome.record
+        assert record is not None
+        assert boundary.passed(record, n) is over, (name, n, record["problems"], record["notes"])
+        assert_plain_json(record)
+
+
+def test_boundaries_cover_every_limit() -> None:
+    named = {name.split("-")[0] for name in BOUNDARIES}
+    assert {field.name for field in dataclasses.fields(Limits)} <= named
+
+
+def test_stored_event_size_counts_non_ascii_as_escapes() -> None:
+    # 300 x "é": 600 bytes of UTF-8, 1800 as the stores' \u00e9 escapes.
+    config = PixelConfig(limits=Limits(max_event_bytes=1_000))
+    data = json.dumps(
+        {"writeKey": "k", "userId": "u", "event": "E", "p": "\u00e9" * 100}, ensure_ascii=False
+    )
+    fits = decode(_query("/v1/pixel/track", b"data=" + _base64(data.encode())), config)
+    assert fits.record is not None
+    assert fits.record["accepted"]
+    data = data.replace("\u00e9" * 100, "\u00e9" * 300)
+    assert len(data.encode()) < 1_000
+    over = decode(_query("/v1/pixel/track", b"data=" + _base64(data.encode())), config)
+    assert over.record is not None
+    assert (rules(over.record), over.record["event"]) == ({"too_large"}, None)
+
+
+# --- the GIF, checked against bytes written out here and parsed independently ---------
+
+# The 43 bytes, written out: header, logical screen, global colour table, graphic
+# control extension, image descriptor, LZW image data, trailer.
+EXPECTED_GIF = bytes.fromhex(
+    "474946383961"  # "GIF89a"
+    "0100"
+    "0100"
+    "80"
+    "00"
+    "00"  # 1x1; global colour table of 2 entries; bg 0; aspect 0
+    "000000"
+    "000000"  # the two colours (black, black)
+    "21f9"
+    "04"
+    "01"
+    "0000"
+    "00"
+    "00"  # GCE: transparency flag, delay 0, transparent index 0
+    "2c"
+    "0000"
+    "0000"
+    "0100"
+    "0100"
+    "00"  # image at 0,0, 1x1, no local colour table
+    "02"
+    "02"
+    "4401"
+    "00"  # LZW minimum code size 2, one 2-byte block, end of blocks
+    "3b"  # trailer
+)
+
+
+def _lzw_decode(data: bytes, minimum_code_size: int) -> list[int]:
+    """GIF's variable-width LZW (codes packed least significant bit first)."""
+    clear, end = 1 << minimum_code_size, (1 << minimum_code_size) + 1
+    bits = int.from_bytes(data, "little")
+    position, width = 0, minimum_code_size + 1
+    table: list[list[int]] = []
+    previous: list[int] | None = None
+    pixels: list[int] = []
+    while position + width <= len(data) * 8:
+        code = (bits >> position) & ((1 << width) - 1)
+        position += width
+        if code == clear:
+            table = [[index] for index in range(clear)] + [[], []]
+            width, previous = minimum_code_size + 1, None
+            continue
+        if code == end:
+            return pixels
+        if code < len(table):
+            entry = table[code]
+        else:
+            assert previous is not None
+            assert code == len(table), "a code past the table"
+            entry = previous + previous[:1]
+        pixels += entry
+        if previous is not None:
+            table.append(previous + entry[:1])
+            if len(table) == 1 << width and width < 12:
+                width += 1
+        previous = entry
+    raise AssertionError("no end-of-information code")
+
+
+def parse_gif(gif: bytes) -> dict[str, Any]:
+    """What a browser draws from ``gif``: size, colours, transparency, pixel indexes."""
+    assert gif[:6] == b"GIF89a"
+    width, height, packed = (
+        int.from_bytes(gif[6:8], "little"),
+        int.from_bytes(gif[8:10], "little"),
+        gif[10],
+    )
+    at = 13
+    colours: list[bytes] = []
+    if packed & 0x80:
+        count = 2 << (packed & 0x07)
+        colours = [gif[at + 3 * i : at + 3 * i + 3] for i in range(count)]
+        at += 3 * count
+    transparent: int | None = None
+    image: dict[str, Any] = {}
+    while gif[at] != 0x3B:
+        if gif[at] == 0x21:  # an extension
+            label, size = gif[at + 1], gif[at + 2]
+            if label == 0xF9:
+                assert size == 4
+                if gif[at + 3] & 0x01:
+                    transparent = gif[at + 6]
+            at += 3 + size
+            assert gif[at] == 0, "extension blocks end with a 0-length block"
+            at += 1
+        else:
+            assert gif[at] == 0x2C, f"unexpected block {gif[at]:#x}"
+            left, top, w, h = (
+                int.from_bytes(gif[at + i : at + i + 2], "little") for i in (1, 3, 5, 7)
+            )
+            assert gif[at + 9] & 0x80 == 0, "no local colour table"
+            minimum = gif[at + 10]
+            at += 11
+            data = b""
+            while gif[at]:
+                data += gif[at + 1 : at + 1 + gif[at]]
+                at += 1 + gif[at]
+            at += 1
+            image = {"box": (left, top, w, h), "pixels": _lzw_decode(data, minimum)}
+    assert at == len(gif) - 1, "nothing after the trailer"
+    return {"size": (width, height), "colours": colours, "transparent": transparent, **image}
+
+
+def assert_transparent_pixel(gif: bytes) -> None:
+    parsed = parse_gif(gif)
+    assert parsed["size"] == (1, 1)
+    assert parsed["box"] == (0, 0, 1, 1)
+    assert parsed["transparent"] == 0
+    assert len(parsed["colours"]) == 2
+    assert parsed["pixels"] == [parsed["transparent"]]
+
+
+def test_gif_is_the_43_bytes_of_a_transparent_pixel() -> None:
+    assert len(EXPECTED_GIF) == 43
+    assert_transparent_pixel(EXPECTED_GIF)
+    assert GIF == EXPECTED_GIF
+    outcome = get(b"/v1/pixel/track?data=e30")
+    assert outcome.body == EXPECTED_GIF
+
+
+@pytest.mark.parametrize(
+    ("offset", "value", "what"),
+    [
+        (22, 0x00, "transparency flag cleared"),
+        (25, 0x01, "transparent index 1"),
+        (39, 0x45, "an LZW bit changed"),
+        (8, 0x02, "height 2"),
+        (42, 0x00, "no trailer"),
+    ],
+    ids=lambda value: value if isinstance(value, str) else None,
+)
+def test_gif_parser_catches_a_broken_pixel(offset: int, value: int, what: str) -> None:
+    broken = bytearray(EXPECTED_GIF)
+    assert broken[offset] != value, what
+    broken[offset] = value
+    with pytest.raises((AssertionError, IndexError)):
+        assert_transparent_pixel(bytes(broken))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import socket
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -635,3 +637,157 @@ def test_logs_go_to_the_module_logger(store: Store, caplog: pytest.LogCaptureFix
 
     get(wrap(hello_app, store, on_record=explode), "/v1/pixel/track", "data=" + b64(SEGMENT_OK))
     assert [r.name for r in caplog.records] == ["pixel_middleware.middleware"]
+
+
+# --- the shared case table and the GIF, through a real server (core hardening) --------
+
+
+class Served:
+    """PixelMiddleware over a 404 app, served by werkzeug on 127.0.0.1:<free port>.
+
+    Raw bytes >= 0x80 in a request target: PEP 3333 servers (gunicorn) hand
+    them to the app as latin-1 text; werkzeug's development server encodes them
+    twice and waitress refuses them ("Bad URI"). Such targets, and those longer
+    than werkzeug's server takes, are given to the middleware in-process with
+    the environ a PEP 3333 server builds.
+    """
+
+    # http.server answers 414 past this request line length.
+    MAX_LINE = 65536
+
+    def __init__(self, **options: Any) -> None:
+        from collector_server import QuietHandler
+        from werkzeug.serving import make_server
+
+        self.middleware = PixelMiddleware(not_found_app, store="memory://", **options)
+        self.server = make_server(
+            "127.0.0.1", 0, self.middleware, threaded=True, request_handler=QuietHandler
+        )
+        self.port = self.server.server_port
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def send(
+        self, method: str, target: bytes, headers: dict[str, str]
+    ) -> tuple[int, dict[str, str], bytes]:
+        """Send the target byte for byte (raw bytes >= 0x80 included); the answer."""
+        head = b"".join(
+            f"{name}: {value}\r\n".encode("latin-1")
+            for name, value in {"Host": "pixels.test", **headers, "Connection": "close"}.items()
+        )
+        with socket.create_connection(("127.0.0.1", self.port), timeout=30) as conn:
+            conn.sendall(method.encode() + b" " + target + b" HTTP/1.1\r\n" + head + b"\r\n")
+            answer = b""
+            while chunk := conn.recv(65536):
+                answer += chunk
+        status_line, _, rest = answer.partition(b"\r\n")
+        header_block, _, body = rest.partition(b"\r\n\r\n")
+        parsed = dict(line.decode("latin-1").split(": ", 1) for line in header_block.split(b"\r\n"))
+        return int(status_line.split(b" ")[1]), parsed, body
+
+    def request(
+        self, method: str, target: bytes, headers: dict[str, str]
+    ) -> tuple[int, dict[str, str], bytes]:
+        """Over the socket, or in-process for the targets the class docstring names."""
+        if target.isascii() and len(target) + 20 < self.MAX_LINE:
+            return self.send(method, target, headers)
+        from pixel_middleware.core import split_target
+
+        path, query = split_target(target)
+        answer = Client(self.middleware).open(
+            method=method,
+            headers=headers,
+            environ_overrides={"PATH_INFO": path, "QUERY_STRING": query.decode("latin-1")},
+        )
+        return answer.status_code, dict(answer.headers), answer.get_data()
+
+    def records(self) -> list[PixelRecord]:
+        return [record for _, record in self.middleware.store.read()]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.middleware.close()
+
+
+def test_every_shared_case_through_a_real_server() -> None:
+    """Each request of tests/cases.py, sent byte for byte to a real server, gives the
+    case's answer and record: raw UTF-8 in the query must read as UTF-8 (WSGI
+    hands it over as latin-1 text), and every header the record keeps is capped."""
+    from cases import CASES
+
+    groups: dict[str, list[Any]] = {}
+    for case in CASES:
+        groups.setdefault(repr(sorted(case.config.items())), []).append(case)
+    checked = 0
+    for cases in groups.values():
+        served = Served(**cases[0].config)
+        try:
+            for case in cases:
+                before = len(served.records())
+                status, headers, body = served.request(case.method, case.target, dict(case.headers))
+                assert status == case.expect_status, case.id
+                rejected = headers.get("X-Pixel-Rejected")
+                assert (set(rejected.split(", ")) if rejected else set()) == case.expect_rules
+                if case.expect_accepted is None:
+                    assert len(served.records()) == before, case.id
+                    continue
+                record = served.records()[-1]
+                assert record["accepted"] is case.expect_accepted, case.id
+                assert {p["rule"] for p in record["problems"]} == case.expect_rules, case.id
+                assert {n["rule"] for n in record["notes"]} == case.expect_notes, case.id
+                sent = {name.lower(): value for name, value in case.headers.items()}
+                assert record["request"]["userAgent"] == (
+                    sent["user-agent"][:1024] if "user-agent" in sent else None
+                ), case.id
+                assert record["request"].get("referer") == (
+                    sent["referer"][:1024] if "referer" in sent else None
+                ), case.id
+                if case.check is not None:
+                    case.check(record["event"])
+                if headers["Content-Type"] == "image/gif":
+                    assert body == GIF
+                checked += 1
+        finally:
+            served.close()
+    assert checked == sum(case.expect_accepted is not None for case in CASES)
+
+
+def test_the_gif_sent_over_http_is_a_transparent_pixel() -> None:
+    from test_core import EXPECTED_GIF, assert_transparent_pixel
+
+    served = Served()
+    try:
+        status, headers, body = served.send("GET", b"/v1/pixel/track?data=e30", {})
+    finally:
+        served.close()
+    assert (status, headers["Content-Type"], headers["Content-Length"]) == (200, "image/gif", "43")
+    assert body == EXPECTED_GIF
+    assert_transparent_pixel(body)
+
+
+def test_referer_is_recorded(store: Store) -> None:
+    app = wrap(hello_app, store)
+    get(app, "/v1/pixel/track", "data=" + b64(SEGMENT_OK), headers={"Referer": "https://m.test/"})
+    [record] = records(store)
+    assert record["request"]["referer"] == "https://m.test/"
+    assert "referer" not in json.dumps(record["event"])
+
+
+def test_a_decoder_bug_record_copies_nothing_uncapped(
+    store: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise ValueError("echo " + "q" * 5000)
+
+    monkeypatch.setattr("pixel_middleware.middleware.decode_pixel", broken)
+    app = wrap(hello_app, store, limits=Limits(max_query_bytes=100, max_header_chars=16))
+    query = "data=" + "A" * 500
+    response = get(
+        app, "/v1/pixel/track", query, headers={"User-Agent": "u" * 40, "Referer": "r" * 40}
+    )
+    assert (response.status_code, response.get_data()) == (200, GIF)
+    [record] = records(store)
+    assert record["request"]["query"] == query[:100]
+    assert (record["request"]["userAgent"], record["request"]["referer"]) == ("u" * 16, "r" * 16)
+    assert len(record["problems"][0]["message"]) < 300

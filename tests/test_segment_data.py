@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pixel_middleware import _segment_data
 from pixel_middleware._segment_data import (
     decode_data,
     exceeds_depth,
@@ -178,3 +179,68 @@ def test_never_raises(value: bytes) -> None:
     assert (decoded is None) == (rule is not None) or decoded is None
     json.dumps(decoded, allow_nan=False, ensure_ascii=False).encode("utf-8")
     assert set(notes) <= {"raw_json", "spaces_to_plus", "padding_restored", "invalid_utf8"}
+
+
+# --- the JSON scanner: CPython's undocumented scan_once, or the documented fallback ---
+
+FALLBACK = _segment_data._DECODER.raw_decode
+
+
+def test_scanner_uses_scan_once_when_present() -> None:
+    assert _segment_data._SCAN_ONCE is _segment_data._DECODER.scan_once  # type: ignore[attr-defined]
+
+
+def test_scanner_falls_back_to_raw_decode() -> None:
+    decoder = json.JSONDecoder()
+    del decoder.scan_once  # type: ignore[attr-defined]
+    scan = _segment_data.json_scanner(decoder)
+    assert scan == decoder.raw_decode
+    assert _segment_data.json_scanner(json.JSONDecoder()) != FALLBACK
+
+
+SCANNED = [
+    b'{"a": 1}',
+    b'[1, 2.5, null, true, false, "x"]',
+    b'  {"a": {"b": [1, {"c": 2}]}}  ',
+    b"",
+    b"   ",
+    b"nul",
+    b'{"a": 1} x',
+    b'{"a": 1}{"b": 2}',
+    b'{"a": NaN}',
+    b'{"a": Infinity}',
+    b'{"a": -Infinity}',
+    b'{"a": 1e999}',
+    b'{"a": ' + b"1" * 5000 + b"}",
+    b'{"a": "\\ud800"}',
+    b'{"a": "\\u00e9\\ud83d\\ude00"}',
+    b"[" * 3000 + b"]" * 3000,
+    b'{"a": 1,}',
+    b'"just a string"',
+    b"42",
+]
+
+
+@pytest.mark.parametrize("raw", SCANNED, ids=lambda raw: raw[:20].decode())
+@pytest.mark.parametrize("encoding", ["raw", "base64"])
+def test_fallback_scanner_gives_the_same_results(raw: bytes, encoding: str) -> None:
+    value = raw if encoding == "raw" else base64.b64encode(raw)
+    for limits in ((100_000, 4), (100_000, 5000)):
+        assert decode_data(value, *limits, scan=FALLBACK) == decode_data(value, *limits)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    text=st.text(alphabet='{}[]",:0123456789.eE+- \\untrlfasNIy\ud800', max_size=40)
+    | st.recursive(
+        st.none() | st.booleans() | st.floats(allow_nan=False) | st.integers() | st.text(),
+        lambda children: (
+            st.lists(children, max_size=3)
+            | st.dictionaries(st.text(max_size=5), children, max_size=3)
+        ),
+        max_leaves=10,
+    ).map(json.dumps)
+)
+def test_fallback_scanner_agrees_on_any_text(text: str) -> None:
+    raw = text.encode("utf-8", "surrogatepass")
+    assert decode_data(raw, 10_000, 8, scan=FALLBACK) == decode_data(raw, 10_000, 8)
