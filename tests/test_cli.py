@@ -58,7 +58,9 @@ def segment(call: str, event: dict[str, Any], key: str = "k1") -> str:
 # --- help and usage errors ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", [[], ["serve"], ["events"], ["decode"], ["encode"]], ids=str)
+@pytest.mark.parametrize(
+    "command", [[], ["serve"], ["events"], ["check"], ["decode"], ["encode"]], ids=str
+)
 def test_every_command_has_help(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     status, out, err = run(capsys, *command, "--help")
     assert status == 0
@@ -333,6 +335,8 @@ def test_events_table_is_aligned_oldest_first(
         "rules",
         "event/name",
         "identity",
+        "first",
+        "problem",
     ]
     assert len(lines) == 6
     assert "First" in lines[1]
@@ -387,7 +391,17 @@ def test_events_on_an_empty_store_prints_the_header(
     (tmp_path / "empty.jsonl").touch()
     status, out, _ = run(capsys, "events", "--store", f"jsonl:///{tmp_path}/empty.jsonl")
     assert status == 0
-    assert out.split() == ["time", "dialect", "call", "verdict", "rules", "event/name", "identity"]
+    assert out.split() == [
+        "time",
+        "dialect",
+        "call",
+        "verdict",
+        "rules",
+        "event/name",
+        "identity",
+        "first",
+        "problem",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -516,6 +530,9 @@ class Collector:
         assert found, self.banner
         assert int(found.group(1)) != 0
         self.url = found.group(0)
+        # A file store's absolute path comes next.
+        self.location = self.stdout.next(timeout=20)
+        assert self.location == f"Records go to {tmp_path}/serve.sqlite3\n", self.location
 
     def stop(self, signum: int) -> tuple[int, str]:
         self.process.send_signal(signum)
