@@ -132,6 +132,9 @@ def parse_expectation(text: str) -> Expectation:
             f" (OP: {', '.join(OPERATORS)})"
         )
     name = found["name"].strip()
+    if name[-1] in "=<>!":
+        # 'page=>1' or 'page!=1': a mistyped operator, not an event named 'page='.
+        raise CheckError(f"an --expect's operator is one of {', '.join(OPERATORS)}")
     kind = "call" if name in _ALL_CALLS else "event"
     for prefix in ("call:", "event:"):
         if name.startswith(prefix):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import queue
@@ -646,6 +647,37 @@ def test_serve_says_how_many_records_an_earlier_run_left_in_the_spool(
         again.stop(signal.SIGTERM)
     finally:
         again.kill()
+
+
+@pytest.mark.parametrize("quiet", [False, True], ids=["lines", "quiet"])
+def test_serve_prints_one_escaped_line_per_pixel_and_what_it_recorded(
+    tmp_path: Path, quiet: bool
+) -> None:
+    collector = Collector(tmp_path, *(["--quiet"] if quiet else []))
+    try:
+        base = collector.url.rstrip("/")
+        event = {"userId": "u1", "event": "Opened\x1b[2J\nfake line"}
+        assert requests.get(base + segment("track", event), timeout=5).status_code == 200
+        assert requests.get(base + "/v1/pixel/track?writeKey=k", timeout=5).status_code == 200
+        collector.process.send_signal(signal.SIGTERM)
+        status = collector.process.wait(timeout=20)
+        rest = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                rest.append(collector.stdout.next(timeout=2).rstrip("\n"))
+    finally:
+        collector.kill()
+        for stream in (collector.process.stdout, collector.process.stderr):
+            if stream:
+                stream.close()
+    assert status == 0
+    expected = [
+        'pixel segment track "Opened\\x1b[2J\\x0afake line" userId=u1 writeKey=k1 accepted'
+        " notes [padding_restored]",
+        "pixel segment track writeKey=k REJECTED [missing_identity,missing_event]"
+        " notes [unencoded_form]",
+    ]
+    assert rest == [*([] if quiet else expected), "Stopped: 2 pixel record(s) recorded in this run"]
 
 
 def test_serve_refuses_a_port_in_use(tmp_path: Path) -> None:
