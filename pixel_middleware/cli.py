@@ -4,6 +4,7 @@
     pixel-middleware events [--follow]                   # what arrived, oldest first
     pixel-middleware encode --write-key KEY --call track '{"userId": "u1", "event": "E"}'
     pixel-middleware decode URL                          # the record a URL would produce
+    pixel-middleware check --expect 'Email Opened>=1'    # for CI: exit 0 when all hold
 
 Every command has ``--help``. Usage errors exit 2 with one line on stderr.
 """
@@ -19,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn, TextIO
 
@@ -164,6 +166,17 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how often idle connections are looked for and closed (%(default)s)",
     )
+    serve.add_argument(
+        "--allow-reset",
+        action="store_true",
+        help="let POST /api/reset clear the store (always allowed on memory://)",
+    )
+    serve.add_argument(
+        "--quiet",
+        "-q",
+        action="store_true",
+        help="do not print a line for each pixel",
+    )
     serve.set_defaults(command=_serve, parser=serve)
 
     events = sub.add_parser(
@@ -180,6 +193,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     verdict.add_argument("--rejected", dest="accepted", action="store_false", help="only rejected")
     events.add_argument("--call", help="only this call (track, page, identify, ...)")
+    _add_filter_options(events)
     events.add_argument(
         "--limit",
         type=_positive_int,
@@ -204,6 +218,57 @@ def _build_parser() -> argparse.ArgumentParser:
         help="aligned columns, or one JSON record per line (default %(default)s)",
     )
     events.set_defaults(command=_events, parser=events)
+
+    check = sub.add_parser(
+        "check",
+        help="check that the expected pixels arrived (for CI)",
+        description="Count the records of a store or a running collector and check"
+        " expectations such as 'Email Opened>=1' (an event name) or 'page>=2' (a call;"
+        " 'event:NAME' or 'call:NAME' when a name could be both; operators >=, <=, ==,"
+        " >, <). Expectations count accepted records that match the filters, unless"
+        " --accepted/--rejected says otherwise. Exit status: 0 every expectation holds,"
+        " 1 one failed, 2 a usage error or nothing could be read.",
+    )
+    source = check.add_mutually_exclusive_group()
+    source.add_argument("--store", metavar="URL", help=STORE_HELP)
+    source.add_argument(
+        "--url",
+        metavar="URL",
+        help="a running collector to ask through its JSON API, e.g. http://127.0.0.1:8000",
+    )
+    check.add_argument(
+        "--token",
+        metavar="TOKEN",
+        help="the collector's read token (default $PIXEL_READ_TOKEN), sent as a Bearer token",
+    )
+    check.add_argument(
+        "--expect",
+        dest="expectations",
+        action="append",
+        default=[],
+        metavar="EXPECTATION",
+        help="NAME OP COUNT, e.g. 'Email Opened>=1' or 'page==2' (repeatable)",
+    )
+    check.add_argument(
+        "--no-rejected", action="store_true", help="fail if any record in scope was rejected"
+    )
+    check_verdict = check.add_mutually_exclusive_group()
+    check_verdict.add_argument(
+        "--accepted", dest="accepted", action="store_true", default=None, help="count accepted"
+    )
+    check_verdict.add_argument(
+        "--rejected", dest="accepted", action="store_false", help="count rejected instead"
+    )
+    check.add_argument("--call", help="only this call (track, page, identify, ...)")
+    _add_filter_options(check)
+    check.add_argument("--junit", metavar="PATH", help="also write JUnit XML here")
+    check.add_argument(
+        "--json",
+        dest="json_path",
+        metavar="PATH",
+        help="also write the result as JSON (- : stdout)",
+    )
+    check.set_defaults(command=_check, parser=check)
 
     decode = sub.add_parser(
         "decode",
@@ -284,6 +349,76 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_filter_options(parser: argparse.ArgumentParser) -> None:
+    """The collector API's filters (``record_filter``), as options."""
+    parser.add_argument("--event", action="append", metavar="NAME", help="only this event name")
+    parser.add_argument("--dialect", action="append", choices=DIALECTS, help="only this dialect")
+    parser.add_argument(
+        "--user-id", dest="user_ids", action="append", metavar="ID", help="only this userId"
+    )
+    parser.add_argument(
+        "--anonymous-id",
+        dest="anonymous_ids",
+        action="append",
+        metavar="ID",
+        help="only this anonymousId",
+    )
+    parser.add_argument(
+        "--text", dest="texts", action="append", metavar="TEXT", help="only records holding TEXT"
+    )
+    parser.add_argument(
+        "--since",
+        metavar="WHEN",
+        help="only records received since: a duration back (90s, 10m, 2h, 1d) or an ISO time",
+    )
+    parser.add_argument(
+        "--where",
+        action="append",
+        metavar="NAME=VALUE",
+        help="any API filter, e.g. properties.plan=pro, writeKey=KEY (repeatable)",
+    )
+
+
+def _filter_params(
+    args: argparse.Namespace, parser: argparse.ArgumentParser
+) -> dict[str, list[str]]:
+    """The API's filter parameters that the options ask for; bad ones are usage errors."""
+    from pixel_middleware.check import CheckError, parse_since
+    from pixel_middleware.record_filter import FilterError, is_filter_param, parse_filter
+
+    params: dict[str, list[str]] = {}
+    if args.accepted is not None:
+        params["accepted"] = ["true" if args.accepted else "false"]
+    for name, values in (
+        ("call", [args.call] if args.call else []),
+        ("event", args.event),
+        ("dialect", args.dialect),
+        ("userId", args.user_ids),
+        ("anonymousId", args.anonymous_ids),
+        ("q", args.texts),
+    ):
+        if values:
+            params.setdefault(name, []).extend(values)
+    for item in args.where or ():
+        name, sep, value = item.partition("=")
+        if not sep or not is_filter_param(name) or name == "since":
+            parser.error(
+                "--where takes NAME=VALUE with an API filter name (event, userId, writeKey,"
+                " ...) or an event path such as properties.plan"
+            )
+        params.setdefault(name, []).append(value)
+    if args.since:
+        try:
+            params["since"] = [parse_since(args.since)]
+        except CheckError as exc:
+            parser.error(str(exc))
+    try:
+        parse_filter(params)
+    except FilterError as exc:
+        parser.error(str(exc))
+    return params
+
+
 # --- serve -------------------------------------------------------------------
 
 
@@ -323,9 +458,14 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         left = count_spooled(spool)
     except OSError:
         left = 0
+    from pixel_middleware.pixel_printer import PixelPrinter
+
+    # Counts the records of this run; prints a line for each unless --quiet.
+    printer = PixelPrinter(sys.stdout, show=not args.quiet)
     try:
         app = create_app(
             store=store,
+            on_record=printer,
             write_keys=args.write_keys,
             prefix=args.prefix,
             trusted_proxies=args.trusted_proxies,
@@ -333,9 +473,11 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             durable=not args.fire_and_forget,
             read_token=read_token,
             public_reads=args.public_reads,
+            allow_reset=args.allow_reset,
         )
     except (ValueError, TypeError, StoreError, OSError) as exc:
         store.close()
+        printer.close()
         return _fail(parser, redact_url(str(exc)))
     connection_limit = _fit_file_limit(args.connection_limit, args.threads)
 
@@ -387,6 +529,7 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 file=sys.stderr,
                 flush=True,
             )
+        _print_store_location(app.store)
         if left:
             print(
                 f"{left} record(s) left in the spool {spool}/ by an earlier run: they go to"
@@ -402,8 +545,29 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         app.close()
+        printer.close()
+        _print_run_summary(printer.seen, spool)
         signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _print_store_location(store: Store) -> None:
+    """Where a file store is, as an absolute path (a relative URL depends on the cwd)."""
+    path = getattr(store, "path", None)
+    if isinstance(path, str):
+        print(f"Records go to {terminal_text(os.path.abspath(path))}", flush=True)
+
+
+def _print_run_summary(recorded: int, spool: Path) -> None:
+    """What the run did, once every record is flushed: how many, and any left spooled."""
+    try:
+        left = count_spooled(spool)
+    except OSError:
+        left = 0
+    line = f"Stopped: {recorded} pixel record(s) recorded in this run"
+    if left:
+        line += f"; {left} record(s) left in the spool {spool}/ for the next run"
+    print(line, flush=True)
 
 
 def _url(host: str, port: int) -> str:
@@ -475,10 +639,26 @@ def _fit_file_limit(connection_limit: int, threads: int) -> int:
 
 # --- events ------------------------------------------------------------------
 
-_COLUMNS = ("time", "dialect", "call", "verdict", "rules", "event/name", "identity")
+_COLUMNS = (
+    "time",
+    "dialect",
+    "call",
+    "verdict",
+    "rules",
+    "event/name",
+    "identity",
+    "first problem",
+)
+# How many of a store's newest records `events` reads to filter them here.
+_EVENTS_SCAN = 100_000
+# The longest first-problem message a table row shows.
+_PROBLEM_CHARS = 100
 
 
 def _events(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from pixel_middleware.record_filter import RecordFilter, parse_filter
+
+    params = _filter_params(args, parser)
     try:
         # Reading never creates a store: a typo in the path is an error, not an
         # empty store left behind.
@@ -489,21 +669,31 @@ def _events(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except (ValueError, StoreError) as exc:
         parser.error(str(exc))
     out = sys.stdout
-    filters: dict[str, Any] = {"accepted": args.accepted, "call": args.call}
+    flt = parse_filter(params)
+    filters = flt.store_arguments()
+    # The store filters on the verdict and one call itself; any other filter
+    # runs here, over the store's newest records.
+    filtered_here = flt != RecordFilter(accepted=flt.accepted, calls=flt.calls[:1])
     try:
-        rows = store.read(limit=args.limit, **filters)
+        if filtered_here:
+            rows = store.read(limit=_EVENTS_SCAN, **filters)
+            last = rows[-1][0] if rows else None
+            rows = [row for row in rows if flt.matches(row[1])][-args.limit :]
+        else:
+            rows = store.read(limit=args.limit, **filters)
+            last = rows[-1][0] if rows else None
         _print_spool_size(store)
         widths = _print_records(out, [r for _, r in rows], args.format, header=True)
         if not args.follow:
             return 0
-        last = rows[-1][0] if rows else None
         while True:
             time.sleep(args.interval)
             rows = store.read(after=last, **filters)
             if rows:
                 last = rows[-1][0]
+                shown = [r for _, r in rows if flt.matches(r)]
                 widths = _print_records(
-                    out, [r for _, r in rows], args.format, header=widths is None, widths=widths
+                    out, shown, args.format, header=widths is None, widths=widths
                 )
     except KeyboardInterrupt:
         return 0
@@ -565,7 +755,11 @@ def _print_records(
 
 
 def _table_row(record: PixelRecord) -> tuple[str, ...]:
-    rules = ",".join(str(p.get("rule", "")) for p in record.get("problems") or []) or "-"
+    problems = [p for p in record.get("problems") or [] if isinstance(p, dict)]
+    rules = ",".join(str(p.get("rule", "")) for p in problems) or "-"
+    first = str(problems[0].get("message", "")) if problems else "-"
+    if len(first) > _PROBLEM_CHARS:
+        first = first[: _PROBLEM_CHARS - 1] + "…"
     return tuple(
         terminal_text(value)
         for value in (
@@ -576,8 +770,61 @@ def _table_row(record: PixelRecord) -> tuple[str, ...]:
             rules,
             event_name(record) or "-",
             identity(record) or "-",
+            first,
         )
     )
+
+
+# --- check -------------------------------------------------------------------
+
+
+def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from pixel_middleware.check import (
+        ApiSource,
+        CheckError,
+        RecordSource,
+        StoreSource,
+        parse_expectation,
+        run_check,
+        write_private,
+    )
+
+    params = _filter_params(args, parser)
+    try:
+        expectations = [parse_expectation(text) for text in args.expectations]
+    except CheckError as exc:
+        parser.error(str(exc))
+    if not expectations and not args.no_rejected:
+        parser.error("nothing to check: give at least one --expect or --no-rejected")
+    token = args.token if args.token is not None else os.environ.get(READ_TOKEN_ENV_VAR)
+    try:
+        source: RecordSource = (
+            ApiSource(args.url, token=token) if args.url else StoreSource(args.store)
+        )
+        result = run_check(
+            source, expectations=expectations, no_rejected=args.no_rejected, filters=params
+        )
+    except CheckError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    encoding = (getattr(sys.stdout, "encoding", None) or "ascii").lower()
+    ascii_only = "utf" not in encoding
+    if args.json_path != "-":
+        for line in result.lines(ascii_only=ascii_only):
+            print(line)
+    try:
+        if args.junit:
+            write_private(args.junit, result.junit_xml())
+        if args.json_path:
+            text = json.dumps(result.as_json(), indent=2, ensure_ascii=True) + "\n"
+            if args.json_path == "-":
+                sys.stdout.write(text)
+            else:
+                write_private(args.json_path, text.encode("ascii"))
+    except OSError as exc:
+        print(f"{parser.prog}: error: cannot write the report: {exc.strerror}", file=sys.stderr)
+        return 2
+    return 0 if result.passed else 1
 
 
 # --- decode ------------------------------------------------------------------

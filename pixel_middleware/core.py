@@ -65,6 +65,7 @@ __all__ = [
     "decode_pixel",
     "default_answer",
     "match_route",
+    "not_kept_answer",
     "split_target",
 ]
 
@@ -1027,3 +1028,29 @@ def default_answer(route: Route, method: str, config: PixelConfig) -> PixelOutco
     else:
         headers, body = list(_GIF_HEADERS), GIF
     return PixelOutcome(200, headers, b"" if method == "HEAD" else body, None)
+
+
+# The answer to a pixel whose record could not be kept anywhere (the store and
+# the spool both failing): a 503 a client or load balancer can act on.
+_RETRY_AFTER_SECONDS = "5"
+_NOT_KEPT_BODY = b"Service Unavailable: the pixel could not be recorded; send it again later.\n"
+
+
+def not_kept_answer(route: Route, method: str, config: PixelConfig) -> PixelOutcome:
+    """``503`` with ``Retry-After`` for a pixel whose record could not be kept.
+
+    Honest, so that a client or a load balancer can tell and retry, and still
+    the dialect's body: Segment's contract is "always the GIF" (a page showing
+    the pixel keeps its layout), RudderStack's seed answer a short text.
+    """
+    if route.dialect == "rudderstack" and config.rudderstack_response == "seed":
+        body, content_type = _NOT_KEPT_BODY, _TEXT
+    else:
+        body, content_type = GIF, "image/gif"
+    headers = [
+        *_NO_CACHE,
+        ("Retry-After", _RETRY_AFTER_SECONDS),
+        ("Content-Type", content_type),
+        ("Content-Length", str(len(body))),
+    ]
+    return PixelOutcome(503, headers, b"" if method == "HEAD" else body, None)

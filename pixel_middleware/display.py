@@ -8,7 +8,9 @@ any sender wrote, so they share these helpers instead of each keeping its own:
   right-to-left override or a newline from a sender must not reach a terminal
   or fake a line of output;
 - :func:`terminal_json` does the same for JSON text printed over several lines,
-  keeping it valid JSON.
+  keeping it valid JSON;
+- :func:`pixel_line` is the one-line summary of a pixel that ``serve`` prints
+  and the mitmproxy addon's log line starts with.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["event_name", "identity", "terminal_json", "terminal_text"]
+__all__ = ["event_name", "identity", "pixel_line", "terminal_json", "terminal_text"]
 
 # What names an event, by call: track's event, page/screen's name, then what
 # group and alias calls are about.
@@ -43,6 +45,53 @@ def identity(record: Mapping[str, Any]) -> str:
         if value not in (None, ""):
             return label + (value if isinstance(value, str) else json.dumps(value))
     return ""
+
+
+def pixel_line(record: Mapping[str, Any]) -> str:
+    """One escaped line for a pixel: dialect, call, name, identity, write key, verdict.
+
+    ``pixel segment track "Email Opened" userId=u-42 writeKey=KEY accepted``, or
+    ``... REJECTED [missing_event]`` with the rules broken, and ``notes [...]``.
+    Every value is cut and escaped, so a sender cannot make it span lines.
+    """
+    dialect, call = (terminal_text(str(record.get(key))) for key in ("dialect", "call"))
+    parts = [f"pixel {dialect} {call}"]
+    if name := event_name(record):
+        parts.append(_shown(name, quote=True))
+    event = record.get("event") or {}
+    for key in ("userId", "anonymousId"):
+        if event.get(key) not in (None, ""):
+            parts.append(f"{key}={_shown(event[key])}")
+            break
+    if record.get("writeKey"):
+        parts.append(f"writeKey={_shown(record['writeKey'], 24)}")
+    if record.get("accepted"):
+        parts.append("accepted")
+    else:
+        parts.append(f"REJECTED [{_rules(record.get('problems'))}]")
+    if record.get("notes"):
+        parts.append(f"notes [{_rules(record.get('notes'))}]")
+    return " ".join(parts)
+
+
+def _shown(value: object, limit: int = 60, *, quote: bool = False) -> str:
+    """``value`` cut to ``limit`` characters, escaped, quoted when it has spaces."""
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    text = terminal_text(text)
+    if quote or not text or any(c in text for c in ' "=,[]()'):
+        return '"' + text.replace('"', '\\"') + '"'
+    return text
+
+
+def _rules(items: object) -> str:
+    rules = [
+        terminal_text(str(item.get("rule", "")))
+        for item in (items if isinstance(items, list) else ())
+        if isinstance(item, dict)
+    ]
+    return ",".join(rules)
 
 
 def terminal_text(text: str) -> str:

@@ -26,6 +26,7 @@ from pixel_middleware.core import (
     decode_pixel,
     default_answer,
     match_route,
+    not_kept_answer,
 )
 from pixel_middleware.recorder import Recorder
 from pixel_middleware.stores import Store, open_store
@@ -45,11 +46,6 @@ _STATUS_LINES = {status.value: f"{status.value} {status.phrase}" for status in H
 # How much of an exception's text (and of an unknown call's name) the fallback
 # record keeps: an exception may quote request data.
 _MAX_FAILURE_CHARS = 200
-
-
-# The answer to a pixel that could not be recorded (see _not_kept_answer).
-_RETRY_AFTER_SECONDS = "5"
-_NOT_KEPT_TEXT = b"Service Unavailable: the pixel could not be recorded; send it again later.\n"
 
 
 class PixelMiddleware:
@@ -214,9 +210,7 @@ class PixelMiddleware:
 
         record = outcome.record
         if record is not None and not self._keep(record):
-            status, headers, body = self._not_kept_answer(route)
-            start_response(_status_line(status), headers)
-            return [body]
+            outcome = not_kept_answer(route, method, self.config)
         start_response(_status_line(outcome.status), outcome.headers)
         return [outcome.body]
 
@@ -235,25 +229,6 @@ class PixelMiddleware:
             except Exception:
                 logger.exception("on_record callback failed for pixel %s", record.get("id"))
         return kept
-
-    def _not_kept_answer(self, route: Route) -> tuple[int, list[tuple[str, str]], bytes]:
-        """503 for a pixel whose record could not be kept (store and spool failing).
-
-        Honest, so that a client or a load balancer can tell and retry, and
-        still the dialect's body: Segment's contract is "always the GIF" (a
-        page showing the pixel keeps its layout), RudderStack's a short text.
-        """
-        if route.dialect == "rudderstack" and self.config.rudderstack_response == "seed":
-            body, content_type = _NOT_KEPT_TEXT, "text/plain; charset=utf-8"
-        else:
-            body, content_type = GIF, "image/gif"
-        headers = [
-            *_NO_CACHE,
-            ("Retry-After", _RETRY_AFTER_SECONDS),
-            ("Content-Type", content_type),
-            ("Content-Length", str(len(body))),
-        ]
-        return 503, headers, body
 
     def _fallback_outcome(
         self,

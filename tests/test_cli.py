@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import queue
@@ -60,7 +61,9 @@ def segment(call: str, event: dict[str, Any], key: str = "k1") -> str:
 # --- help and usage errors ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", [[], ["serve"], ["events"], ["decode"], ["encode"]], ids=str)
+@pytest.mark.parametrize(
+    "command", [[], ["serve"], ["events"], ["check"], ["decode"], ["encode"]], ids=str
+)
 def test_every_command_has_help(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     status, out, err = run(capsys, *command, "--help")
     assert status == 0
@@ -378,6 +381,8 @@ def test_events_table_is_aligned_oldest_first(
         "rules",
         "event/name",
         "identity",
+        "first",
+        "problem",
     ]
     assert len(lines) == 6
     assert "First" in lines[1]
@@ -450,7 +455,17 @@ def test_events_on_an_empty_store_prints_the_header(
     (tmp_path / "empty.jsonl").touch()
     status, out, _ = run(capsys, "events", "--store", f"jsonl:///{tmp_path}/empty.jsonl")
     assert status == 0
-    assert out.split() == ["time", "dialect", "call", "verdict", "rules", "event/name", "identity"]
+    assert out.split() == [
+        "time",
+        "dialect",
+        "call",
+        "verdict",
+        "rules",
+        "event/name",
+        "identity",
+        "first",
+        "problem",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -579,6 +594,9 @@ class Collector:
         assert found, self.banner
         assert int(found.group(1)) != 0
         self.url = found.group(0)
+        # A file store's absolute path comes next.
+        self.location = self.stdout.next(timeout=20)
+        assert self.location == f"Records go to {tmp_path}/serve.sqlite3\n", self.location
 
     @classmethod
     def command(cls, tmp_path: Path, argv: list[str]) -> Collector:
@@ -698,6 +716,37 @@ def test_serve_says_how_many_records_an_earlier_run_left_in_the_spool(
         again.stop(signal.SIGTERM)
     finally:
         again.kill()
+
+
+@pytest.mark.parametrize("quiet", [False, True], ids=["lines", "quiet"])
+def test_serve_prints_one_escaped_line_per_pixel_and_what_it_recorded(
+    tmp_path: Path, quiet: bool
+) -> None:
+    collector = Collector(tmp_path, *(["--quiet"] if quiet else []))
+    try:
+        base = collector.url.rstrip("/")
+        event = {"userId": "u1", "event": "Opened\x1b[2J\nfake line"}
+        assert requests.get(base + segment("track", event), timeout=5).status_code == 200
+        assert requests.get(base + "/v1/pixel/track?writeKey=k", timeout=5).status_code == 200
+        collector.process.send_signal(signal.SIGTERM)
+        status = collector.process.wait(timeout=20)
+        rest = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                rest.append(collector.stdout.next(timeout=2).rstrip("\n"))
+    finally:
+        collector.kill()
+        for stream in (collector.process.stdout, collector.process.stderr):
+            if stream:
+                stream.close()
+    assert status == 0
+    expected = [
+        'pixel segment track "Opened\\x1b[2J\\x0afake line" userId=u1 writeKey=k1 accepted'
+        " notes [padding_restored]",
+        "pixel segment track writeKey=k REJECTED [missing_identity,missing_event]"
+        " notes [unencoded_form]",
+    ]
+    assert rest == [*([] if quiet else expected), "Stopped: 2 pixel record(s) recorded in this run"]
 
 
 def test_serve_refuses_a_port_in_use(tmp_path: Path) -> None:
@@ -829,3 +878,29 @@ def test_serve_records_the_forwarded_address_with_trusted_proxies(
     assert status == 0, err
     [record] = stored(collector.store_url, capsys)
     assert record["request"]["ip"] == "203.0.113.50"
+
+
+@pytest.mark.parametrize(
+    ("options", "status"),
+    [
+        pytest.param([], 403, id="refused-by-default"),
+        pytest.param(["--allow-reset"], 200, id="allowed"),
+    ],
+)
+def test_serve_allow_reset_lets_the_api_clear_a_sqlite_store(
+    tmp_path: Path, options: list[str], status: int
+) -> None:
+    collector = Collector(tmp_path, "--quiet", *options)
+    try:
+        pixel = requests.get(
+            collector.url + "pixel/v1/track?writeKey=k&anonymousId=a&event=E", timeout=10
+        )
+        assert pixel.status_code == 200
+        before = requests.get(collector.url + "api/counts", timeout=10).json()
+        assert before["total"] == 1
+        answer = requests.post(collector.url + "api/reset", timeout=10)
+        assert answer.status_code == status, answer.text
+        after = requests.get(collector.url + "api/counts", timeout=10).json()
+        assert after["total"] == (0 if status == 200 else 1)
+    finally:
+        collector.stop(signal.SIGTERM)
