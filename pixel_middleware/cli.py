@@ -529,7 +529,6 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-        _print_store_location(app.store)
         if left:
             print(
                 f"{left} record(s) left in the spool {spool}/ by an earlier run: they go to"
@@ -549,13 +548,6 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         _print_run_summary(printer.seen, spool)
         signal.signal(signal.SIGTERM, previous)
     return 0
-
-
-def _print_store_location(store: Store) -> None:
-    """Where a file store is, as an absolute path (a relative URL depends on the cwd)."""
-    path = getattr(store, "path", None)
-    if isinstance(path, str):
-        print(f"Records go to {terminal_text(os.path.abspath(path))}", flush=True)
 
 
 def _print_run_summary(recorded: int, spool: Path) -> None:
