@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import time
 import uuid
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from pixel_middleware.core import PixelRecord
-from pixel_middleware.stores import RecordError, StoreError
+from pixel_middleware.stores import RecordError, StoreError, open_store
 from pixel_middleware.stores.forward import MAX_BATCH_BYTES, ForwardStore
 
 if TYPE_CHECKING:
@@ -217,6 +218,20 @@ class TestDelivery:
     def test_read_is_refused(self, open_forward: Callable[..., ForwardStore]) -> None:
         with pytest.raises(StoreError, match="keeps none to read"):
             open_forward().read(limit=10)
+
+    def test_read_error_suggests_a_fanout_url_that_opens(
+        self, open_forward: Callable[..., ForwardStore], tmp_path: Path
+    ) -> None:
+        with pytest.raises(StoreError) as refused:
+            open_forward().read()
+        suggested = re.search(r"\((fanout://\S+) ", str(refused.value))
+        assert suggested is not None, str(refused.value)
+        # The suggestion's readable store, as written, is a fan-out open_store takes.
+        fanout = open_store(suggested[1].replace("///", f"///{tmp_path}/", 1))
+        try:
+            assert fanout.read() == []
+        finally:
+            fanout.close()
 
     def test_write_after_close_raises(self, open_forward: Callable[..., ForwardStore]) -> None:
         store = open_forward()
