@@ -5,6 +5,7 @@ To hold a new store to the contract, add it to ``STORE_FACTORIES``.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import threading
@@ -12,6 +13,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from records import make_record
 
 from pixel_middleware.core import PixelRecord
@@ -252,11 +255,61 @@ def test_positions_sort_in_store_order_as_numbers(store: Store) -> None:
         pytest.param({"after": "not-a-position"}, "not a position", id="after-garbage"),
         pytest.param({"after": "-5"}, "not a position", id="after-negative"),
         pytest.param({"limit": -1}, "limit must be", id="limit-negative"),
+        # One past the largest position a store can give (SQLite's INTEGER, a
+        # file offset), and far past it: /events.json?after=99999999999999999999
+        # once answered 500 from an OverflowError.
+        pytest.param({"after": str(2**63)}, "not a position", id="after-2**63"),
+        pytest.param({"after": "9" * 20}, "not a position", id="after-20-digits"),
+        pytest.param({"after": "9" * 5000}, "not a position", id="after-5000-digits"),
+        # What int() takes but no store writes.
+        pytest.param({"after": " 1"}, "not a position", id="after-space"),
+        pytest.param({"after": "+1"}, "not a position", id="after-plus"),
+        pytest.param({"after": "1_0"}, "not a position", id="after-underscore"),
+        pytest.param({"after": "\u0661"}, "not a position", id="after-arabic-digit"),
+        pytest.param({"after": ""}, "not a position", id="after-empty"),
     ],
 )
 def test_read_rejects_bad_arguments(store: Store, query: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         store.read(**query)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("limit", [None, 3])
+def test_the_largest_position_is_read_as_one(store: Store, limit: int | None) -> None:
+    store.write([make_record(id="r1")])
+    assert store.read(after=str(2**63 - 1), limit=limit) == []
+    assert ids(store.read(after="0" * 19, limit=limit)) in (["r1"], [])
+
+
+def test_a_long_bad_position_is_not_repeated_whole(store: Store) -> None:
+    with pytest.raises(ValueError, match="not a position") as refused:
+        store.read(after="7" * 5000)
+    assert len(str(refused.value)) < 200
+
+
+@pytest.mark.parametrize("name", sorted(STORE_FACTORIES))
+def test_read_answers_any_after_with_records_or_a_clear_error(name: str, tmp_path: Path) -> None:
+    opened = STORE_FACTORIES[name](tmp_path)
+    opened.write([make_record(id=f"r{i}") for i in range(3)])
+    positions = [position for position, _ in opened.read()]
+
+    @settings(max_examples=150, deadline=None, database=None)
+    @given(
+        after=st.one_of(
+            st.text(max_size=30),
+            st.integers(min_value=-(2**70), max_value=2**70).map(str),
+            st.sampled_from(positions),
+        ),
+        limit=st.sampled_from([None, 0, 2]),
+    )
+    def check(after: str, limit: int | None) -> None:
+        with contextlib.suppress(ValueError, StoreError):
+            assert isinstance(opened.read(after=after, limit=limit), list)
+
+    try:
+        check()
+    finally:
+        opened.close()
 
 
 def test_write_after_close_raises_store_error(store: Store) -> None:

@@ -190,10 +190,22 @@ class TestWriteRead:
         assert numbers(store.read(after=rows[-1][0])) == [3, 4]
         assert numbers(store.read(after=rows[-1][0], limit=1)) == [4]
 
-    @pytest.mark.parametrize("after", ["x", "1-2-3", "-1", ""], ids=str)
+    @pytest.mark.parametrize(
+        "after",
+        ["x", "1-2-3", "-1", "", "\u0661-0", " 1-0", str(2**64), f"1-{2**64}", "9" * 5000],
+        ids=["word", "three-parts", "negative", "empty", "arabic-digit", "space", "ms-2**64",
+             "seq-2**64", "5000-digits"],
+    )  # fmt: skip
     def test_after_must_be_a_stream_id(self, store: RedisStore, after: str) -> None:
         with pytest.raises(ValueError, match="not a position"):
             store.read(after=after)
+
+    @pytest.mark.parametrize("limit", [None, 2])
+    def test_the_largest_stream_id_is_a_position(
+        self, store: RedisStore, limit: int | None
+    ) -> None:
+        store.write([make_record(1)])
+        assert store.read(after=f"{2**64 - 1}-{2**64 - 2}", limit=limit) == []
 
     def test_negative_limit(self, store: RedisStore) -> None:
         with pytest.raises(ValueError, match="limit must be"):

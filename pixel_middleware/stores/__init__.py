@@ -262,15 +262,25 @@ def _unknown_options(url: str, options: dict[str, str], known: Sequence[str]) ->
     return ValueError(f"unknown option(s) {names} in {url!r}; this store takes: {allowed}")
 
 
+# The largest position a store that numbers its records can give: SQLite's
+# INTEGER (and a file offset) is a signed 64-bit number.
+_MAX_POSITION = 2**63 - 1
+_POSITION = re.compile(r"[0-9]{1,19}")
+# What of a bad position an error repeats: enough to recognise it, no more.
+_SHOWN = 40
+
+
 def _parse_position(after: str) -> int:
-    """A position given back to a store that numbers its records (0 and up)."""
-    try:
-        position = int(after)
-    except (TypeError, ValueError):
-        raise ValueError(f"not a position of this store: {after!r}") from None
-    if position < 0:
-        raise ValueError(f"not a position of this store: {after!r}")
-    return position
+    """A position given back to a store that numbers its records (0 to 2**63 - 1).
+
+    Only plain ASCII digits, as the stores write them: ``int()`` alone would also
+    take ``" 7"``, ``"+7"``, ``"1_0"`` and other scripts' digits, and a number
+    past 2**63 - 1 would overflow SQLite (an ``OverflowError``, not a clear answer).
+    """
+    if not isinstance(after, str) or not _POSITION.fullmatch(after) or int(after) > _MAX_POSITION:
+        shown = after[:_SHOWN] + "..." if isinstance(after, str) and len(after) > _SHOWN else after
+        raise ValueError(f"not a position of this store: {shown!r}")
+    return int(after)
 
 
 def _check_limit(limit: int | None) -> None:

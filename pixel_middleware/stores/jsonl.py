@@ -131,6 +131,10 @@ class JSONLStore:
         start = 0 if after is None else _parse_position(after)
         try:
             with open(self.path, "rb") as file:
+                if after is not None and start >= os.fstat(file.fileno()).st_size:
+                    # Past the end (a position from a longer file, or one made
+                    # up): nothing after it yet. Seeking that far can fail.
+                    return []
                 if after is not None:
                     # Everything that starts after `after`: skip to the end of
                     # the line that holds it.

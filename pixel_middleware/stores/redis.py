@@ -82,7 +82,11 @@ _PASSTHROUGH = frozenset(
 )
 _OPTIONS = frozenset({"stream", "maxlen", "timeout"})
 
-_STREAM_ID = re.compile(r"\d+(-\d+)?")
+# ASCII digits only (\d would take any script's), each part at most 20 digits:
+# a stream id is two unsigned 64-bit numbers, and Redis answers anything past
+# that with an error (a StoreError here) instead of a ValueError.
+_STREAM_ID = re.compile(r"[0-9]{1,20}(-[0-9]{1,20})?")
+_MAX_ID_PART = 2**64 - 1
 
 _N = TypeVar("_N", int, float)
 
@@ -173,8 +177,9 @@ class RedisStore:
         limit: int | None = None,
     ) -> list[tuple[str, PixelRecord]]:
         """Matching records after stream id ``after``, oldest first; see ``Store.read``."""
-        if after is not None and not _STREAM_ID.fullmatch(after):
-            raise ValueError(f"not a position of this store (a Redis stream id): {after!r}")
+        if after is not None and not _is_stream_id(after):
+            shown = after[:40] + "..." if isinstance(after, str) and len(after) > 40 else after
+            raise ValueError(f"not a position of this store (a Redis stream id): {shown!r}")
         _check_limit(limit)
         if self._closed:
             raise StoreError(f"{self._where}: the store is closed")
@@ -242,6 +247,14 @@ class RedisStore:
                 raise StoreError(f"{self._where}: entry {entry_id} is not a JSON record") from e
             out.append((entry_id, record))
         return out
+
+
+def _is_stream_id(text: object) -> bool:
+    return (
+        isinstance(text, str)
+        and _STREAM_ID.fullmatch(text) is not None
+        and all(int(part) <= _MAX_ID_PART for part in text.split("-"))
+    )
 
 
 def _entry(record: PixelRecord) -> dict[Any, Any]:  # redis-py wants its own key types
