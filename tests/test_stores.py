@@ -39,6 +39,8 @@ STORE_FACTORIES: dict[str, Callable[[Path], Store]] = {
     "memory": lambda _: open_store("memory://"),
     "sqlite": lambda tmp: open_store(f"sqlite:///{tmp}/events.sqlite3"),
     "jsonl": lambda tmp: open_store(f"jsonl:///{tmp}/events.jsonl"),
+    # Reads from its first store, so it answers to the contract as that one does.
+    "fanout": lambda tmp: open_store(f"fanout://sqlite:///{tmp}/fan.sqlite3 memory://"),
 }
 # Stores whose records outlive the store object: reopening the URL finds them.
 PERSISTENT = ["sqlite", "jsonl"]
@@ -240,7 +242,38 @@ def test_after_returns_only_later_records(store: Store) -> None:
     store.write([make_record(id="r5"), make_record(id="r6", accepted=False)])
     assert ids(store.read(after=positions[-1])) == ["r5", "r6"]
     assert ids(store.read(after=positions[-1], accepted=False)) == ["r6"]
-    assert ids(store.read(after=positions[2], limit=2)) == ["r5", "r6"]
+    # Paging forward: the oldest `limit` after the position, not the newest.
+    assert ids(store.read(after=positions[2], limit=2)) == ["r3", "r4"]
+
+
+@pytest.mark.parametrize("accepted", [None, False])
+def test_paging_forward_sees_every_record(store: Store, accepted: bool | None) -> None:
+    # A client polling /events.json?after=X&limit=50 after a burst of 60 new
+    # records: with the newest 50 it never saw r1..r10.
+    store.write([make_record(id="r0", accepted=False)])
+    ((start, _),) = store.read()
+    store.write([make_record(id=f"r{i}", accepted=False) for i in range(1, 61)])
+    seen: list[str] = []
+    after = start
+    for _ in range(10):  # bounded: 60 records are 2 pages, then an empty one
+        page = store.read(after=after, limit=50, accepted=accepted)
+        assert len(page) <= 50
+        if not page:
+            break
+        seen += ids(page)
+        after = page[-1][0]
+    assert seen == [f"r{i}" for i in range(1, 61)]
+    first = store.read(after=start, limit=50, accepted=accepted)
+    assert ids(first) == [f"r{i}" for i in range(1, 51)]
+    # Exactly at the boundary and one over it.
+    assert ids(store.read(after=first[-1][0], limit=10, accepted=accepted)) == [
+        f"r{i}" for i in range(51, 61)
+    ]
+    assert ids(store.read(after=first[-1][0], limit=9, accepted=accepted)) == [
+        f"r{i}" for i in range(51, 60)
+    ]
+    # Without `after`, still the newest `limit`, oldest first.
+    assert ids(store.read(limit=50, accepted=accepted)) == [f"r{i}" for i in range(11, 61)]
 
 
 def test_positions_sort_in_store_order_as_numbers(store: Store) -> None:

@@ -188,7 +188,29 @@ class TestWriteRead:
         assert store.read(after=rows[-1][0]) == []
         store.write([make_record(3), make_record(4)])
         assert numbers(store.read(after=rows[-1][0])) == [3, 4]
-        assert numbers(store.read(after=rows[-1][0], limit=1)) == [4]
+        # Paging forward: the oldest after the position.
+        assert numbers(store.read(after=rows[-1][0], limit=1)) == [3]
+
+    def test_paging_forward_sees_every_record_across_xrange_pages(self, store: RedisStore) -> None:
+        # Over two XRANGE pages (500 entries each), every other one a match.
+        store.write([make_record(0)])
+        ((start, _),) = store.read()
+        store.write([make_record(n, accepted=n % 2 == 0) for n in range(1, 1201)])
+        seen: list[int] = []
+        after = start
+        for _ in range(20):  # bounded: 600 matches are 6 pages, then an empty one
+            page = store.read(after=after, limit=100, accepted=False)
+            assert len(page) <= 100
+            if not page:
+                break
+            seen += numbers(page)
+            after = page[-1][0]
+        assert seen == list(range(1, 1201, 2))
+        assert numbers(store.read(after=start, limit=3)) == [1, 2, 3]
+        assert numbers(store.read(after=start, limit=600, accepted=False)) == seen
+        assert numbers(store.read(after=start, limit=599, accepted=False)) == seen[:599]
+        # Without `after`, the newest.
+        assert numbers(store.read(limit=2, accepted=False)) == [1197, 1199]
 
     @pytest.mark.parametrize(
         "after",

@@ -101,7 +101,11 @@ class Store(Protocol):
     ) -> list[tuple[str, PixelRecord]]:
         """Matching records after position ``after``, oldest first, each with its position.
 
-        With ``limit``, only the newest ``limit`` of them (still oldest first).
+        ``limit`` caps how many: with ``after``, the OLDEST ``limit`` records
+        after it, so that a reader paging forward (handing back the last
+        position it got) sees every record however many arrived in between;
+        without ``after``, the newest ``limit`` (the latest N, still oldest
+        first).
         """
 
     def close(self) -> None: ...

@@ -140,10 +140,10 @@ class JSONLStore:
                     # the line that holds it.
                     file.seek(start)
                     start += len(file.readline())
-                if limit is None:
-                    lines = _lines_forwards(file, start)
-                else:
-                    lines = _lines_backwards(file, start)
+                # Paging forward (after=) takes the oldest `limit`; the newest
+                # `limit` without it are found reading the file backwards.
+                newest = limit is not None and after is None
+                lines = _lines_backwards(file, start) if newest else _lines_forwards(file, start)
                 found: list[tuple[str, PixelRecord]] = []
                 for offset, record in self._records(lines):
                     if (accepted is None or record["accepted"] is accepted) and (
@@ -154,7 +154,7 @@ class JSONLStore:
                         found.append((str(offset), record))
         except OSError as exc:
             raise StoreError(f"reading {self.path} failed: {exc}") from exc
-        if limit is not None:
+        if newest:
             found.reverse()
         return found
 

@@ -73,7 +73,9 @@ class MemoryStore:
                 and (call is None or its_call == call)
             ]
         if limit is not None and limit < len(found):
-            found = found[len(found) - limit :]
+            # Paging forward takes the oldest `limit` after `after`; without
+            # it, the newest `limit`.
+            found = found[:limit] if after is not None else found[len(found) - limit :]
         return [(str(index), json.loads(text)) for index, text in found]
 
     def close(self) -> None:

@@ -189,15 +189,17 @@ class RedisStore:
         want_accepted = None if accepted is None else ("1" if accepted else "0")
         found: list[tuple[str, PixelRecord]] = []
         try:
-            if limit is None:
-                # Everything after ``after``, oldest first, a page at a time.
+            if limit is None or after is not None:
+                # Everything after ``after`` (paging forward: the oldest
+                # ``limit`` of it), oldest first, a page at a time.
                 start = lowest
-                while True:
+                while limit is None or len(found) < limit:
                     page = self._range(start, "+")
                     found.extend(self._matching(page, want_accepted, call))
                     if len(page) < _PAGE:
-                        return found
+                        break
                     start = f"({page[-1][0]}"
+                return found if limit is None else found[:limit]
             # The newest ``limit`` matches: walk backwards, then turn them around.
             end = "+"
             while len(found) < limit:

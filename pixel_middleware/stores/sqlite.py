@@ -232,10 +232,15 @@ class SQLiteStore:
         sql = "SELECT seq, record FROM pixel_records"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        if limit is not None:
+        newest = limit is not None and after is None
+        if newest:
             # The newest `limit`, read newest first through the index, then
             # turned around.
             sql += " ORDER BY seq DESC LIMIT ?"
+            params.append(limit)
+        elif limit is not None:
+            # Paging forward: the oldest `limit` after `after`.
+            sql += " ORDER BY seq LIMIT ?"
             params.append(limit)
         else:
             sql += " ORDER BY seq"
@@ -244,7 +249,7 @@ class SQLiteStore:
                 rows = self._connection().execute(sql, params).fetchall()
             except sqlite3.Error as exc:
                 raise StoreError(f"reading {self.path} failed: {exc}") from exc
-        if limit is not None:
+        if newest:
             rows.reverse()
         return [(str(seq), json.loads(text)) for seq, text in rows]
 
