@@ -6,6 +6,7 @@ To hold a new store to the contract, add it to ``STORE_FACTORIES``.
 from __future__ import annotations
 
 import contextlib
+import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +29,7 @@ from pixel_middleware.stores import (
     _Scheme,
     open_store,
     redact_url,
+    store_identity,
     store_schemes,
 )
 from pixel_middleware.stores.jsonl import JSONLStore
@@ -477,3 +479,144 @@ def test_a_store_missing_a_dependency_names_the_extra(
 )
 def test_redact_url(url: str, expected: str) -> None:
     assert redact_url(url) == expected
+
+
+# --- secrets in store URLs ---------------------------------------------------
+
+SECRET = "s3cr3t-Pw"
+WRITE_KEY = "wk_live_Zz9"
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on: connecting to it is refused at once."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def chain_text(exc: BaseException) -> str:
+    """The exception's message and every message it was raised from."""
+    texts: list[str] = []
+    seen: BaseException | None = exc
+    while seen is not None and len(texts) < 10:
+        texts.append(f"{type(seen).__name__}: {seen}")
+        seen = seen.__cause__ or seen.__context__
+    return "\n".join(texts)
+
+
+def secret_urls(tmp: Path) -> dict[str, str]:
+    """A URL of each kind of store, with a password or a write key in it."""
+    redis = f"redis://:{SECRET}@127.0.0.1:{closed_port()}/0?timeout=0.5"
+    forward = (
+        f"forward+http://127.0.0.1:{closed_port()}?write_key={WRITE_KEY}"
+        f"&outbox={tmp}/outbox.sqlite3&drain=0&timeout=0.5"
+    )
+    return {
+        # File stores hold no secret, but their URLs are shown all the same.
+        "sqlite": f"sqlite:///{tmp}/a.sqlite3",
+        "jsonl": f"jsonl:///{tmp}/a.jsonl",
+        "memory": "memory://",
+        "redis": redis,
+        "forward": forward,
+        "fanout": f"fanout://{redis} {forward}",
+    }
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "jsonl", "memory", "redis", "forward", "fanout"])
+def test_a_store_shows_no_secret_of_its_url(kind: str, tmp_path: Path) -> None:
+    url = secret_urls(tmp_path)[kind]
+    opened = open_store(url)
+    try:
+        assert opened.url == redact_url(url)
+        for shown in (opened.url, repr(opened)):
+            assert SECRET not in shown
+            assert WRITE_KEY not in shown
+        if kind in ("redis", "fanout"):
+            assert ":***@" in opened.url
+        if kind in ("forward", "fanout"):
+            assert "write_key=***" in opened.url
+        # The recorder's spool is named after what is secret too (see below).
+        assert store_identity(opened) == url
+        # A read that fails (Redis is down; a forwarding store keeps nothing)
+        # says so without the secret.
+        if kind in ("redis", "forward", "fanout"):
+            with pytest.raises(StoreError) as failed:
+                opened.read(after=None, limit=5)
+            assert SECRET not in chain_text(failed.value)
+            assert WRITE_KEY not in chain_text(failed.value)
+        if kind in ("redis", "fanout"):
+            with pytest.raises(StoreError) as failed:
+                opened.write([make_record()])
+            assert SECRET not in chain_text(failed.value)
+            assert WRITE_KEY not in chain_text(failed.value)
+    finally:
+        opened.close()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        pytest.param("sqlite:///{tmp}/a.sqlite3?password={secret}", id="sqlite-option"),
+        pytest.param("sqlite:///{tmp}/a.sqlite3?token={secret}&timeout=x", id="sqlite-bad-value"),
+        pytest.param("jsonl:///{tmp}/a.jsonl?fsync=maybe&secret={secret}", id="jsonl-option"),
+        pytest.param("memory://?token={secret}", id="memory"),
+        pytest.param("redis://:{secret}@127.0.0.1:6379/0?bogus=1", id="redis-option"),
+        pytest.param("redis://:{secret}@127.0.0.1:6379/0?maxlen=x", id="redis-bad-value"),
+        pytest.param("redis://:{secret}@127.0.0.1:port/0", id="redis-bad-port"),
+        pytest.param("forward+https://h?write_key={key}&bogus=1", id="forward-option"),
+        pytest.param("forward+ftp://h?write_key={key}", id="forward-scheme"),
+        pytest.param("forward+https://h?write_key={key}&timeout=soon", id="forward-bad-value"),
+        pytest.param("postgres://u:{secret}@db/pixels", id="unknown-scheme"),
+        pytest.param("fanout://redis://:{secret}@h/0?bogus=1 memory://", id="fanout-child"),
+        pytest.param("fanout://memory:// nosuch://u:{secret}@h", id="fanout-unknown-child"),
+        pytest.param(
+            "fanout://memory:// forward+https://h?write_key={key}&retries=-1", id="fanout-forward"
+        ),
+    ],
+)
+def test_an_error_opening_a_store_shows_no_secret(url: str, tmp_path: Path) -> None:
+    url = url.format(tmp=tmp_path, secret=SECRET, key=WRITE_KEY)
+    with pytest.raises((ValueError, StoreError)) as refused:
+        open_store(url)
+    assert SECRET not in chain_text(refused.value)
+    assert WRITE_KEY not in chain_text(refused.value)
+
+
+def test_stores_differing_only_in_a_secret_have_different_identities(tmp_path: Path) -> None:
+    # The recorder names its default spool after store_identity(): one spool
+    # per store, and never the records of one write key replayed under another.
+    urls = secret_urls(tmp_path)
+    other = {
+        kind: url.replace(SECRET, "other").replace(WRITE_KEY, "other") for kind, url in urls.items()
+    }
+    for kind in ("redis", "forward", "fanout"):
+        first, second = open_store(urls[kind]), open_store(other[kind])
+        try:
+            assert first.url == second.url, "shown alike"
+            assert store_identity(first) != store_identity(second)
+        finally:
+            first.close()
+            second.close()
+    # A fan-out made of open stores, and a forwarding store given its key as an
+    # argument, are told apart the same way.
+    from pixel_middleware.stores.fanout import FanoutStore
+    from pixel_middleware.stores.forward import ForwardStore
+
+    base = f"forward+http://127.0.0.1:{closed_port()}?drain=0"
+    keyed = [ForwardStore(base, write_key=key, outbox=tmp_path / "o.sqlite3") for key in ("a", "b")]
+    fanouts = [FanoutStore([store]) for store in keyed]
+    try:
+        assert keyed[0].url == keyed[1].url
+        assert store_identity(keyed[0]) != store_identity(keyed[1])
+        assert store_identity(fanouts[0]) != store_identity(fanouts[1])
+    finally:
+        for fanout in fanouts:
+            fanout.close()
+
+
+def test_store_identity_of_a_store_of_ones_own() -> None:
+    class Plain:
+        url = "custom://x"
+
+    assert store_identity(Plain()) == "custom://x"
+    assert store_identity(object()) == "object"

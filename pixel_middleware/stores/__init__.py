@@ -48,6 +48,7 @@ __all__ = [
     "StoreNotFoundError",
     "open_store",
     "redact_url",
+    "store_identity",
     "store_schemes",
 ]
 
@@ -86,6 +87,12 @@ class Store(Protocol):
     (``events --follow`` does) to read what came since.
     """
 
+    # The store's URL, safe to show: passwords and secret query parameters
+    # masked (redact_url). Stores also have ``spool_key``, the URL as given
+    # (secrets included, so never shown), for a recorder to hash into its spool
+    # directory: two stores that differ only in a password or a write key are
+    # two stores, and must not share a spool. Not part of the Protocol, so that
+    # a store of one's own needs none (use ``store_identity(store)``).
     url: str
 
     def write(self, records: Sequence[PixelRecord]) -> None:
@@ -162,10 +169,12 @@ def open_store(url: str | None = None, *, create: bool = True) -> Store:
     scheme, sep, _ = url.partition("://")
     known = ", ".join(f"{name}://" for name in store_schemes())
     if not sep or not scheme:
-        raise ValueError(f"store URL {url!r} has no scheme; expected one of {known}")
+        raise ValueError(f"store URL {redact_url(url)!r} has no scheme; expected one of {known}")
     entry = _SCHEMES.get(scheme.lower())
     if entry is None:
-        raise ValueError(f"unknown store URL scheme {scheme!r} in {url!r}; expected one of {known}")
+        raise ValueError(
+            f"unknown store URL scheme {scheme!r} in {redact_url(url)!r}; expected one of {known}"
+        )
     try:
         module = importlib.import_module(entry.module)
     except ImportError as exc:
@@ -226,6 +235,22 @@ def redact_url(url: str) -> str:
     return _QUERY_PARAM.sub(_mask_param, url)
 
 
+def store_identity(store: object) -> str:
+    """What tells ``store`` apart from every other store, secrets included: never show it.
+
+    Its ``spool_key`` (the URL it was opened with, password and write key
+    included), else its ``url``, else its type's name. A recorder hashes this
+    into the name of its default spool directory, so that two stores differing
+    only in a secret never share a spool, and a store opened from the same URL
+    as before finds the spool it left.
+    """
+    for attribute in ("spool_key", "url"):
+        value = getattr(store, attribute, None)
+        if isinstance(value, str) and value:
+            return value
+    return type(store).__name__
+
+
 def _mask_param(match: re.Match[str]) -> str:
     name = match["name"].lower().replace("_", "").replace("-", "")
     if name in _SECRET_PARAMS and match["value"]:
@@ -244,18 +269,19 @@ def _file_url_parts(url: str, scheme: str) -> tuple[str, dict[str, str]]:
     percent-decoding), so any file name can be spelled.
     """
     prefix = f"{scheme}://"
+    shown = redact_url(url)
     if not url.lower().startswith(prefix):
-        raise ValueError(f"not a {prefix} URL: {url!r}")
+        raise ValueError(f"not a {prefix} URL: {shown!r}")
     rest, _, query = url[len(prefix) :].partition("?")
     if not rest.startswith("/") or len(rest) < 2:
         raise ValueError(
-            f"{url!r} names no file: write {prefix}/relative/path or {prefix}//absolute/path"
+            f"{shown!r} names no file: write {prefix}/relative/path or {prefix}//absolute/path"
         )
     options: dict[str, str] = {}
     for item in query.split("&") if query else []:
         name, eq, value = item.partition("=")
         if not eq or not name:
-            raise ValueError(f"option {item!r} in {url!r} is not name=value")
+            raise ValueError(f"an option in {shown!r} is not name=value")
         options[name] = value
     return rest[1:], options
 
@@ -263,7 +289,9 @@ def _file_url_parts(url: str, scheme: str) -> tuple[str, dict[str, str]]:
 def _unknown_options(url: str, options: dict[str, str], known: Sequence[str]) -> ValueError:
     names = ", ".join(sorted(options))
     allowed = ", ".join(known) or "none"
-    return ValueError(f"unknown option(s) {names} in {url!r}; this store takes: {allowed}")
+    return ValueError(
+        f"unknown option(s) {names} in {redact_url(url)!r}; this store takes: {allowed}"
+    )
 
 
 # The largest position a store that numbers its records can give: SQLite's

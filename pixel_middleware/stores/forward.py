@@ -87,7 +87,7 @@ from typing import Any, TypedDict
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from pixel_middleware.core import PixelRecord
-from pixel_middleware.stores import RecordError, StoreError
+from pixel_middleware.stores import RecordError, StoreError, redact_url
 from pixel_middleware.stores._forward_sender import MAX_BATCH_BYTES, MAX_BATCH_EVENTS, send_forever
 from pixel_middleware.stores._outbox import connect, dumps
 from pixel_middleware.stores._outbox import now as _now
@@ -158,7 +158,7 @@ class ForwardStore:
         if scheme != "forward" or parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(
                 f"a forwarding store URL is forward+https://HOST or forward+http://HOST:PORT, "
-                f"not {url!r}"
+                f"not {redact_url(url)!r}"
             )
         if parts.username or parts.password:
             raise ValueError("put the write key in write_key=, not in the forwarding URL")
@@ -179,13 +179,19 @@ class ForwardStore:
         }
         numbers = {name: _number(name, given[name], query.get(name)) for name in _DEFAULTS}
 
-        self.url = url
+        # Shown at start, in logs, on the collector's page: write_key= masked.
+        self.url = redact_url(url)
         path = parts.path.rstrip("/")
         if not path.endswith("/v1/batch"):
             path += "/v1/batch"
         self.endpoint = urlunsplit((parts.scheme, parts.netloc, path, "", ""))
         self.outbox = Path(outbox if outbox is not None else query.get("outbox") or DEFAULT_OUTBOX)
         self.write_key = write_key if write_key is not None else query.get("write_key") or None
+        # The URL as given, for a recorder's spool directory (see Store), with
+        # what the keyword arguments changed: another key or outbox is another store.
+        self.spool_key = url
+        if outbox is not None or write_key is not None:
+            self.spool_key += f"#outbox={self.outbox}&write_key={self.write_key or ''}"
         self.timeout = numbers["timeout"]
         self.retries = int(numbers["retries"])
         if self.retries != numbers["retries"]:

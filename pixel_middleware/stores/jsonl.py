@@ -38,6 +38,7 @@ from pixel_middleware.stores import (
     _file_url_parts,
     _parse_position,
     _unknown_options,
+    redact_url,
 )
 
 __all__ = ["JSONLStore"]
@@ -73,6 +74,7 @@ class JSONLStore:
             raise ValueError("JSONLStore: the path is empty")
         self.path = os.path.abspath(raw)
         self.url = "jsonl:///" + raw
+        self.spool_key = self.url
         self.fsync = fsync
         self.create = create
         self._lock = threading.Lock()
@@ -100,9 +102,10 @@ class JSONLStore:
         if options:
             raise _unknown_options(url, options, ["fsync"])
         if fsync not in ("true", "false", "1", "0"):
-            raise ValueError(f"fsync must be true or false in {url!r}")
+            raise ValueError(f"fsync must be true or false in {redact_url(url)!r}")
         store = cls(path, fsync=fsync in ("true", "1"), create=create)
-        store.url = url
+        store.url = redact_url(url)
+        store.spool_key = url
         return store
 
     def write(self, records: Sequence[PixelRecord]) -> None:

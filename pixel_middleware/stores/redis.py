@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pixel_middleware.core import PixelRecord
-from pixel_middleware.stores import RecordError, StoreError, _check_limit
+from pixel_middleware.stores import RecordError, StoreError, _check_limit, redact_url
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -97,7 +97,9 @@ class RedisStore:
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("redis", "rediss"):
-            raise ValueError(f"a Redis store URL starts with redis:// or rediss://, not {url!r}")
+            raise ValueError(
+                f"a Redis store URL starts with redis:// or rediss://, not {redact_url(url)!r}"
+            )
         options: dict[str, str] = {}
         passthrough: list[tuple[str, str]] = []
         for key, value in parse_qsl(parts.query, keep_blank_values=True):
@@ -110,11 +112,9 @@ class RedisStore:
                 raise ValueError(f"unknown option {key!r} in Redis store URL; known: {known}")
 
         # Printed by the recorder's logs and the CLI: never with the password.
-        self.url = url
-        if parts.password is not None:
-            userinfo, _, hostport = parts.netloc.rpartition("@")
-            user = userinfo.partition(":")[0]
-            self.url = urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
+        self.url = redact_url(url)
+        # The URL as given, for a recorder's spool directory: see Store.
+        self.spool_key = url
         self.stream = options.get("stream", DEFAULT_STREAM)
         if not self.stream:
             raise ValueError("stream= must name a stream key")

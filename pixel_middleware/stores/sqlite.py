@@ -49,6 +49,7 @@ from pixel_middleware.stores import (
     _file_url_parts,
     _parse_position,
     _unknown_options,
+    redact_url,
 )
 
 __all__ = ["SQLiteStore"]
@@ -138,6 +139,7 @@ class SQLiteStore:
             )
         self.path = os.path.abspath(raw)
         self.url = "sqlite:///" + raw
+        self.spool_key = self.url
         self.timeout = float(timeout)
         self.synchronous: Synchronous = synchronous
         self.create = create
@@ -162,15 +164,18 @@ class SQLiteStore:
         if options:
             raise _unknown_options(url, options, ["timeout", "synchronous"])
         if synchronous not in ("normal", "full"):
-            raise ValueError(f"synchronous must be normal or full in {url!r}")
+            raise ValueError(f"synchronous must be normal or full in {redact_url(url)!r}")
         try:
             seconds = 5.0 if timeout is None else float(timeout)
         except ValueError:
-            raise ValueError(f"timeout must be a number of seconds in {url!r}") from None
+            raise ValueError(
+                f"timeout must be a number of seconds in {redact_url(url)!r}"
+            ) from None
         store = cls(
             path, timeout=seconds, synchronous=cast(Synchronous, synchronous), create=create
         )
-        store.url = url
+        store.url = redact_url(url)
+        store.spool_key = url
         return store
 
     def write(self, records: Sequence[PixelRecord]) -> None:
