@@ -6,10 +6,13 @@ To hold a new store to the contract, add it to ``STORE_FACTORIES``.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
+import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -620,3 +623,126 @@ def test_store_identity_of_a_store_of_ones_own() -> None:
 
     assert store_identity(Plain()) == "custom://x"
     assert store_identity(object()) == "object"
+
+
+# --- private files, and files that cannot be written ------------------------
+
+
+@contextlib.contextmanager
+def umask(mask: int) -> Iterator[None]:
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.parametrize("mask", [0o000, 0o022, 0o077], ids=oct)
+def test_store_files_are_created_private(mask: int, tmp_path: Path) -> None:
+    from pixel_middleware.stores.forward import ForwardStore
+
+    with umask(mask):
+        sqlite = open_store(f"sqlite:///{tmp_path}/events.sqlite3")
+        jsonl = open_store(f"jsonl:///{tmp_path}/events.jsonl")
+        forward = ForwardStore(
+            f"forward+http://127.0.0.1:{closed_port()}?drain=0&poll=0.05",
+            outbox=tmp_path / "outbox.sqlite3",
+        )
+        try:
+            for opened in (sqlite, jsonl, forward):
+                opened.write([make_record()])
+            # The sender takes its lock file at once; wait for it, bounded.
+            for _ in range(200):
+                if (tmp_path / "outbox.sqlite3.lock").exists():
+                    break
+                time.sleep(0.01)
+            # While open: the WAL files exist.
+            names = sorted(path.name for path in tmp_path.iterdir())
+            assert names == [
+                "events.jsonl",
+                "events.sqlite3",
+                "events.sqlite3-shm",
+                "events.sqlite3-wal",
+                "events.sqlite3-writer.lock",
+                "outbox.sqlite3",
+                "outbox.sqlite3-shm",
+                "outbox.sqlite3-wal",
+                "outbox.sqlite3.lock",
+            ]
+            assert {name: oct(mode(tmp_path / name)) for name in names} == {
+                name: oct(0o600) for name in names
+            }
+        finally:
+            for opened in (sqlite, jsonl, forward):
+                opened.close()
+
+
+def test_an_existing_file_keeps_its_mode(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    path.touch(mode=0o640)
+    path.chmod(0o640)
+    open_store(f"jsonl:///{path}").close()
+    assert mode(path) == 0o640
+
+
+@contextlib.contextmanager
+def unwritable(path: Path) -> Iterator[None]:
+    """``path`` made unwritable in a way that holds for root too: immutable (chattr +i).
+
+    The tests run as root, for whom mode 0444 stops nothing; a non-root user
+    gets mode 0444, which stops them.
+    """
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i", str(path)], check=True, capture_output=True)
+        try:
+            assert (
+                "i"
+                in subprocess.run(
+                    ["lsattr", "-d", str(path)], check=True, capture_output=True, text=True
+                ).stdout.split()[0]
+            )
+            yield
+        finally:
+            subprocess.run(["chattr", "-i", str(path)], check=True, capture_output=True)
+    else:
+        old = mode(path)
+        path.chmod(0o444)
+        try:
+            yield
+        finally:
+            path.chmod(old)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "jsonl"])
+def test_a_store_that_cannot_be_written_fails_at_open(kind: str, tmp_path: Path) -> None:
+    url = f"{kind}:///{tmp_path}/events.{kind}"
+    first = open_store(url)
+    first.write([make_record(id="kept")])
+    first.close()
+    path = tmp_path / f"events.{kind}"
+    with unwritable(path):
+        with pytest.raises(StoreError) as refused:
+            open_store(url)
+        message = str(refused.value)
+        assert f"{path} cannot be written" in message
+        assert "chattr -i" in message  # how to fix it
+        # A reader may still read it.
+        reader = open_store(url, create=False)
+        try:
+            assert ids(reader.read()) == ["kept"]
+        finally:
+            reader.close()
+
+
+def test_a_forwarding_outbox_that_cannot_be_written_fails_at_open(tmp_path: Path) -> None:
+    from pixel_middleware.stores.forward import ForwardStore
+
+    outbox = tmp_path / "outbox.sqlite3"
+    url = f"forward+http://127.0.0.1:{closed_port()}?drain=0"
+    ForwardStore(url, outbox=outbox).close()
+    with unwritable(outbox), pytest.raises(StoreError, match=f"{outbox} cannot be written"):
+        ForwardStore(url, outbox=outbox)

@@ -41,6 +41,7 @@ from pixel_middleware.core import PixelRecord
 
 __all__ = [
     "DEFAULT_STORE_URL",
+    "PRIVATE_MODE",
     "STORE_ENV_VAR",
     "RecordError",
     "Store",
@@ -313,6 +314,42 @@ def _parse_position(after: str) -> int:
         shown = after[:_SHOWN] + "..." if isinstance(after, str) and len(after) > _SHOWN else after
         raise ValueError(f"not a position of this store: {shown!r}")
     return int(after)
+
+
+# Files that hold records are private to the user that runs the store: pixels
+# carry user ids, IP addresses and write keys.
+PRIVATE_MODE = 0o600
+
+_UNWRITABLE_HINT = (
+    "check the permissions of the file and of its directory (ls -l) and that the"
+    " file is not immutable (lsattr; chattr -i clears it), or choose another path"
+)
+
+
+def _create_private(path: str | os.PathLike[str]) -> bool:
+    """Create ``path`` empty with mode 0600 if it does not exist; whether it was created.
+
+    The mode is set with ``fchmod`` too, so a umask cannot widen or narrow it. A
+    file that exists keeps its mode: its owner chose it. Errors other than the
+    file existing are raised (``OSError``).
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, PRIVATE_MODE)
+    except FileExistsError:
+        return False
+    try:
+        os.fchmod(fd, PRIVATE_MODE)
+    finally:
+        os.close(fd)
+    return True
+
+
+def _unwritable(path: str | os.PathLike[str], reason: object) -> StoreError:
+    """The error of a store whose file can be opened but not written."""
+    return StoreError(
+        f"{os.fspath(path)} cannot be written ({reason}), so every record would go to"
+        f" the spool: {_UNWRITABLE_HINT}"
+    )
 
 
 def _check_limit(limit: int | None) -> None:

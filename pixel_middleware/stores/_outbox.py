@@ -7,10 +7,13 @@ deletes from it); tables ``outbox`` and ``dead_letter``.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
+
+from pixel_middleware.stores import _create_private, _unwritable
 
 try:
     import fcntl
@@ -48,6 +51,12 @@ def now() -> str:
 
 
 def connect(path: Path) -> sqlite3.Connection:
+    # Private (0600) whatever the umask; SQLite gives its -wal and -shm files
+    # the same mode.
+    try:
+        _create_private(path)
+    except OSError as e:
+        raise sqlite3.OperationalError(f"cannot create {path}: {e}") from e
     # Writes start with BEGIN IMMEDIATE (so two writers queue on the busy timeout
     # instead of failing on a lock upgrade); ``with db`` commits or rolls back.
     db = sqlite3.connect(path, timeout=10, check_same_thread=False, isolation_level="IMMEDIATE")
@@ -57,9 +66,24 @@ def connect(path: Path) -> sqlite3.Connection:
     return db
 
 
+def check_writable(db: sqlite3.Connection, path: Path) -> None:
+    """Raise StoreError unless the outbox can be written (see SQLiteStore._check_writable)."""
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            (version,) = db.execute("PRAGMA user_version").fetchone()
+            db.execute(f"PRAGMA user_version = {int(version)}")
+        finally:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+    except sqlite3.Error as e:
+        raise _unwritable(path, e) from e
+
+
 def try_lock(outbox: Path) -> IO[str] | None:
     """An exclusive hold on the outbox's sender lock, or ``None`` if another has it."""
-    handle = open(f"{outbox}.lock", "a")  # noqa: SIM115 - held for the sender's life
+    fd = os.open(f"{outbox}.lock", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    handle = os.fdopen(fd, "a")  # held for the sender's life
     if fcntl is None:  # pragma: no cover - Windows: one process per outbox
         return handle
     try:

@@ -89,7 +89,7 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 from pixel_middleware.core import PixelRecord
 from pixel_middleware.stores import RecordError, StoreError, redact_url
 from pixel_middleware.stores._forward_sender import MAX_BATCH_BYTES, MAX_BATCH_EVENTS, send_forever
-from pixel_middleware.stores._outbox import connect, dumps
+from pixel_middleware.stores._outbox import check_writable, connect, dumps
 from pixel_middleware.stores._outbox import now as _now
 
 __all__ = [
@@ -374,6 +374,12 @@ class ForwardStore:
             self._db = connect(self.outbox)
         except sqlite3.Error as e:
             raise StoreError(f"{self._where}: cannot open the outbox: {e}") from e
+        try:
+            check_writable(self._db, self.outbox)
+        except StoreError:
+            self._db.close()
+            self._db = None
+            raise
         self._sender = threading.Thread(
             target=send_forever, args=(self,), name=f"pixel-forward {self.endpoint}", daemon=True
         )

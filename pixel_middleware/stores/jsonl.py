@@ -35,9 +35,11 @@ from pixel_middleware.stores import (
     StoreError,
     StoreNotFoundError,
     _check_limit,
+    _create_private,
     _file_url_parts,
     _parse_position,
     _unknown_options,
+    _unwritable,
     redact_url,
 )
 
@@ -186,12 +188,18 @@ class JSONLStore:
         if self._fd is not None:
             os.close(self._fd)  # the child's copy; the parent's stays open
             self._fd = None
-        flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | (os.O_CREAT if self.create else 0)
+        flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC
         try:
-            self._fd = os.open(self.path, flags, 0o644)
+            if self.create:
+                _create_private(self.path)  # 0600 whatever the umask
+            self._fd = os.open(self.path, flags)
         except OSError as exc:
             if isinstance(exc, FileNotFoundError) and not self.create:
                 raise _not_found(self.path) from exc  # removed since it was opened
+            if isinstance(exc, PermissionError) and os.path.exists(self.path):
+                # Opened for appending is the writable check: a file that is
+                # there but may not be written would send every record to the spool.
+                raise _unwritable(self.path, exc) from exc
             raise StoreError(f"cannot open {self.path} for appending: {exc}") from exc
         self._fd_pid = pid
         return self._fd

@@ -42,13 +42,16 @@ from urllib.parse import quote
 
 from pixel_middleware.core import PixelRecord
 from pixel_middleware.stores import (
+    PRIVATE_MODE,
     RecordError,
     StoreError,
     StoreNotFoundError,
     _check_limit,
+    _create_private,
     _file_url_parts,
     _parse_position,
     _unknown_options,
+    _unwritable,
     redact_url,
 )
 
@@ -149,10 +152,22 @@ class SQLiteStore:
         self._writer_lock: int | None = None  # this process's descriptor of the lock file
         self._writer_lock_pid = 0
         self._closed = False
+        if create:
+            # Private (0600) from the start: SQLite gives its -wal and -shm
+            # files the database file's mode, so they are private too.
+            try:
+                _create_private(self.path)
+            except OSError as exc:
+                raise StoreError(f"cannot open the SQLite database {self.path}: {exc}") from exc
         # Create the schema now, so that a wrong path fails here and not at the
         # first pixel; the connection is opened again on first use (after a
         # fork, say, in a pre-forking server).
-        self._connect().close()
+        conn = self._connect()
+        try:
+            if create:
+                self._check_writable(conn)
+        finally:
+            conn.close()
         _LIVE_STORES.add(self)
 
     @classmethod
@@ -283,6 +298,26 @@ class SQLiteStore:
             self._conn = self._connect()
         return self._conn
 
+    def _check_writable(self, conn: sqlite3.Connection) -> None:
+        """Raise StoreError unless records can be written to the database.
+
+        SQLite opens a file it may not write (mode 0444, ``chattr +i``, a
+        read-only mount) read-only without a word, and even ``BEGIN IMMEDIATE``
+        succeeds: only a write tells. So write the header's user_version (its
+        own value) and roll back. The writers' lock file must open too.
+        """
+        try:
+            with self._lock:
+                self._writer_lock_fd()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            finally:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+        except (OSError, sqlite3.Error) as exc:
+            raise _unwritable(self.path, exc) from exc
+
     def _writer_lock_fd(self) -> int:
         """This process's descriptor of the writers' lock file; call with the lock held.
 
@@ -291,7 +326,7 @@ class SQLiteStore:
         """
         if self._writer_lock is None or self._writer_lock_pid != os.getpid():
             self._writer_lock = os.open(
-                self.path + "-writer.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644
+                self.path + "-writer.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_MODE
             )
             self._writer_lock_pid = os.getpid()
         return self._writer_lock
