@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sqlite3
 import time
@@ -287,7 +288,50 @@ class TestLimits:
         assert store.pending() == 0
 
 
+# What a hostile endpoint answers: a fake log line, a terminal escape, then a flood.
+HOSTILE = "bad key\n2024-01-01 CRITICAL fake line \x1b[2J\x1b]0;owned\x07" + "A" * 5000
+
+
 class TestFailures:
+    @pytest.mark.parametrize("status", [400, 503])
+    def test_an_endpoint_cannot_write_lines_or_escapes_into_the_log(
+        self,
+        open_forward: Callable[..., ForwardStore],
+        batch_server: BatchServer,
+        caplog: pytest.LogCaptureFixture,
+        status: int,
+    ) -> None:
+        # 400: dead-lettered with the answer as the reason; 503 with no retries
+        # left: logged as a failure and kept as last_error (shown on a page).
+        batch_server.inject(status, body=HOSTILE, times=2)
+        store = open_forward(retries=0)
+        with caplog.at_level(logging.INFO, logger="pixel_middleware.stores.forward"):
+            store.write([make_record(1)])
+            deadline = time.monotonic() + 5
+            while len(batch_server.requests) < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if status == 400:
+                assert store.flush(5)
+            else:
+                while store.last_error is None and time.monotonic() < deadline:
+                    time.sleep(0.01)
+        logged = [r.getMessage() for r in caplog.records if "fake line" in r.getMessage()]
+        assert len(logged) == 1, caplog.text
+        shown = [logged[0]]
+        if status == 400:
+            (dead,) = store.dead_letters()
+            shown.append(dead["reason"])
+        else:
+            assert store.last_error is not None
+            shown.append(store.last_error)
+        for text in shown:
+            assert text.isprintable(), text
+            assert "bad key\\x0a2024-01-01 CRITICAL fake line \\x1b[2J" in text
+            # Capped: 200 characters of the answer, not 5,000.
+            assert text.count("A") <= 200
+            assert "A..." in text
+            assert len(text) < 400
+
     def test_5xx_are_retried_until_every_event_arrives(
         self, open_forward: Callable[..., ForwardStore], batch_server: BatchServer
     ) -> None:

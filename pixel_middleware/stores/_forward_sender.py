@@ -19,6 +19,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import IO, TYPE_CHECKING
 
+from pixel_middleware.display import terminal_text
 from pixel_middleware.stores._outbox import connect, dumps, now, try_lock
 
 if TYPE_CHECKING:
@@ -36,6 +37,9 @@ MAX_BATCH_EVENTS = 2_500
 # Answers worth trying again: the server or a proxy is overloaded or restarting.
 # Other 4xx answers say the batch itself is wrong, and sending it again won't help.
 _RETRY_STATUSES = frozenset({408, 429, *range(500, 600)})
+
+# Characters of a server's answer (or error) kept in logs and dead letters.
+_SHOWN_ANSWER = 200
 
 # Clients kept for write keys with nothing waiting (their connections are reused
 # when the key's next events come); the least recently used beyond these go.
@@ -257,7 +261,8 @@ class _Sender:
                 "POST", store.endpoint, body=body, retries=False, redirect=False, timeout=timeout
             )
         except (urllib3.exceptions.HTTPError, OSError) as e:
-            message = f"{len(seqs)} events not sent: {e}"
+            # The error can quote what the server sent (a bad status line).
+            message = f"{len(seqs)} events not sent: {_shown(str(e))}"
             if draining or not self._retry_later(client, error=e):
                 self._failed(client, message, draining=draining)
             return
@@ -269,7 +274,7 @@ class _Sender:
                 db.execute(f"DELETE FROM outbox WHERE seq IN ({marks})", seqs)
             self._succeeded(client)
             return
-        text = response.data[:500].decode("utf-8", "replace").strip()
+        text = _shown(response.data[:_SHOWN_ANSWER].decode("utf-8", "replace").strip())
         has_retry_after = bool(response.headers.get("Retry-After"))
         retryable = client.retry.is_retry("POST", status, has_retry_after)
         if retryable and not draining and self._retry_later(client, response=response):
@@ -389,6 +394,16 @@ def _with_sent_at(text: str, sent_at: str) -> str:
         return text
     event["sentAt"] = sent_at
     return dumps(event)
+
+
+def _shown(text: str) -> str:
+    """What the server said, fit for a log line, the dead-letter table and a page.
+
+    A hostile or broken endpoint must not write newlines (fake log lines) or
+    terminal escapes into our logs, nor fill them: escaped and capped.
+    """
+    shown = terminal_text(text)
+    return shown if len(shown) <= _SHOWN_ANSWER else shown[:_SHOWN_ANSWER] + "..."
 
 
 def _short(key: str) -> str:
