@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import re
 import sqlite3
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -512,6 +514,40 @@ class TestOutbox:
         ids = batch_server.message_ids()
         assert sorted(ids) == sorted(r["event"]["messageId"] for r in records if r["event"])
         assert set(ids.values()) == {1}
+
+    def test_reading_a_closed_store_closes_every_connection(
+        self, open_forward: Callable[..., ForwardStore], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        store = open_forward()
+        store.write([make_record(1, key=None)])  # dead-lettered at once
+        store.close()
+        # Real connections that note whether they were closed; on Python 3.13
+        # one left to the garbage collector is also a ResourceWarning.
+        opened: list[Tracked] = []
+
+        class Tracked(sqlite3.Connection):
+            closed = False
+
+            def close(self) -> None:
+                self.closed = True
+                super().close()
+
+        real_connect = sqlite3.connect
+
+        def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+            conn = real_connect(*args, factory=Tracked, **kwargs)
+            opened.append(conn)
+            return conn
+
+        monkeypatch.setattr("pixel_middleware.stores._outbox.sqlite3.connect", connect)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ResourceWarning)
+            assert store.pending() == 0
+            assert store.dead_lettered() == 1
+            assert len(store.dead_letters()) == 1
+            gc.collect()
+        assert len(opened) == 3
+        assert all(conn.closed for conn in opened)
 
     def test_outbox_is_durable_sqlite(self, open_forward: Callable[..., ForwardStore]) -> None:
         store = open_forward("forward+http://127.0.0.1:9", retries=0)

@@ -74,6 +74,7 @@ What is forwarded, and how:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -394,7 +395,9 @@ class ForwardStore:
         with self._lock:
             try:
                 if self._closed or self._db is None or self._pid != os.getpid():
-                    with connect(self.outbox) as db:
+                    # closing(): `with db` alone commits but never closes,
+                    # and Python 3.13 warns of each connection left open.
+                    with contextlib.closing(connect(self.outbox)) as db:
                         return db.execute(sql, args).fetchall()
                 return self._db.execute(sql, args).fetchall()
             except sqlite3.Error as e:
