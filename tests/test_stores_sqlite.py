@@ -399,3 +399,25 @@ def flock_waiters(inode: int) -> int:
             for line in locks
             if "-> FLOCK" in line and line.split()[6].rsplit(":", 1)[-1] == str(inode)
         )
+
+
+def test_a_store_opens_at_once_while_another_writer_holds_the_database(tmp_path: Path) -> None:
+    # The start check writes to see that the file can be written; a database
+    # another process is writing is writable, and a recorder must start during
+    # an outage (and spool), not fail or wait out the busy timeout.
+    path = tmp_path / "events.db"
+    SQLiteStore(path).close()
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        started = time.monotonic()
+        store = SQLiteStore(path, timeout=3)
+        assert time.monotonic() - started < 2
+        with pytest.raises(StoreError, match="locked"):
+            store.write([make_record(id="r0")])
+        holder.execute("ROLLBACK")
+        store.write([make_record(id="r1")])
+        assert [record["id"] for _, record in store.read()] == ["r1"]
+        store.close()
+    finally:
+        holder.close()

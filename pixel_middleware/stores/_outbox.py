@@ -67,8 +67,13 @@ def connect(path: Path) -> sqlite3.Connection:
 
 
 def check_writable(db: sqlite3.Connection, path: Path) -> None:
-    """Raise StoreError unless the outbox can be written (see SQLiteStore._check_writable)."""
+    """Raise StoreError unless the outbox can be written (see SQLiteStore._check_writable).
+
+    An outbox another process is writing (busy) is not waited for: it can be written.
+    """
+    (timeout,) = db.execute("PRAGMA busy_timeout").fetchone()
     try:
+        db.execute("PRAGMA busy_timeout = 0")
         db.execute("BEGIN IMMEDIATE")
         try:
             (version,) = db.execute("PRAGMA user_version").fetchone()
@@ -77,7 +82,11 @@ def check_writable(db: sqlite3.Connection, path: Path) -> None:
             if db.in_transaction:
                 db.execute("ROLLBACK")
     except sqlite3.Error as e:
-        raise _unwritable(path, e) from e
+        name = getattr(e, "sqlite_errorname", "") or ""
+        if not (name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "locked" in str(e)):
+            raise _unwritable(path, e) from e
+    finally:
+        db.execute(f"PRAGMA busy_timeout = {int(timeout)}")
 
 
 def try_lock(outbox: Path) -> IO[str] | None:

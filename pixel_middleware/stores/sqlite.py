@@ -305,17 +305,26 @@ class SQLiteStore:
         read-only mount) read-only without a word, and even ``BEGIN IMMEDIATE``
         succeeds: only a write tells. So write the header's user_version (its
         own value) and roll back. The writers' lock file must open too.
+
+        A database another writer holds (busy, locked) is not waited for: it
+        is written to, so it can be, and the store must start during an outage.
         """
         try:
             with self._lock:
                 self._writer_lock_fd()
+            # This connection is closed after the check: no need to restore it.
+            conn.execute("PRAGMA busy_timeout = 0")
             conn.execute("BEGIN IMMEDIATE")
             try:
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             finally:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
-        except (OSError, sqlite3.Error) as exc:
+        except sqlite3.Error as exc:
+            if _busy(exc):
+                return
+            raise _unwritable(self.path, exc) from exc
+        except OSError as exc:
             raise _unwritable(self.path, exc) from exc
 
     def _writer_lock_fd(self) -> int:
@@ -408,6 +417,12 @@ class SQLiteStore:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+
+
+def _busy(exc: sqlite3.Error) -> bool:
+    """Whether ``exc`` says another connection holds the database (not that it is read-only)."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    return name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "locked" in str(exc)
 
 
 def _row(record: PixelRecord) -> tuple[Any, ...]:
