@@ -7,7 +7,7 @@ password) or as ``writeKey`` in the body. It answers 200 and keeps every event, 
 400 with the reason. ``valid_keys`` makes it answer 401 to other keys, as a
 RudderStack data plane does.
 
-Switches for the failure tests: ``inject(status, times=, retry_after=, key=)``
+Switches for the failure tests: ``inject(status, times=, retry_after=, key=, body=)``
 queues answers to give before looking at the request (500s, 429 with
 ``Retry-After``, 400/401), to any request or only to those of one write key, and
 ``down()``/``up()`` stop listening and listen again on the same port.
@@ -58,7 +58,7 @@ class BatchServer:
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
-        self._injected: list[tuple[int, int | None, str | None]] = []
+        self._injected: list[tuple[int, int | None, str | None, str]] = []
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -95,11 +95,12 @@ class BatchServer:
         times: int = 1,
         retry_after: int | None = None,
         key: str | None = None,
+        body: str = "injected",
     ) -> None:
-        """Answer the next ``times`` requests with ``status``, whatever they hold;
-        with ``key``, the next ``times`` requests sent under that write key."""
+        """Answer the next ``times`` requests with ``status`` and ``body``, whatever
+        they hold; with ``key``, the next ``times`` requests sent under that write key."""
         with self._lock:
-            self._injected.extend([(status, retry_after, key)] * times)
+            self._injected.extend([(status, retry_after, key, body)] * times)
 
     # -- what arrived -------------------------------------------------------------
 
@@ -126,14 +127,14 @@ class BatchServer:
         with self._lock:
             # The first injected answer meant for any request, or for this key.
             index = next(
-                (i for i, (_, _, key) in enumerate(self._injected) if key in (None, sender)),
+                (i for i, (_, _, key, _) in enumerate(self._injected) if key in (None, sender)),
                 None,
             )
             answer = self._injected.pop(index) if index is not None else None
         if answer is not None:
-            status, retry_after, _ = answer
+            status, retry_after, _, text = answer
             headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
-            return status, headers, "injected", request
+            return status, headers, text, request
         if len(body) > MAX_BODY_BYTES:
             return 400, {}, f"body is {len(body)} bytes, over {MAX_BODY_BYTES}", request
         try:

@@ -5,13 +5,20 @@ To hold a new store to the contract, add it to ``STORE_FACTORIES``.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
+import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from records import make_record
 
 from pixel_middleware.core import PixelRecord
@@ -25,6 +32,7 @@ from pixel_middleware.stores import (
     _Scheme,
     open_store,
     redact_url,
+    store_identity,
     store_schemes,
 )
 from pixel_middleware.stores.jsonl import JSONLStore
@@ -36,6 +44,8 @@ STORE_FACTORIES: dict[str, Callable[[Path], Store]] = {
     "memory": lambda _: open_store("memory://"),
     "sqlite": lambda tmp: open_store(f"sqlite:///{tmp}/events.sqlite3"),
     "jsonl": lambda tmp: open_store(f"jsonl:///{tmp}/events.jsonl"),
+    # Reads from its first store, so it answers to the contract as that one does.
+    "fanout": lambda tmp: open_store(f"fanout://sqlite:///{tmp}/fan.sqlite3 memory://"),
 }
 # Stores whose records outlive the store object: reopening the URL finds them.
 PERSISTENT = ["sqlite", "jsonl"]
@@ -237,7 +247,38 @@ def test_after_returns_only_later_records(store: Store) -> None:
     store.write([make_record(id="r5"), make_record(id="r6", accepted=False)])
     assert ids(store.read(after=positions[-1])) == ["r5", "r6"]
     assert ids(store.read(after=positions[-1], accepted=False)) == ["r6"]
-    assert ids(store.read(after=positions[2], limit=2)) == ["r5", "r6"]
+    # Paging forward: the oldest `limit` after the position, not the newest.
+    assert ids(store.read(after=positions[2], limit=2)) == ["r3", "r4"]
+
+
+@pytest.mark.parametrize("accepted", [None, False])
+def test_paging_forward_sees_every_record(store: Store, accepted: bool | None) -> None:
+    # A client polling /events.json?after=X&limit=50 after a burst of 60 new
+    # records: with the newest 50 it never saw r1..r10.
+    store.write([make_record(id="r0", accepted=False)])
+    ((start, _),) = store.read()
+    store.write([make_record(id=f"r{i}", accepted=False) for i in range(1, 61)])
+    seen: list[str] = []
+    after = start
+    for _ in range(10):  # bounded: 60 records are 2 pages, then an empty one
+        page = store.read(after=after, limit=50, accepted=accepted)
+        assert len(page) <= 50
+        if not page:
+            break
+        seen += ids(page)
+        after = page[-1][0]
+    assert seen == [f"r{i}" for i in range(1, 61)]
+    first = store.read(after=start, limit=50, accepted=accepted)
+    assert ids(first) == [f"r{i}" for i in range(1, 51)]
+    # Exactly at the boundary and one over it.
+    assert ids(store.read(after=first[-1][0], limit=10, accepted=accepted)) == [
+        f"r{i}" for i in range(51, 61)
+    ]
+    assert ids(store.read(after=first[-1][0], limit=9, accepted=accepted)) == [
+        f"r{i}" for i in range(51, 60)
+    ]
+    # Without `after`, still the newest `limit`, oldest first.
+    assert ids(store.read(limit=50, accepted=accepted)) == [f"r{i}" for i in range(11, 61)]
 
 
 def test_positions_sort_in_store_order_as_numbers(store: Store) -> None:
@@ -252,11 +293,61 @@ def test_positions_sort_in_store_order_as_numbers(store: Store) -> None:
         pytest.param({"after": "not-a-position"}, "not a position", id="after-garbage"),
         pytest.param({"after": "-5"}, "not a position", id="after-negative"),
         pytest.param({"limit": -1}, "limit must be", id="limit-negative"),
+        # One past the largest position a store can give (SQLite's INTEGER, a
+        # file offset), and far past it: /events.json?after=99999999999999999999
+        # once answered 500 from an OverflowError.
+        pytest.param({"after": str(2**63)}, "not a position", id="after-2**63"),
+        pytest.param({"after": "9" * 20}, "not a position", id="after-20-digits"),
+        pytest.param({"after": "9" * 5000}, "not a position", id="after-5000-digits"),
+        # What int() takes but no store writes.
+        pytest.param({"after": " 1"}, "not a position", id="after-space"),
+        pytest.param({"after": "+1"}, "not a position", id="after-plus"),
+        pytest.param({"after": "1_0"}, "not a position", id="after-underscore"),
+        pytest.param({"after": "\u0661"}, "not a position", id="after-arabic-digit"),
+        pytest.param({"after": ""}, "not a position", id="after-empty"),
     ],
 )
 def test_read_rejects_bad_arguments(store: Store, query: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         store.read(**query)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("limit", [None, 3])
+def test_the_largest_position_is_read_as_one(store: Store, limit: int | None) -> None:
+    store.write([make_record(id="r1")])
+    assert store.read(after=str(2**63 - 1), limit=limit) == []
+    assert ids(store.read(after="0" * 19, limit=limit)) in (["r1"], [])
+
+
+def test_a_long_bad_position_is_not_repeated_whole(store: Store) -> None:
+    with pytest.raises(ValueError, match="not a position") as refused:
+        store.read(after="7" * 5000)
+    assert len(str(refused.value)) < 200
+
+
+@pytest.mark.parametrize("name", sorted(STORE_FACTORIES))
+def test_read_answers_any_after_with_records_or_a_clear_error(name: str, tmp_path: Path) -> None:
+    opened = STORE_FACTORIES[name](tmp_path)
+    opened.write([make_record(id=f"r{i}") for i in range(3)])
+    positions = [position for position, _ in opened.read()]
+
+    @settings(max_examples=150, deadline=None, database=None)
+    @given(
+        after=st.one_of(
+            st.text(max_size=30),
+            st.integers(min_value=-(2**70), max_value=2**70).map(str),
+            st.sampled_from(positions),
+        ),
+        limit=st.sampled_from([None, 0, 2]),
+    )
+    def check(after: str, limit: int | None) -> None:
+        with contextlib.suppress(ValueError, StoreError):
+            assert isinstance(opened.read(after=after, limit=limit), list)
+
+    try:
+        check()
+    finally:
+        opened.close()
 
 
 def test_write_after_close_raises_store_error(store: Store) -> None:
@@ -391,3 +482,267 @@ def test_a_store_missing_a_dependency_names_the_extra(
 )
 def test_redact_url(url: str, expected: str) -> None:
     assert redact_url(url) == expected
+
+
+# --- secrets in store URLs ---------------------------------------------------
+
+SECRET = "s3cr3t-Pw"
+WRITE_KEY = "wk_live_Zz9"
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on: connecting to it is refused at once."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def chain_text(exc: BaseException) -> str:
+    """The exception's message and every message it was raised from."""
+    texts: list[str] = []
+    seen: BaseException | None = exc
+    while seen is not None and len(texts) < 10:
+        texts.append(f"{type(seen).__name__}: {seen}")
+        seen = seen.__cause__ or seen.__context__
+    return "\n".join(texts)
+
+
+def secret_urls(tmp: Path) -> dict[str, str]:
+    """A URL of each kind of store, with a password or a write key in it."""
+    redis = f"redis://:{SECRET}@127.0.0.1:{closed_port()}/0?timeout=0.5"
+    forward = (
+        f"forward+http://127.0.0.1:{closed_port()}?write_key={WRITE_KEY}"
+        f"&outbox={tmp}/outbox.sqlite3&drain=0&timeout=0.5"
+    )
+    return {
+        # File stores hold no secret, but their URLs are shown all the same.
+        "sqlite": f"sqlite:///{tmp}/a.sqlite3",
+        "jsonl": f"jsonl:///{tmp}/a.jsonl",
+        "memory": "memory://",
+        "redis": redis,
+        "forward": forward,
+        "fanout": f"fanout://{redis} {forward}",
+    }
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "jsonl", "memory", "redis", "forward", "fanout"])
+def test_a_store_shows_no_secret_of_its_url(kind: str, tmp_path: Path) -> None:
+    url = secret_urls(tmp_path)[kind]
+    opened = open_store(url)
+    try:
+        assert opened.url == redact_url(url)
+        for shown in (opened.url, repr(opened)):
+            assert SECRET not in shown
+            assert WRITE_KEY not in shown
+        if kind in ("redis", "fanout"):
+            assert ":***@" in opened.url
+        if kind in ("forward", "fanout"):
+            assert "write_key=***" in opened.url
+        # The recorder's spool is named after what is secret too (see below).
+        assert store_identity(opened) == url
+        # A read that fails (Redis is down; a forwarding store keeps nothing)
+        # says so without the secret.
+        if kind in ("redis", "forward", "fanout"):
+            with pytest.raises(StoreError) as failed:
+                opened.read(after=None, limit=5)
+            assert SECRET not in chain_text(failed.value)
+            assert WRITE_KEY not in chain_text(failed.value)
+        if kind in ("redis", "fanout"):
+            with pytest.raises(StoreError) as failed:
+                opened.write([make_record()])
+            assert SECRET not in chain_text(failed.value)
+            assert WRITE_KEY not in chain_text(failed.value)
+    finally:
+        opened.close()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        pytest.param("sqlite:///{tmp}/a.sqlite3?password={secret}", id="sqlite-option"),
+        pytest.param("sqlite:///{tmp}/a.sqlite3?token={secret}&timeout=x", id="sqlite-bad-value"),
+        pytest.param("jsonl:///{tmp}/a.jsonl?fsync=maybe&secret={secret}", id="jsonl-option"),
+        pytest.param("memory://?token={secret}", id="memory"),
+        pytest.param("redis://:{secret}@127.0.0.1:6379/0?bogus=1", id="redis-option"),
+        pytest.param("redis://:{secret}@127.0.0.1:6379/0?maxlen=x", id="redis-bad-value"),
+        pytest.param("redis://:{secret}@127.0.0.1:port/0", id="redis-bad-port"),
+        pytest.param("forward+https://h?write_key={key}&bogus=1", id="forward-option"),
+        pytest.param("forward+ftp://h?write_key={key}", id="forward-scheme"),
+        pytest.param("forward+https://h?write_key={key}&timeout=soon", id="forward-bad-value"),
+        pytest.param("postgres://u:{secret}@db/pixels", id="unknown-scheme"),
+        pytest.param("fanout://redis://:{secret}@h/0?bogus=1 memory://", id="fanout-child"),
+        pytest.param("fanout://memory:// nosuch://u:{secret}@h", id="fanout-unknown-child"),
+        pytest.param(
+            "fanout://memory:// forward+https://h?write_key={key}&retries=-1", id="fanout-forward"
+        ),
+    ],
+)
+def test_an_error_opening_a_store_shows_no_secret(url: str, tmp_path: Path) -> None:
+    url = url.format(tmp=tmp_path, secret=SECRET, key=WRITE_KEY)
+    with pytest.raises((ValueError, StoreError)) as refused:
+        open_store(url)
+    assert SECRET not in chain_text(refused.value)
+    assert WRITE_KEY not in chain_text(refused.value)
+
+
+def test_stores_differing_only_in_a_secret_have_different_identities(tmp_path: Path) -> None:
+    # The recorder names its default spool after store_identity(): one spool
+    # per store, and never the records of one write key replayed under another.
+    urls = secret_urls(tmp_path)
+    other = {
+        kind: url.replace(SECRET, "other").replace(WRITE_KEY, "other") for kind, url in urls.items()
+    }
+    for kind in ("redis", "forward", "fanout"):
+        first, second = open_store(urls[kind]), open_store(other[kind])
+        try:
+            assert first.url == second.url, "shown alike"
+            assert store_identity(first) != store_identity(second)
+        finally:
+            first.close()
+            second.close()
+    # A fan-out made of open stores, and a forwarding store given its key as an
+    # argument, are told apart the same way.
+    from pixel_middleware.stores.fanout import FanoutStore
+    from pixel_middleware.stores.forward import ForwardStore
+
+    base = f"forward+http://127.0.0.1:{closed_port()}?drain=0"
+    keyed = [ForwardStore(base, write_key=key, outbox=tmp_path / "o.sqlite3") for key in ("a", "b")]
+    fanouts = [FanoutStore([store]) for store in keyed]
+    try:
+        assert keyed[0].url == keyed[1].url
+        assert store_identity(keyed[0]) != store_identity(keyed[1])
+        assert store_identity(fanouts[0]) != store_identity(fanouts[1])
+    finally:
+        for fanout in fanouts:
+            fanout.close()
+
+
+def test_store_identity_of_a_store_of_ones_own() -> None:
+    class Plain:
+        url = "custom://x"
+
+    assert store_identity(Plain()) == "custom://x"
+    assert store_identity(object()) == "object"
+
+
+# --- private files, and files that cannot be written ------------------------
+
+
+@contextlib.contextmanager
+def umask(mask: int) -> Iterator[None]:
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.parametrize("mask", [0o000, 0o022, 0o077], ids=oct)
+def test_store_files_are_created_private(mask: int, tmp_path: Path) -> None:
+    from pixel_middleware.stores.forward import ForwardStore
+
+    with umask(mask):
+        sqlite = open_store(f"sqlite:///{tmp_path}/events.sqlite3")
+        jsonl = open_store(f"jsonl:///{tmp_path}/events.jsonl")
+        forward = ForwardStore(
+            f"forward+http://127.0.0.1:{closed_port()}?drain=0&poll=0.05",
+            outbox=tmp_path / "outbox.sqlite3",
+        )
+        try:
+            for opened in (sqlite, jsonl, forward):
+                opened.write([make_record()])
+            # The sender takes its lock file at once; wait for it, bounded.
+            for _ in range(200):
+                if (tmp_path / "outbox.sqlite3.lock").exists():
+                    break
+                time.sleep(0.01)
+            # While open: the WAL files exist.
+            names = sorted(path.name for path in tmp_path.iterdir())
+            assert names == [
+                "events.jsonl",
+                "events.sqlite3",
+                "events.sqlite3-shm",
+                "events.sqlite3-wal",
+                "events.sqlite3-writer.lock",
+                "outbox.sqlite3",
+                "outbox.sqlite3-shm",
+                "outbox.sqlite3-wal",
+                "outbox.sqlite3.lock",
+            ]
+            assert {name: oct(mode(tmp_path / name)) for name in names} == {
+                name: oct(0o600) for name in names
+            }
+        finally:
+            for opened in (sqlite, jsonl, forward):
+                opened.close()
+
+
+def test_an_existing_file_keeps_its_mode(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    path.touch(mode=0o640)
+    path.chmod(0o640)
+    open_store(f"jsonl:///{path}").close()
+    assert mode(path) == 0o640
+
+
+@contextlib.contextmanager
+def unwritable(path: Path) -> Iterator[None]:
+    """``path`` made unwritable in a way that holds for root too: immutable (chattr +i).
+
+    The tests run as root, for whom mode 0444 stops nothing; a non-root user
+    gets mode 0444, which stops them.
+    """
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i", str(path)], check=True, capture_output=True)
+        try:
+            assert (
+                "i"
+                in subprocess.run(
+                    ["lsattr", "-d", str(path)], check=True, capture_output=True, text=True
+                ).stdout.split()[0]
+            )
+            yield
+        finally:
+            subprocess.run(["chattr", "-i", str(path)], check=True, capture_output=True)
+    else:
+        old = mode(path)
+        path.chmod(0o444)
+        try:
+            yield
+        finally:
+            path.chmod(old)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "jsonl"])
+def test_a_store_that_cannot_be_written_fails_at_open(kind: str, tmp_path: Path) -> None:
+    url = f"{kind}:///{tmp_path}/events.{kind}"
+    first = open_store(url)
+    first.write([make_record(id="kept")])
+    first.close()
+    path = tmp_path / f"events.{kind}"
+    with unwritable(path):
+        with pytest.raises(StoreError) as refused:
+            open_store(url)
+        message = str(refused.value)
+        assert f"{path} cannot be written" in message
+        assert "chattr -i" in message  # how to fix it
+        # A reader may still read it.
+        reader = open_store(url, create=False)
+        try:
+            assert ids(reader.read()) == ["kept"]
+        finally:
+            reader.close()
+
+
+def test_a_forwarding_outbox_that_cannot_be_written_fails_at_open(tmp_path: Path) -> None:
+    from pixel_middleware.stores.forward import ForwardStore
+
+    outbox = tmp_path / "outbox.sqlite3"
+    url = f"forward+http://127.0.0.1:{closed_port()}?drain=0"
+    ForwardStore(url, outbox=outbox).close()
+    with unwritable(outbox), pytest.raises(StoreError, match=f"{outbox} cannot be written"):
+        ForwardStore(url, outbox=outbox)

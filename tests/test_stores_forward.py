@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import logging
+import re
 import sqlite3
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from pixel_middleware.core import PixelRecord
-from pixel_middleware.stores import RecordError, StoreError
+from pixel_middleware.stores import RecordError, StoreError, open_store
 from pixel_middleware.stores.forward import MAX_BATCH_BYTES, ForwardStore
 
 if TYPE_CHECKING:
@@ -218,6 +222,20 @@ class TestDelivery:
         with pytest.raises(StoreError, match="keeps none to read"):
             open_forward().read(limit=10)
 
+    def test_read_error_suggests_a_fanout_url_that_opens(
+        self, open_forward: Callable[..., ForwardStore], tmp_path: Path
+    ) -> None:
+        with pytest.raises(StoreError) as refused:
+            open_forward().read()
+        suggested = re.search(r"\((fanout://\S+) ", str(refused.value))
+        assert suggested is not None, str(refused.value)
+        # The suggestion's readable store, as written, is a fan-out open_store takes.
+        fanout = open_store(suggested[1].replace("///", f"///{tmp_path}/", 1))
+        try:
+            assert fanout.read() == []
+        finally:
+            fanout.close()
+
     def test_write_after_close_raises(self, open_forward: Callable[..., ForwardStore]) -> None:
         store = open_forward()
         store.close()
@@ -272,7 +290,50 @@ class TestLimits:
         assert store.pending() == 0
 
 
+# What a hostile endpoint answers: a fake log line, a terminal escape, then a flood.
+HOSTILE = "bad key\n2024-01-01 CRITICAL fake line \x1b[2J\x1b]0;owned\x07" + "A" * 5000
+
+
 class TestFailures:
+    @pytest.mark.parametrize("status", [400, 503])
+    def test_an_endpoint_cannot_write_lines_or_escapes_into_the_log(
+        self,
+        open_forward: Callable[..., ForwardStore],
+        batch_server: BatchServer,
+        caplog: pytest.LogCaptureFixture,
+        status: int,
+    ) -> None:
+        # 400: dead-lettered with the answer as the reason; 503 with no retries
+        # left: logged as a failure and kept as last_error (shown on a page).
+        batch_server.inject(status, body=HOSTILE, times=2)
+        store = open_forward(retries=0)
+        with caplog.at_level(logging.INFO, logger="pixel_middleware.stores.forward"):
+            store.write([make_record(1)])
+            deadline = time.monotonic() + 5
+            while len(batch_server.requests) < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if status == 400:
+                assert store.flush(5)
+            else:
+                while store.last_error is None and time.monotonic() < deadline:
+                    time.sleep(0.01)
+        logged = [r.getMessage() for r in caplog.records if "fake line" in r.getMessage()]
+        assert len(logged) == 1, caplog.text
+        shown = [logged[0]]
+        if status == 400:
+            (dead,) = store.dead_letters()
+            shown.append(dead["reason"])
+        else:
+            assert store.last_error is not None
+            shown.append(store.last_error)
+        for text in shown:
+            assert text.isprintable(), text
+            assert "bad key\\x0a2024-01-01 CRITICAL fake line \\x1b[2J" in text
+            # Capped: 200 characters of the answer, not 5,000.
+            assert text.count("A") <= 200
+            assert "A..." in text
+            assert len(text) < 400
+
     def test_5xx_are_retried_until_every_event_arrives(
         self, open_forward: Callable[..., ForwardStore], batch_server: BatchServer
     ) -> None:
@@ -453,6 +514,40 @@ class TestOutbox:
         ids = batch_server.message_ids()
         assert sorted(ids) == sorted(r["event"]["messageId"] for r in records if r["event"])
         assert set(ids.values()) == {1}
+
+    def test_reading_a_closed_store_closes_every_connection(
+        self, open_forward: Callable[..., ForwardStore], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        store = open_forward()
+        store.write([make_record(1, key=None)])  # dead-lettered at once
+        store.close()
+        # Real connections that note whether they were closed; on Python 3.13
+        # one left to the garbage collector is also a ResourceWarning.
+        opened: list[Tracked] = []
+
+        class Tracked(sqlite3.Connection):
+            closed = False
+
+            def close(self) -> None:
+                self.closed = True
+                super().close()
+
+        real_connect = sqlite3.connect
+
+        def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+            conn = real_connect(*args, factory=Tracked, **kwargs)
+            opened.append(conn)
+            return conn
+
+        monkeypatch.setattr("pixel_middleware.stores._outbox.sqlite3.connect", connect)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ResourceWarning)
+            assert store.pending() == 0
+            assert store.dead_lettered() == 1
+            assert len(store.dead_letters()) == 1
+            gc.collect()
+        assert len(opened) == 3
+        assert all(conn.closed for conn in opened)
 
     def test_outbox_is_durable_sqlite(self, open_forward: Callable[..., ForwardStore]) -> None:
         store = open_forward("forward+http://127.0.0.1:9", retries=0)

@@ -188,12 +188,46 @@ class TestWriteRead:
         assert store.read(after=rows[-1][0]) == []
         store.write([make_record(3), make_record(4)])
         assert numbers(store.read(after=rows[-1][0])) == [3, 4]
-        assert numbers(store.read(after=rows[-1][0], limit=1)) == [4]
+        # Paging forward: the oldest after the position.
+        assert numbers(store.read(after=rows[-1][0], limit=1)) == [3]
 
-    @pytest.mark.parametrize("after", ["x", "1-2-3", "-1", ""], ids=str)
+    def test_paging_forward_sees_every_record_across_xrange_pages(self, store: RedisStore) -> None:
+        # Over two XRANGE pages (500 entries each), every other one a match.
+        store.write([make_record(0)])
+        ((start, _),) = store.read()
+        store.write([make_record(n, accepted=n % 2 == 0) for n in range(1, 1201)])
+        seen: list[int] = []
+        after = start
+        for _ in range(20):  # bounded: 600 matches are 6 pages, then an empty one
+            page = store.read(after=after, limit=100, accepted=False)
+            assert len(page) <= 100
+            if not page:
+                break
+            seen += numbers(page)
+            after = page[-1][0]
+        assert seen == list(range(1, 1201, 2))
+        assert numbers(store.read(after=start, limit=3)) == [1, 2, 3]
+        assert numbers(store.read(after=start, limit=600, accepted=False)) == seen
+        assert numbers(store.read(after=start, limit=599, accepted=False)) == seen[:599]
+        # Without `after`, the newest.
+        assert numbers(store.read(limit=2, accepted=False)) == [1197, 1199]
+
+    @pytest.mark.parametrize(
+        "after",
+        ["x", "1-2-3", "-1", "", "\u0661-0", " 1-0", str(2**64), f"1-{2**64}", "9" * 5000],
+        ids=["word", "three-parts", "negative", "empty", "arabic-digit", "space", "ms-2**64",
+             "seq-2**64", "5000-digits"],
+    )  # fmt: skip
     def test_after_must_be_a_stream_id(self, store: RedisStore, after: str) -> None:
         with pytest.raises(ValueError, match="not a position"):
             store.read(after=after)
+
+    @pytest.mark.parametrize("limit", [None, 2])
+    def test_the_largest_stream_id_is_a_position(
+        self, store: RedisStore, limit: int | None
+    ) -> None:
+        store.write([make_record(1)])
+        assert store.read(after=f"{2**64 - 1}-{2**64 - 2}", limit=limit) == []
 
     def test_negative_limit(self, store: RedisStore) -> None:
         with pytest.raises(ValueError, match="limit must be"):

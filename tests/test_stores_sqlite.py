@@ -333,12 +333,23 @@ def test_a_store_inherited_across_fork_gets_its_own_connection(tmp_path: Path) -
         from pixel_middleware.stores.sqlite import SQLiteStore
         store = SQLiteStore(sys.argv[1])
         store.write([make_record(id="parent")])  # the parent's connection is open
+        parents = store._conn
+        reading, writing = os.pipe()
         pid = os.fork()
         if pid == 0:
+            # SQLite: never use a connection carried across fork. The child
+            # must have dropped the parent's and open its own on first use.
+            dropped = store._conn is None
             store.write([make_record(id="child")])
+            own = store._conn is not None and store._conn is not parents
+            os.write(writing, f"dropped={dropped} own={own}".encode())
             store.close()
             os._exit(0)
+        os.close(writing)
+        with os.fdopen(reading) as pipe:
+            print(pipe.read())
         os.waitpid(pid, 0)
+        print("parent keeps its own:", store._conn is parents)
         store.write([make_record(id="parent-again")])
         print([r["id"] for _, r in store.read()])
         """,
@@ -346,7 +357,11 @@ def test_a_store_inherited_across_fork_gets_its_own_connection(tmp_path: Path) -
     )
     out, err = child.communicate(timeout=30)
     assert child.returncode == 0, err
-    assert out.strip() == "['parent', 'child', 'parent-again']"
+    assert out.splitlines() == [
+        "dropped=True own=True",
+        "parent keeps its own: True",
+        "['parent', 'child', 'parent-again']",
+    ]
 
 
 def test_writers_take_turns_on_the_lock_file_beside_the_database(tmp_path: Path) -> None:
@@ -356,7 +371,15 @@ def test_writers_take_turns_on_the_lock_file_beside_the_database(tmp_path: Path)
     fcntl.flock(holder, fcntl.LOCK_EX)
     writer = threading.Thread(target=store.write, args=([make_record(id="r0")],))
     writer.start()
-    writer.join(timeout=0.3)
+    # Wait until the kernel lists the writer as blocked on this file's flock
+    # (a "->" line of /proc/locks): proof that it waits there, however slow
+    # the machine. A broken lock lets the write finish instead: caught at once.
+    inode = os.fstat(holder).st_ino
+    deadline = time.monotonic() + 30
+    while not flock_waiters(inode):
+        assert writer.is_alive(), "the write went through while another held the lock"
+        assert time.monotonic() < deadline, "the writer never waited on the lock file"
+        time.sleep(0.005)
     assert writer.is_alive()
     with sqlite3.connect(tmp_path / "events.db") as reader:
         assert reader.execute("SELECT count(*) FROM pixel_records").fetchone() == (0,)
@@ -366,3 +389,35 @@ def test_writers_take_turns_on_the_lock_file_beside_the_database(tmp_path: Path)
     writer.join(timeout=5)
     assert [record["id"] for _, record in store.read()] == ["r0"]
     store.close()
+
+
+def flock_waiters(inode: int) -> int:
+    """How many flock() calls are blocked on the file with ``inode`` (Linux's /proc/locks)."""
+    with open("/proc/locks") as locks:
+        return sum(
+            1
+            for line in locks
+            if "-> FLOCK" in line and line.split()[6].rsplit(":", 1)[-1] == str(inode)
+        )
+
+
+def test_a_store_opens_at_once_while_another_writer_holds_the_database(tmp_path: Path) -> None:
+    # The start check writes to see that the file can be written; a database
+    # another process is writing is writable, and a recorder must start during
+    # an outage (and spool), not fail or wait out the busy timeout.
+    path = tmp_path / "events.db"
+    SQLiteStore(path).close()
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        started = time.monotonic()
+        store = SQLiteStore(path, timeout=3)
+        assert time.monotonic() - started < 2
+        with pytest.raises(StoreError, match="locked"):
+            store.write([make_record(id="r0")])
+        holder.execute("ROLLBACK")
+        store.write([make_record(id="r1")])
+        assert [record["id"] for _, record in store.read()] == ["r1"]
+        store.close()
+    finally:
+        holder.close()

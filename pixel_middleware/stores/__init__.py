@@ -41,6 +41,7 @@ from pixel_middleware.core import PixelRecord
 
 __all__ = [
     "DEFAULT_STORE_URL",
+    "PRIVATE_MODE",
     "STORE_ENV_VAR",
     "RecordError",
     "Store",
@@ -48,6 +49,7 @@ __all__ = [
     "StoreNotFoundError",
     "open_store",
     "redact_url",
+    "store_identity",
     "store_schemes",
 ]
 
@@ -86,6 +88,12 @@ class Store(Protocol):
     (``events --follow`` does) to read what came since.
     """
 
+    # The store's URL, safe to show: passwords and secret query parameters
+    # masked (redact_url). Stores also have ``spool_key``, the URL as given
+    # (secrets included, so never shown), for a recorder to hash into its spool
+    # directory: two stores that differ only in a password or a write key are
+    # two stores, and must not share a spool. Not part of the Protocol, so that
+    # a store of one's own needs none (use ``store_identity(store)``).
     url: str
 
     def write(self, records: Sequence[PixelRecord]) -> None:
@@ -101,7 +109,11 @@ class Store(Protocol):
     ) -> list[tuple[str, PixelRecord]]:
         """Matching records after position ``after``, oldest first, each with its position.
 
-        With ``limit``, only the newest ``limit`` of them (still oldest first).
+        ``limit`` caps how many: with ``after``, the OLDEST ``limit`` records
+        after it, so that a reader paging forward (handing back the last
+        position it got) sees every record however many arrived in between;
+        without ``after``, the newest ``limit`` (the latest N, still oldest
+        first).
         """
 
     def close(self) -> None: ...
@@ -158,10 +170,12 @@ def open_store(url: str | None = None, *, create: bool = True) -> Store:
     scheme, sep, _ = url.partition("://")
     known = ", ".join(f"{name}://" for name in store_schemes())
     if not sep or not scheme:
-        raise ValueError(f"store URL {url!r} has no scheme; expected one of {known}")
+        raise ValueError(f"store URL {redact_url(url)!r} has no scheme; expected one of {known}")
     entry = _SCHEMES.get(scheme.lower())
     if entry is None:
-        raise ValueError(f"unknown store URL scheme {scheme!r} in {url!r}; expected one of {known}")
+        raise ValueError(
+            f"unknown store URL scheme {scheme!r} in {redact_url(url)!r}; expected one of {known}"
+        )
     try:
         module = importlib.import_module(entry.module)
     except ImportError as exc:
@@ -222,6 +236,22 @@ def redact_url(url: str) -> str:
     return _QUERY_PARAM.sub(_mask_param, url)
 
 
+def store_identity(store: object) -> str:
+    """What tells ``store`` apart from every other store, secrets included: never show it.
+
+    Its ``spool_key`` (the URL it was opened with, password and write key
+    included), else its ``url``, else its type's name. A recorder hashes this
+    into the name of its default spool directory, so that two stores differing
+    only in a secret never share a spool, and a store opened from the same URL
+    as before finds the spool it left.
+    """
+    for attribute in ("spool_key", "url"):
+        value = getattr(store, attribute, None)
+        if isinstance(value, str) and value:
+            return value
+    return type(store).__name__
+
+
 def _mask_param(match: re.Match[str]) -> str:
     name = match["name"].lower().replace("_", "").replace("-", "")
     if name in _SECRET_PARAMS and match["value"]:
@@ -240,18 +270,19 @@ def _file_url_parts(url: str, scheme: str) -> tuple[str, dict[str, str]]:
     percent-decoding), so any file name can be spelled.
     """
     prefix = f"{scheme}://"
+    shown = redact_url(url)
     if not url.lower().startswith(prefix):
-        raise ValueError(f"not a {prefix} URL: {url!r}")
+        raise ValueError(f"not a {prefix} URL: {shown!r}")
     rest, _, query = url[len(prefix) :].partition("?")
     if not rest.startswith("/") or len(rest) < 2:
         raise ValueError(
-            f"{url!r} names no file: write {prefix}/relative/path or {prefix}//absolute/path"
+            f"{shown!r} names no file: write {prefix}/relative/path or {prefix}//absolute/path"
         )
     options: dict[str, str] = {}
     for item in query.split("&") if query else []:
         name, eq, value = item.partition("=")
         if not eq or not name:
-            raise ValueError(f"option {item!r} in {url!r} is not name=value")
+            raise ValueError(f"an option in {shown!r} is not name=value")
         options[name] = value
     return rest[1:], options
 
@@ -259,18 +290,66 @@ def _file_url_parts(url: str, scheme: str) -> tuple[str, dict[str, str]]:
 def _unknown_options(url: str, options: dict[str, str], known: Sequence[str]) -> ValueError:
     names = ", ".join(sorted(options))
     allowed = ", ".join(known) or "none"
-    return ValueError(f"unknown option(s) {names} in {url!r}; this store takes: {allowed}")
+    return ValueError(
+        f"unknown option(s) {names} in {redact_url(url)!r}; this store takes: {allowed}"
+    )
+
+
+# The largest position a store that numbers its records can give: SQLite's
+# INTEGER (and a file offset) is a signed 64-bit number.
+_MAX_POSITION = 2**63 - 1
+_POSITION = re.compile(r"[0-9]{1,19}")
+# What of a bad position an error repeats: enough to recognise it, no more.
+_SHOWN = 40
 
 
 def _parse_position(after: str) -> int:
-    """A position given back to a store that numbers its records (0 and up)."""
+    """A position given back to a store that numbers its records (0 to 2**63 - 1).
+
+    Only plain ASCII digits, as the stores write them: ``int()`` alone would also
+    take ``" 7"``, ``"+7"``, ``"1_0"`` and other scripts' digits, and a number
+    past 2**63 - 1 would overflow SQLite (an ``OverflowError``, not a clear answer).
+    """
+    if not isinstance(after, str) or not _POSITION.fullmatch(after) or int(after) > _MAX_POSITION:
+        shown = after[:_SHOWN] + "..." if isinstance(after, str) and len(after) > _SHOWN else after
+        raise ValueError(f"not a position of this store: {shown!r}")
+    return int(after)
+
+
+# Files that hold records are private to the user that runs the store: pixels
+# carry user ids, IP addresses and write keys.
+PRIVATE_MODE = 0o600
+
+_UNWRITABLE_HINT = (
+    "check the permissions of the file and of its directory (ls -l) and that the"
+    " file is not immutable (lsattr; chattr -i clears it), or choose another path"
+)
+
+
+def _create_private(path: str | os.PathLike[str]) -> bool:
+    """Create ``path`` empty with mode 0600 if it does not exist; whether it was created.
+
+    The mode is set with ``fchmod`` too, so a umask cannot widen or narrow it. A
+    file that exists keeps its mode: its owner chose it. Errors other than the
+    file existing are raised (``OSError``).
+    """
     try:
-        position = int(after)
-    except (TypeError, ValueError):
-        raise ValueError(f"not a position of this store: {after!r}") from None
-    if position < 0:
-        raise ValueError(f"not a position of this store: {after!r}")
-    return position
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, PRIVATE_MODE)
+    except FileExistsError:
+        return False
+    try:
+        os.fchmod(fd, PRIVATE_MODE)
+    finally:
+        os.close(fd)
+    return True
+
+
+def _unwritable(path: str | os.PathLike[str], reason: object) -> StoreError:
+    """The error of a store whose file can be opened but not written."""
+    return StoreError(
+        f"{os.fspath(path)} cannot be written ({reason}), so every record would go to"
+        f" the spool: {_UNWRITABLE_HINT}"
+    )
 
 
 def _check_limit(limit: int | None) -> None:

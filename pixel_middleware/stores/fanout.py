@@ -37,7 +37,14 @@ import threading
 from collections.abc import Sequence
 
 from pixel_middleware.core import PixelRecord
-from pixel_middleware.stores import RecordError, Store, StoreError, open_store
+from pixel_middleware.stores import (
+    RecordError,
+    Store,
+    StoreError,
+    open_store,
+    redact_url,
+    store_identity,
+)
 
 __all__ = ["DEFAULT_MAX_TRACKED", "FanoutStore"]
 
@@ -64,6 +71,8 @@ class FanoutStore:
             )
         self.stores: tuple[Store, ...] = tuple(stores)
         self.url = SCHEME + " ".join(_url(store) for store in self.stores)
+        # What tells this fan-out apart, secrets included (see Store): never shown.
+        self.spool_key = SCHEME + " ".join(store_identity(store) for store in self.stores)
         self.max_tracked = max_tracked
         self._lock = threading.Lock()
         self._closed = False
@@ -79,11 +88,11 @@ class FanoutStore:
         child's file either.
         """
         if not url.lower().startswith(SCHEME):
-            raise ValueError(f"a fan-out URL starts with {SCHEME}, not {url!r}")
+            raise ValueError(f"a fan-out URL starts with {SCHEME}, not {redact_url(url)!r}")
         urls = url[len(SCHEME) :].split()
         if not urls:
             raise ValueError(
-                f"{url!r} names no stores: write {SCHEME}URL URL ..., "
+                f"{redact_url(url)!r} names no stores: write {SCHEME}URL URL ..., "
                 "e.g. fanout://sqlite:///pixel-events.sqlite3 forward+https://api.segment.io"
             )
         stores: list[Store] = []
@@ -95,7 +104,8 @@ class FanoutStore:
                 store.close()
             raise
         fanout = cls(stores)
-        fanout.url = url
+        fanout.url = redact_url(url)
+        fanout.spool_key = url
         return fanout
 
     def write(self, records: Sequence[PixelRecord]) -> None:
@@ -179,4 +189,5 @@ def _id(record: PixelRecord) -> str | None:
 
 
 def _url(store: Store) -> str:
-    return str(getattr(store, "url", type(store).__name__))
+    """The store's URL as it may be shown (a store of one's own may keep secrets there)."""
+    return redact_url(str(getattr(store, "url", type(store).__name__)))

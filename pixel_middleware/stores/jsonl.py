@@ -35,9 +35,12 @@ from pixel_middleware.stores import (
     StoreError,
     StoreNotFoundError,
     _check_limit,
+    _create_private,
     _file_url_parts,
     _parse_position,
     _unknown_options,
+    _unwritable,
+    redact_url,
 )
 
 __all__ = ["JSONLStore"]
@@ -73,6 +76,7 @@ class JSONLStore:
             raise ValueError("JSONLStore: the path is empty")
         self.path = os.path.abspath(raw)
         self.url = "jsonl:///" + raw
+        self.spool_key = self.url
         self.fsync = fsync
         self.create = create
         self._lock = threading.Lock()
@@ -100,9 +104,10 @@ class JSONLStore:
         if options:
             raise _unknown_options(url, options, ["fsync"])
         if fsync not in ("true", "false", "1", "0"):
-            raise ValueError(f"fsync must be true or false in {url!r}")
+            raise ValueError(f"fsync must be true or false in {redact_url(url)!r}")
         store = cls(path, fsync=fsync in ("true", "1"), create=create)
-        store.url = url
+        store.url = redact_url(url)
+        store.spool_key = url
         return store
 
     def write(self, records: Sequence[PixelRecord]) -> None:
@@ -131,15 +136,19 @@ class JSONLStore:
         start = 0 if after is None else _parse_position(after)
         try:
             with open(self.path, "rb") as file:
+                if after is not None and start >= os.fstat(file.fileno()).st_size:
+                    # Past the end (a position from a longer file, or one made
+                    # up): nothing after it yet. Seeking that far can fail.
+                    return []
                 if after is not None:
                     # Everything that starts after `after`: skip to the end of
                     # the line that holds it.
                     file.seek(start)
                     start += len(file.readline())
-                if limit is None:
-                    lines = _lines_forwards(file, start)
-                else:
-                    lines = _lines_backwards(file, start)
+                # Paging forward (after=) takes the oldest `limit`; the newest
+                # `limit` without it are found reading the file backwards.
+                newest = limit is not None and after is None
+                lines = _lines_backwards(file, start) if newest else _lines_forwards(file, start)
                 found: list[tuple[str, PixelRecord]] = []
                 for offset, record in self._records(lines):
                     if (accepted is None or record["accepted"] is accepted) and (
@@ -150,7 +159,7 @@ class JSONLStore:
                         found.append((str(offset), record))
         except OSError as exc:
             raise StoreError(f"reading {self.path} failed: {exc}") from exc
-        if limit is not None:
+        if newest:
             found.reverse()
         return found
 
@@ -179,12 +188,18 @@ class JSONLStore:
         if self._fd is not None:
             os.close(self._fd)  # the child's copy; the parent's stays open
             self._fd = None
-        flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | (os.O_CREAT if self.create else 0)
+        flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC
         try:
-            self._fd = os.open(self.path, flags, 0o644)
+            if self.create:
+                _create_private(self.path)  # 0600 whatever the umask
+            self._fd = os.open(self.path, flags)
         except OSError as exc:
             if isinstance(exc, FileNotFoundError) and not self.create:
                 raise _not_found(self.path) from exc  # removed since it was opened
+            if isinstance(exc, PermissionError) and os.path.exists(self.path):
+                # Opened for appending is the writable check: a file that is
+                # there but may not be written would send every record to the spool.
+                raise _unwritable(self.path, exc) from exc
             raise StoreError(f"cannot open {self.path} for appending: {exc}") from exc
         self._fd_pid = pid
         return self._fd

@@ -11,7 +11,13 @@ import threading
 from collections.abc import Sequence
 
 from pixel_middleware.core import PixelRecord
-from pixel_middleware.stores import RecordError, StoreError, _check_limit, _parse_position
+from pixel_middleware.stores import (
+    RecordError,
+    StoreError,
+    _check_limit,
+    _parse_position,
+    redact_url,
+)
 
 __all__ = ["MemoryStore"]
 
@@ -27,6 +33,7 @@ class MemoryStore:
     """
 
     url = "memory://"
+    spool_key = "memory://"
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -40,7 +47,7 @@ class MemoryStore:
     @classmethod
     def from_url(cls, url: str) -> MemoryStore:
         if url.lower() != "memory://":
-            raise ValueError(f"a memory store URL is just 'memory://', got {url!r}")
+            raise ValueError(f"a memory store URL is just 'memory://', got {redact_url(url)!r}")
         return cls()
 
     def write(self, records: Sequence[PixelRecord]) -> None:
@@ -73,7 +80,9 @@ class MemoryStore:
                 and (call is None or its_call == call)
             ]
         if limit is not None and limit < len(found):
-            found = found[len(found) - limit :]
+            # Paging forward takes the oldest `limit` after `after`; without
+            # it, the newest `limit`.
+            found = found[:limit] if after is not None else found[len(found) - limit :]
         return [(str(index), json.loads(text)) for index, text in found]
 
     def close(self) -> None:

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pixel_middleware.core import PixelRecord
-from pixel_middleware.stores import RecordError, StoreError, _check_limit
+from pixel_middleware.stores import RecordError, StoreError, _check_limit, redact_url
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -82,7 +82,11 @@ _PASSTHROUGH = frozenset(
 )
 _OPTIONS = frozenset({"stream", "maxlen", "timeout"})
 
-_STREAM_ID = re.compile(r"\d+(-\d+)?")
+# ASCII digits only (\d would take any script's), each part at most 20 digits:
+# a stream id is two unsigned 64-bit numbers, and Redis answers anything past
+# that with an error (a StoreError here) instead of a ValueError.
+_STREAM_ID = re.compile(r"[0-9]{1,20}(-[0-9]{1,20})?")
+_MAX_ID_PART = 2**64 - 1
 
 _N = TypeVar("_N", int, float)
 
@@ -93,7 +97,9 @@ class RedisStore:
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("redis", "rediss"):
-            raise ValueError(f"a Redis store URL starts with redis:// or rediss://, not {url!r}")
+            raise ValueError(
+                f"a Redis store URL starts with redis:// or rediss://, not {redact_url(url)!r}"
+            )
         options: dict[str, str] = {}
         passthrough: list[tuple[str, str]] = []
         for key, value in parse_qsl(parts.query, keep_blank_values=True):
@@ -106,11 +112,9 @@ class RedisStore:
                 raise ValueError(f"unknown option {key!r} in Redis store URL; known: {known}")
 
         # Printed by the recorder's logs and the CLI: never with the password.
-        self.url = url
-        if parts.password is not None:
-            userinfo, _, hostport = parts.netloc.rpartition("@")
-            user = userinfo.partition(":")[0]
-            self.url = urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
+        self.url = redact_url(url)
+        # The URL as given, for a recorder's spool directory: see Store.
+        self.spool_key = url
         self.stream = options.get("stream", DEFAULT_STREAM)
         if not self.stream:
             raise ValueError("stream= must name a stream key")
@@ -173,8 +177,9 @@ class RedisStore:
         limit: int | None = None,
     ) -> list[tuple[str, PixelRecord]]:
         """Matching records after stream id ``after``, oldest first; see ``Store.read``."""
-        if after is not None and not _STREAM_ID.fullmatch(after):
-            raise ValueError(f"not a position of this store (a Redis stream id): {after!r}")
+        if after is not None and not _is_stream_id(after):
+            shown = after[:40] + "..." if isinstance(after, str) and len(after) > 40 else after
+            raise ValueError(f"not a position of this store (a Redis stream id): {shown!r}")
         _check_limit(limit)
         if self._closed:
             raise StoreError(f"{self._where}: the store is closed")
@@ -184,15 +189,17 @@ class RedisStore:
         want_accepted = None if accepted is None else ("1" if accepted else "0")
         found: list[tuple[str, PixelRecord]] = []
         try:
-            if limit is None:
-                # Everything after ``after``, oldest first, a page at a time.
+            if limit is None or after is not None:
+                # Everything after ``after`` (paging forward: the oldest
+                # ``limit`` of it), oldest first, a page at a time.
                 start = lowest
-                while True:
+                while limit is None or len(found) < limit:
                     page = self._range(start, "+")
                     found.extend(self._matching(page, want_accepted, call))
                     if len(page) < _PAGE:
-                        return found
+                        break
                     start = f"({page[-1][0]}"
+                return found if limit is None else found[:limit]
             # The newest ``limit`` matches: walk backwards, then turn them around.
             end = "+"
             while len(found) < limit:
@@ -242,6 +249,14 @@ class RedisStore:
                 raise StoreError(f"{self._where}: entry {entry_id} is not a JSON record") from e
             out.append((entry_id, record))
         return out
+
+
+def _is_stream_id(text: object) -> bool:
+    return (
+        isinstance(text, str)
+        and _STREAM_ID.fullmatch(text) is not None
+        and all(int(part) <= _MAX_ID_PART for part in text.split("-"))
+    )
 
 
 def _entry(record: PixelRecord) -> dict[Any, Any]:  # redis-py wants its own key types

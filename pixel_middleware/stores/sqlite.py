@@ -42,13 +42,17 @@ from urllib.parse import quote
 
 from pixel_middleware.core import PixelRecord
 from pixel_middleware.stores import (
+    PRIVATE_MODE,
     RecordError,
     StoreError,
     StoreNotFoundError,
     _check_limit,
+    _create_private,
     _file_url_parts,
     _parse_position,
     _unknown_options,
+    _unwritable,
+    redact_url,
 )
 
 __all__ = ["SQLiteStore"]
@@ -138,6 +142,7 @@ class SQLiteStore:
             )
         self.path = os.path.abspath(raw)
         self.url = "sqlite:///" + raw
+        self.spool_key = self.url
         self.timeout = float(timeout)
         self.synchronous: Synchronous = synchronous
         self.create = create
@@ -147,10 +152,22 @@ class SQLiteStore:
         self._writer_lock: int | None = None  # this process's descriptor of the lock file
         self._writer_lock_pid = 0
         self._closed = False
+        if create:
+            # Private (0600) from the start: SQLite gives its -wal and -shm
+            # files the database file's mode, so they are private too.
+            try:
+                _create_private(self.path)
+            except OSError as exc:
+                raise StoreError(f"cannot open the SQLite database {self.path}: {exc}") from exc
         # Create the schema now, so that a wrong path fails here and not at the
         # first pixel; the connection is opened again on first use (after a
         # fork, say, in a pre-forking server).
-        self._connect().close()
+        conn = self._connect()
+        try:
+            if create:
+                self._check_writable(conn)
+        finally:
+            conn.close()
         _LIVE_STORES.add(self)
 
     @classmethod
@@ -162,15 +179,18 @@ class SQLiteStore:
         if options:
             raise _unknown_options(url, options, ["timeout", "synchronous"])
         if synchronous not in ("normal", "full"):
-            raise ValueError(f"synchronous must be normal or full in {url!r}")
+            raise ValueError(f"synchronous must be normal or full in {redact_url(url)!r}")
         try:
             seconds = 5.0 if timeout is None else float(timeout)
         except ValueError:
-            raise ValueError(f"timeout must be a number of seconds in {url!r}") from None
+            raise ValueError(
+                f"timeout must be a number of seconds in {redact_url(url)!r}"
+            ) from None
         store = cls(
             path, timeout=seconds, synchronous=cast(Synchronous, synchronous), create=create
         )
-        store.url = url
+        store.url = redact_url(url)
+        store.spool_key = url
         return store
 
     def write(self, records: Sequence[PixelRecord]) -> None:
@@ -232,10 +252,15 @@ class SQLiteStore:
         sql = "SELECT seq, record FROM pixel_records"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        if limit is not None:
+        newest = limit is not None and after is None
+        if newest:
             # The newest `limit`, read newest first through the index, then
             # turned around.
             sql += " ORDER BY seq DESC LIMIT ?"
+            params.append(limit)
+        elif limit is not None:
+            # Paging forward: the oldest `limit` after `after`.
+            sql += " ORDER BY seq LIMIT ?"
             params.append(limit)
         else:
             sql += " ORDER BY seq"
@@ -244,7 +269,7 @@ class SQLiteStore:
                 rows = self._connection().execute(sql, params).fetchall()
             except sqlite3.Error as exc:
                 raise StoreError(f"reading {self.path} failed: {exc}") from exc
-        if limit is not None:
+        if newest:
             rows.reverse()
         return [(str(seq), json.loads(text)) for seq, text in rows]
 
@@ -273,6 +298,35 @@ class SQLiteStore:
             self._conn = self._connect()
         return self._conn
 
+    def _check_writable(self, conn: sqlite3.Connection) -> None:
+        """Raise StoreError unless records can be written to the database.
+
+        SQLite opens a file it may not write (mode 0444, ``chattr +i``, a
+        read-only mount) read-only without a word, and even ``BEGIN IMMEDIATE``
+        succeeds: only a write tells. So write the header's user_version (its
+        own value) and roll back. The writers' lock file must open too.
+
+        A database another writer holds (busy, locked) is not waited for: it
+        is written to, so it can be, and the store must start during an outage.
+        """
+        try:
+            with self._lock:
+                self._writer_lock_fd()
+            # This connection is closed after the check: no need to restore it.
+            conn.execute("PRAGMA busy_timeout = 0")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            finally:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            if _busy(exc):
+                return
+            raise _unwritable(self.path, exc) from exc
+        except OSError as exc:
+            raise _unwritable(self.path, exc) from exc
+
     def _writer_lock_fd(self) -> int:
         """This process's descriptor of the writers' lock file; call with the lock held.
 
@@ -281,7 +335,7 @@ class SQLiteStore:
         """
         if self._writer_lock is None or self._writer_lock_pid != os.getpid():
             self._writer_lock = os.open(
-                self.path + "-writer.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644
+                self.path + "-writer.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_MODE
             )
             self._writer_lock_pid = os.getpid()
         return self._writer_lock
@@ -388,6 +442,12 @@ class SQLiteStore:
                     fcntl.flock(lock, fcntl.LOCK_UN)
             except (OSError, sqlite3.Error) as exc:
                 raise StoreError(f"clearing {self.path} failed: {exc}") from exc
+
+
+def _busy(exc: sqlite3.Error) -> bool:
+    """Whether ``exc`` says another connection holds the database (not that it is read-only)."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    return name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "locked" in str(exc)
 
 
 def _row(record: PixelRecord) -> tuple[Any, ...]:
