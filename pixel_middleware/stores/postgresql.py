@@ -57,7 +57,7 @@ import re
 import threading
 import weakref
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from typing import Any, cast
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
@@ -149,7 +149,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 _FIELD_ORDER = tuple(PixelRecord.__annotations__)
 
 # Connections a forked child inherited: never used there, and never closed
-# (closing would end the parent's session on the server); see _after_fork.
+# (closing would end the parent's session on the server); see _after_fork_in_child.
 _ABANDONED: list[psycopg.Connection[Any]] = []
 _LIVE_STORES: weakref.WeakSet[PostgreSQLStore] = weakref.WeakSet()
 
@@ -210,8 +210,12 @@ class PostgreSQLStore:
         self._index_prefix = names[-1]
         # What the errors name: never the password. A password given as
         # ?password= is masked in the errors too (see _scrub).
-        secrets = [unquote(parts.password or ""), passthrough.get("password", "")]
-        self._secrets = [secret for secret in secrets if secret]
+        # libpq repeats a password that is not well percent-encoded in its
+        # error ("invalid percent-encoded token"): both spellings are masked.
+        secrets = [parts.password or "", unquote(parts.password or "")]
+        secrets.append(passthrough.get("password", ""))
+        # The longest first, so that a shorter one inside it leaves no part.
+        self._secrets = sorted({secret for secret in secrets if secret}, key=len, reverse=True)
         host = passthrough.get("host") or parts.hostname or "localhost"
         port_shown = passthrough.get("port") or (str(port) if port else "5432")
         database = unquote(parts.path.lstrip("/")) or "(the user's own)"
@@ -254,7 +258,7 @@ class PostgreSQLStore:
             rows = [_row(record) for record in records]
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise RecordError(f"a record cannot be stored: {e!r}") from e
-        with self._write_lock, self._failures(f"could not write {len(rows)} records to", "writer"):
+        with self._write_lock, self._failures(f"could not write {len(rows)} records to"):
             conn = self._writer_connection()
             # COPY, not executemany() (which psycopg sends in pipeline mode):
             # measured on a loopback server with this table and test records,
@@ -310,7 +314,7 @@ class PostgreSQLStore:
         else:
             parts.append(sql.SQL(" ORDER BY position"))
         query = sql.Composed(parts)
-        with self._read_lock, self._failures("could not read", "reader"):
+        with self._read_lock, self._failures("could not read"):
             conn = self._reader_connection()
             rows = conn.execute(query, params).fetchall()
         if newest:
@@ -420,28 +424,37 @@ class PostgreSQLStore:
         return self._table.as_string(None)
 
     @contextmanager
-    def _failures(self, doing: str, role: str | None = None) -> Iterator[None]:
+    def _failures(self, doing: str) -> Iterator[None]:
         """Raise a psycopg error as a StoreError naming the table, with no password in it.
 
-        After an error of the connection itself (the server restarted, the
-        network failed), the ``role`` connection is closed, and the next use
-        connects again.
+        A connection that was lost (the server restarted) is closed by psycopg
+        itself, and the next use connects again.
         """
         try:
             yield
         except psycopg.Error as e:
-            conn = getattr(self, f"_{role}", None) if role else None
-            if isinstance(e, psycopg.OperationalError) and conn is not None:
-                setattr(self, f"_{role}", None)
-                if self._pid == os.getpid():
-                    with suppress(psycopg.Error, OSError):
-                        conn.close()
-            # `from None`: the original error stays out of the chain, in case a
-            # driver message ever carries the connection string.
             raise StoreError(f"{doing} {self._where}: {self._scrub(e)}") from None
 
     def _scrub(self, error: BaseException) -> str:
-        text = " ".join(str(error).split())[:500]
+        """The error's message with every password masked, and the same done to the error.
+
+        libpq repeats a badly encoded password. ``raise ... from None`` hides the
+        original error from a traceback, but it stays reachable as
+        ``__context__``: so its message (and those it was raised from) is masked
+        in place too.
+        """
+        seen: BaseException | None = error
+        for _ in range(10):  # bounded: a chain could loop
+            if seen is None:
+                break
+            if self._secrets:
+                seen.args = tuple(
+                    self._mask(arg) if isinstance(arg, str) else arg for arg in seen.args
+                )
+            seen = seen.__cause__ or seen.__context__
+        return " ".join(self._mask(str(error)).split())[:500]
+
+    def _mask(self, text: str) -> str:
         for secret in self._secrets:
             text = text.replace(secret, "***")
         return text
@@ -510,23 +523,14 @@ _PROBE = cast(
 def _after_fork_in_child() -> None:
     # The parent's connections share their sockets with the parent: a query
     # here would mix with the parent's, and closing one would tell the server
-    # to end the parent's session. Point each socket at /dev/null in this
-    # process (the parent's socket is untouched), so that even a close at exit
-    # reaches nothing, and start afresh with locks no other thread holds.
+    # to end the parent's session. So they are only set aside, never used or
+    # closed (psycopg itself closes a connection, when collected, only in the
+    # process that opened it), and the locks start afresh: one held by another
+    # thread at the fork would stay held forever here.
     for store in list(_LIVE_STORES):
         store._write_lock = threading.Lock()
         store._read_lock = threading.Lock()
-        for conn in (store._writer, store._reader):
-            if conn is not None and not conn.closed:
-                try:
-                    null = os.open(os.devnull, os.O_RDWR)
-                    try:
-                        os.dup2(null, conn.fileno())
-                    finally:
-                        os.close(null)
-                except (OSError, psycopg.Error):
-                    pass
-                _ABANDONED.append(conn)
+        _ABANDONED.extend(conn for conn in (store._writer, store._reader) if conn is not None)
         store._writer = store._reader = None
 
 
