@@ -1,7 +1,9 @@
 """Stores: records/s through a :class:`Recorder`, and memory over a million records.
 
-Throughput, for SQLite, JSON Lines and Redis (a real ``redis-server`` started on a
-free port, no persistence, in the run's temporary directory), two ways, each in
+Throughput, for SQLite, JSON Lines, Redis (a real ``redis-server`` started on a
+free port, no persistence, in the run's temporary directory) and PostgreSQL (a
+throwaway cluster from Debian's ``postgresql``, its default durable commits),
+two ways, each in
 interleaved rounds against the same store's ``write()`` called directly from one
 thread with the batch size the Recorder can at best reach; no target, the ratio
 shows what the Recorder itself costs:
@@ -21,12 +23,17 @@ so it is left out.)
 
 from __future__ import annotations
 
+import atexit
+import glob
 import itertools
 import json
 import os
+import pwd
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -122,6 +129,49 @@ def redis_server(workdir: Path) -> Server:
         log=workdir / "redis.log",
         port=port,
     )
+
+
+def postgres_server(workdir: Path) -> Server:
+    """A throwaway PostgreSQL cluster on a free port (Debian's ``postgresql`` package).
+
+    Its directory is made outside ``workdir`` (which may be private to root),
+    since the cluster must belong to the ``postgres`` user when we are root
+    (``initdb`` refuses root); removed when the benchmark process exits.
+    """
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    initdb = found[-1] if found else shutil.which("initdb")
+    if initdb is None:
+        raise BenchError("initdb not found: ./dev bench installs it (apt-get install postgresql)")
+    bin_dir = Path(initdb).parent
+    directory = Path(tempfile.mkdtemp(prefix="bench-pg-"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    as_owner: list[str] = []
+    if os.geteuid() == 0:
+        owner = pwd.getpwnam("postgres")
+        os.chown(directory, owner.pw_uid, owner.pw_gid)
+        # setpriv execs the program itself, so that a stop signal reaches it.
+        as_owner = [
+            "setpriv",
+            f"--reuid={owner.pw_uid}",
+            f"--regid={owner.pw_gid}",
+            "--clear-groups",
+        ]
+    data = directory / "data"
+    subprocess.run(
+        [*as_owner, str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "-E", "UTF8",
+         "--locale=C", "-A", "trust", "--no-sync"],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    port = free_port()
+    # The server's defaults otherwise (fsync and synchronous_commit on): the
+    # numbers are those of a durable commit, as with the other stores.
+    return Server(
+        [*as_owner, str(bin_dir / "postgres"), "-D", str(data), "-p", str(port),
+         "-k", str(directory), "-c", "listen_addresses=127.0.0.1"],
+        ready=r"database system is ready to accept connections",
+        log=workdir / "postgres.log",
+        port=port,
+    )  # fmt: skip
 
 
 def _throughput_row(
@@ -233,11 +283,12 @@ def run(settings: Settings) -> list[Row]:
     base = sample_record()
     work = settings.workdir
     rows = []
-    with redis_server(work) as redis:
+    with redis_server(work) as redis, postgres_server(work) as postgres:
         stores = [
             ("SQLite", f"sqlite:///{work / 'tp.sqlite3'}"),
             ("JSON Lines", f"jsonl:///{work / 'tp.jsonl'}"),
             ("Redis", f"redis://127.0.0.1:{redis.port}/0?stream=bench"),
+            ("PostgreSQL", f"postgresql://postgres@127.0.0.1:{postgres.port}/postgres?table=bench"),
         ]
         for label, url in stores:
             rows.append(

@@ -39,6 +39,7 @@ from pixel_middleware.stores import (
     StoreNotFoundError,
     open_store,
     redact_url,
+    store_identity,
     store_schemes,
 )
 
@@ -453,7 +454,7 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except StoreError as exc:  # the store is there but cannot be used: not a usage error
         return _fail(parser, f"cannot open the store: {redact_url(str(exc))}")
     # Counted before the recorder starts handing them on: what an earlier run left.
-    spool = default_spool_path(store.url)
+    spool = default_spool_path(store_identity(store))
     try:
         left = count_spooled(spool)
     except OSError:
@@ -702,7 +703,7 @@ def _print_spool_size(store: Store) -> None:
     Read-only: the files are counted, not adopted (a Recorder would hand them
     to the store). The directory is the Recorder's default for the store URL.
     """
-    directory = default_spool_path(store.url)
+    directory = default_spool_path(store_identity(store))
     try:
         count = count_spooled(directory)
     except OSError:

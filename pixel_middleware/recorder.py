@@ -84,7 +84,7 @@ from types import FrameType
 from pixel_middleware import _process
 from pixel_middleware.core import PixelRecord
 from pixel_middleware.spool import DEFAULT_MAX_BYTES, Spool
-from pixel_middleware.stores import RecordError, Store
+from pixel_middleware.stores import RecordError, Store, store_identity
 
 __all__ = [
     "DEFAULT_SPOOL_ROOT",
@@ -204,7 +204,7 @@ class Recorder:
         self.keep_timeout = None if keep_timeout is None else float(keep_timeout)
         self.retry_interval = float(retry_interval)
         if spool_path is None:
-            spool_path = default_spool_path(_url(store))
+            spool_path = default_spool_path(store_identity(store))
         self.spool_path = Path(spool_path).absolute()
         try:
             self._spool = Spool(self.spool_path, max_bytes=spool_max_bytes)

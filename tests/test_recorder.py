@@ -32,7 +32,7 @@ from pixel_middleware.recorder import (
     default_spool_path,
     install_signal_flush,
 )
-from pixel_middleware.stores import StoreError
+from pixel_middleware.stores import StoreError, open_store
 from pixel_middleware.stores.memory import MemoryStore
 from pixel_middleware.stores.sqlite import SQLiteStore
 
@@ -859,3 +859,25 @@ def test_importing_the_package_installs_no_process_hook() -> None:
     assert with_recorders == (
         "[('exit', 'pixel_middleware._process'), ('fork', 'pixel_middleware._process')]"
     )
+
+
+def test_stores_differing_only_in_a_secret_get_spools_of_their_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Their URLs look the same once masked; sharing a spool would hand one
+    # write key's records to the other's store.
+    monkeypatch.chdir(tmp_path)
+    urls = [
+        f"forward+http://127.0.0.1:1?write_key={key}&outbox={tmp_path}/outbox.sqlite3"
+        for key in ("wk_one", "wk_two")
+    ]
+    stores = [open_store(url) for url in urls]
+    recorders = [Recorder(store) for store in stores]
+    try:
+        assert stores[0].url == stores[1].url, "the same once the write key is masked"
+        assert recorders[0].spool_path != recorders[1].spool_path
+        for recorder, key in zip(recorders, ("wk_one", "wk_two"), strict=True):
+            assert key not in str(recorder.spool_path)
+    finally:
+        for recorder in recorders:
+            recorder.close()

@@ -142,6 +142,18 @@ _SCHEMES: dict[str, _Scheme] = {
     "rediss": _Scheme("pixel_middleware.stores.redis", "RedisStore", extra="redis"),
     "forward+http": _Scheme("pixel_middleware.stores.forward", "ForwardStore", extra="forward"),
     "forward+https": _Scheme("pixel_middleware.stores.forward", "ForwardStore", extra="forward"),
+    "postgresql": _Scheme(
+        "pixel_middleware.stores.postgresql",
+        "PostgreSQLStore.from_url",
+        extra="postgresql",
+        takes_create=True,
+    ),
+    "postgres": _Scheme(
+        "pixel_middleware.stores.postgresql",
+        "PostgreSQLStore.from_url",
+        extra="postgresql",
+        takes_create=True,
+    ),
     "fanout": _Scheme("pixel_middleware.stores.fanout", "FanoutStore.from_url", takes_create=True),
 }
 
