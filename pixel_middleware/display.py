@@ -19,7 +19,16 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["event_name", "identity", "pixel_line", "terminal_json", "terminal_text"]
+__all__ = [
+    "cut",
+    "event_name",
+    "identity",
+    "pixel_line",
+    "rule_ids",
+    "short_value",
+    "terminal_json",
+    "terminal_text",
+]
 
 # What names an event, by call: track's event, page/screen's name, then what
 # group and alias calls are about.
@@ -57,41 +66,45 @@ def pixel_line(record: Mapping[str, Any]) -> str:
     dialect, call = (terminal_text(str(record.get(key))) for key in ("dialect", "call"))
     parts = [f"pixel {dialect} {call}"]
     if name := event_name(record):
-        parts.append(_shown(name, quote=True))
+        parts.append(short_value(name, quote=True))
     event = record.get("event") or {}
     for key in ("userId", "anonymousId"):
         if event.get(key) not in (None, ""):
-            parts.append(f"{key}={_shown(event[key])}")
+            parts.append(f"{key}={short_value(event[key])}")
             break
     if record.get("writeKey"):
-        parts.append(f"writeKey={_shown(record['writeKey'], 24)}")
+        parts.append(f"writeKey={short_value(record['writeKey'], 24)}")
     if record.get("accepted"):
         parts.append("accepted")
     else:
-        parts.append(f"REJECTED [{_rules(record.get('problems'))}]")
+        parts.append(f"REJECTED [{rule_ids(record.get('problems'))}]")
     if record.get("notes"):
-        parts.append(f"notes [{_rules(record.get('notes'))}]")
+        parts.append(f"notes [{rule_ids(record.get('notes'))}]")
     return " ".join(parts)
 
 
-def _shown(value: object, limit: int = 60, *, quote: bool = False) -> str:
+def short_value(value: object, limit: int = 60, *, quote: bool = False) -> str:
     """``value`` cut to ``limit`` characters, escaped, quoted when it has spaces."""
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-    if len(text) > limit:
-        text = text[: limit - 1] + "…"
-    text = terminal_text(text)
+    text = terminal_text(cut(text, limit))
     if quote or not text or any(c in text for c in ' "=,[]()'):
         return '"' + text.replace('"', '\\"') + '"'
     return text
 
 
-def _rules(items: object) -> str:
+def rule_ids(items: object, sep: str = ",") -> str:
+    """The escaped rule ids of a record's ``problems`` or ``notes``, joined by ``sep``."""
     rules = [
         terminal_text(str(item.get("rule", "")))
         for item in (items if isinstance(items, list) else ())
         if isinstance(item, dict)
     ]
-    return ",".join(rules)
+    return sep.join(rules)
+
+
+def cut(text: str, limit: int) -> str:
+    """``text`` at most ``limit`` characters long, ending in ``…`` when cut."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def terminal_text(text: str) -> str:

@@ -20,7 +20,15 @@ import textwrap
 from collections.abc import Mapping
 from typing import Any, Final
 
-from pixel_middleware.display import event_name, identity, terminal_json, terminal_text
+from pixel_middleware.display import (
+    cut,
+    event_name,
+    pixel_line,
+    rule_ids,
+    short_value,
+    terminal_json,
+    terminal_text,
+)
 
 __all__ = [
     "COMMENT_WIDTH",
@@ -48,32 +56,8 @@ _CONTINUATION: Final = "    "
 _MISSING: Final = "-"
 
 
-def _shown(value: object, limit: int = 60, *, quote: bool = False) -> str:
-    """``value`` cut to ``limit`` characters, escaped, quoted when it has spaces."""
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-    text = terminal_text(_cut(text, limit))
-    if quote or not text or any(c in text for c in ' "=,[]()'):
-        return '"' + text.replace('"', '\\"') + '"'
-    return text
-
-
-def _cut(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def _or_missing(value: object) -> str:
     return _MISSING if value is None else terminal_text(str(value))
-
-
-def _identity_field(record: Mapping[str, Any]) -> str | None:
-    """``userId=…`` or ``anonymousId=…``, whichever :func:`identity` chose."""
-    who = identity(record)
-    if not who:
-        return None
-    event = record.get("event") or {}
-    if event.get("userId") not in (None, ""):
-        return f"userId={_shown(who)}"
-    return f"anonymousId={_shown(who.removeprefix('anon:'))}"
 
 
 def upstream_ok(record: Mapping[str, Any]) -> bool:
@@ -98,45 +82,28 @@ def upstream_text(upstream: Mapping[str, Any] | None, *, brief: bool = False) ->
     return f"{_or_missing(upstream.get('status'))} in {_or_missing(upstream.get('ms'))} ms"
 
 
-def _rules(problems: list[dict[str, str]] | None, sep: str = ",") -> str:
-    return sep.join(terminal_text(p["rule"]) for p in problems or ())
-
-
 def log_line(record: Mapping[str, Any], host: str) -> str:
-    """One line per pixel: call, name, identity, verdict, problems, upstream answer."""
-    parts = [f"pixel {terminal_text(record['dialect'])} {terminal_text(record['call'])}"]
-    if name := event_name(record):
-        parts.append(_shown(name, quote=True))
-    if who := _identity_field(record):
-        parts.append(who)
-    if record.get("writeKey"):
-        parts.append(f"writeKey={_shown(record['writeKey'], 24)}")
-    if record.get("accepted"):
-        parts.append("accepted")
-    else:
-        parts.append(f"REJECTED [{_rules(record.get('problems'))}]")
-    if record.get("notes"):
-        parts.append(f"notes [{_rules(record.get('notes'))}]")
-    parts.append(f"upstream {upstream_text(record.get('upstream'))}")
-    parts.append(f"host={_shown(host)}")
-    return " ".join(parts)
+    """One line per pixel: ``serve``'s line (:func:`~pixel_middleware.display.pixel_line`),
+    then what the collector upstream answered and the host it went to."""
+    upstream = upstream_text(record.get("upstream"))
+    return f"{pixel_line(record)} upstream {upstream} host={short_value(host)}"
 
 
 def comment_line(record: Mapping[str, Any]) -> str:
     """The flow's comment: at most :data:`COMMENT_WIDTH` characters, cut with ``…``."""
     head = f"{terminal_text(record['dialect'])} {terminal_text(record['call'])}"
     if name := event_name(record):
-        head += f" {_shown(name, _COMMENT_NAME_CHARS, quote=True)}"
+        head += f" {short_value(name, _COMMENT_NAME_CHARS, quote=True)}"
     verdict = (
         "accepted"
         if record.get("accepted")
-        else f"rejected: {_rules(record.get('problems'), ', ')}"
+        else f"rejected: {rule_ids(record.get('problems'), ', ')}"
     )
     # The upstream answer is short and always kept; a long list of rules is cut.
     tail = ""
     if record.get("upstream"):
         tail = f"; upstream {upstream_text(record['upstream'], brief=True)}"
-    return _cut(f"{head}: {verdict}", COMMENT_WIDTH - len(tail)) + tail
+    return cut(f"{head}: {verdict}", COMMENT_WIDTH - len(tail)) + tail
 
 
 def view_text(record: Mapping[str, Any], *, edited: bool = False) -> str:
