@@ -138,8 +138,9 @@ def through(
         pytest.param(
             {"pixel_store": "ftp://x"},
             r"pixel_store: cannot open 'ftp://x' .*; give a store URL \(fanout://,"
-            r" forward\+http://, forward\+https://, jsonl://, memory://, postgres://, postgresql://, redis://,"
-            r" rediss://, sqlite://\), e\.g\. sqlite:///pixels\.sqlite3, or nothing",
+            r" forward\+http://, forward\+https://, jsonl://, memory://, postgres://,"
+            r" postgresql://, redis://, rediss://, sqlite://\), e\.g\. sqlite:///pixels\.sqlite3,"
+            r" or nothing",
             id="store",
         ),
         pytest.param(

@@ -404,9 +404,9 @@ def test_without_a_store_nothing_is_written(tmp_path: Path) -> None:
             "pixel_store=ftp://x",
             "pixel_store: cannot open 'ftp://x' (unknown store URL scheme 'ftp' in 'ftp://x';"
             " expected one of fanout://, forward+http://, forward+https://, jsonl://,"
-            " memory://, redis://, rediss://, sqlite://); give a store URL (fanout://,"
-            " forward+http://, forward+https://, jsonl://, memory://, postgres://, postgresql://, redis://, rediss://,"
-            " sqlite://), e.g. sqlite:///pixels.sqlite3, or nothing to keep records in"
+            " memory://, postgres://, postgresql://, redis://, rediss://, sqlite://); give a"
+            " store URL (fanout://, forward+http://, forward+https://, jsonl://, memory://,"
+            " postgres://, postgresql://, redis://, rediss://, sqlite://), e.g. sqlite:///pixels.sqlite3, or nothing to keep records in"
             " memory only",
             id="store",
         ),
