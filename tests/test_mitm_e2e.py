@@ -406,8 +406,8 @@ def test_without_a_store_nothing_is_written(tmp_path: Path) -> None:
             " expected one of fanout://, forward+http://, forward+https://, jsonl://,"
             " memory://, postgres://, postgresql://, redis://, rediss://, sqlite://); give a"
             " store URL (fanout://, forward+http://, forward+https://, jsonl://, memory://,"
-            " postgres://, postgresql://, redis://, rediss://, sqlite://), e.g. sqlite:///pixels.sqlite3, or nothing to keep records in"
-            " memory only",
+            " postgres://, postgresql://, redis://, rediss://, sqlite://), e.g."
+            " sqlite:///pixels.sqlite3, or nothing to keep records in memory only",
             id="store",
         ),
         pytest.param(
