@@ -1,4 +1,4 @@
-"""The collector's JSON API (``/api/...``) and the debug twins of the pixel routes.
+"""The collector's JSON API (``/api/...``).
 
 Mounted by :func:`pixel_middleware.collector.create_app`; documented with curl
 examples in ``docs/api.md``. Every answer is JSON, bounded in size
@@ -14,8 +14,10 @@ gets a 400 with a fixed message that does not repeat what was sent.
 - ``POST /api/reset``: clears the store (the memory store, or when allowed);
 - ``GET /api/wait``: returns once ``count`` matching records exist, or says
   what did arrive and what nearly matched;
-- ``GET /debug/<pixel route>``: decodes a pixel exactly as its real route would
-  and answers what would be recorded, recording nothing.
+
+The debug twins of the pixel routes (``/debug/<pixel route>``) are answered by
+the pixel middleware itself (:mod:`pixel_middleware.debug_twin`), in front of
+this API.
 
 Stores filter only on ``accepted``, ``call`` and position; the other filters
 run here, over the store read in pages from its newest end (at most
@@ -30,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
 from werkzeug.datastructures import MultiDict
@@ -40,8 +42,6 @@ from pixel_middleware.core import (
     DIALECTS,
     PixelConfig,
     PixelRecord,
-    PixelRequest,
-    decode_pixel,
 )
 from pixel_middleware.display import terminal_text
 from pixel_middleware.encode import encode_pixel_url
@@ -164,10 +164,10 @@ class _Selection:
 
 
 class CollectorAPI:
-    """The JSON API: a WSGI app for ``/api/...`` and ``/debug/...`` paths.
+    """The JSON API: a WSGI app for ``/api/...`` paths.
 
     :param store: The records' store.
-    :param config: The pixel routes' config (the debug twins decode with it).
+    :param config: The pixel routes' config (the test pixel is built for it).
     :param spooled: Returns how many records wait in the spool.
     :param signal: Notified on each new record; waits wake on it.
     :param allow_reset: Whether ``POST /api/reset`` may clear a store that
@@ -193,11 +193,10 @@ class CollectorAPI:
         self.allow_reset = allow_reset
         self.example_write_key = example_write_key
         self._waiters = threading.BoundedSemaphore(MAX_WAITERS)
-        self._debug_roots = tuple(f"/debug{root}" for root in config._route_roots)
 
     def handles(self, path: str) -> bool:
-        """Whether ``path`` is one of this API's (``/api/...`` or a debug twin)."""
-        return path.startswith("/api/") or path.startswith(self._debug_roots)
+        """Whether ``path`` is one of this API's (``/api/...``)."""
+        return path.startswith("/api/")
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         request = Request(environ)
@@ -224,8 +223,6 @@ class CollectorAPI:
 
     def _route(self, request: Request) -> tuple[int, Any, list[tuple[str, str]]]:
         path = request.path
-        if path.startswith(self._debug_roots):
-            return self._debug_pixel(request)
         if path not in _ROUTE_PARAMS:
             raise _BadRequest(
                 f"no such API path; the API has {', '.join(sorted(_ROUTE_PARAMS))}", 404
@@ -481,54 +478,6 @@ class CollectorAPI:
             truncated = True
         value["truncated"] = truncated
         return value
-
-    # The debug twins ------------------------------------------------------
-
-    def _debug_pixel(self, request: Request) -> tuple[int, Any, list[tuple[str, str]]]:
-        environ = request.environ
-        path: str = environ.get("PATH_INFO", "")[len("/debug") :]
-        query: str = environ.get("QUERY_STRING", "")
-        try:
-            raw_query = query.encode("latin-1")
-        except UnicodeEncodeError:
-            raw_query = query.encode("utf-8", "surrogateescape")
-        outcome = decode_pixel(
-            PixelRequest(
-                request.method,
-                path,
-                raw_query,
-                environ.get("REMOTE_ADDR"),
-                environ.get("HTTP_USER_AGENT"),
-                environ.get("HTTP_X_FORWARDED_FOR"),
-            ),
-            config=self.config,
-            now=datetime.now(UTC),
-        )
-        if outcome is None:
-            raise _BadRequest("no such pixel route", 404)
-        if outcome.record is None:
-            if outcome.status == 405:
-                return (
-                    405,
-                    {"error": "pixels answer GET and HEAD only"},
-                    [("Allow", "GET, HEAD")],
-                )
-            return outcome.status, {"recorded": False}, []
-        record = outcome.record
-        return (
-            200,
-            {
-                "recorded": False,
-                "accepted": record["accepted"],
-                "status": outcome.status,
-                "dialect": record["dialect"],
-                "call": record["call"],
-                "problems": record["problems"],
-                "notes": record["notes"],
-                "event": record["event"],
-            },
-            [],
-        )
 
 
 # Parameters ---------------------------------------------------------------

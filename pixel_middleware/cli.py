@@ -826,6 +826,8 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def _decode(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         config = PixelConfig(
+            # As the collector does: a mistyped call says which calls exist.
+            unknown_calls="reject",
             prefix=args.prefix,
             write_keys=frozenset(args.write_keys) if args.write_keys else None,
             trusted_proxies=args.trusted_proxies,

@@ -209,6 +209,10 @@ def create_app(
         rudderstack_response=rudderstack_response,
         durable=durable,
         on_record=notify_then_call,
+        # The collector owns its pixel roots: a mistyped call is a recorded
+        # rejection naming the closest one, and every route has a debug twin.
+        debug_routes=True,
+        unknown_calls="reject",
     )
     recorder = middleware.recorder
     # Built from the checked config, so the test pixel matches what is accepted.

@@ -28,6 +28,7 @@ from pixel_middleware.core import (
     match_route,
     not_kept_answer,
 )
+from pixel_middleware.debug_twin import DEBUG_ROOT, debug_answer
 from pixel_middleware.recorder import Recorder
 from pixel_middleware.stores import Store, open_store
 
@@ -39,6 +40,7 @@ __all__ = ["PixelMiddleware"]
 logger = logging.getLogger(__name__)
 
 _DEFAULT_LIMITS = Limits()
+_DEBUG_PREFIX = DEBUG_ROOT + "/"
 
 # "200 OK", "405 Method Not Allowed", ...: built once, not per request.
 _STATUS_LINES = {status.value: f"{status.value} {status.phrase}" for status in HTTPStatus}
@@ -81,6 +83,14 @@ class PixelMiddleware:
         loses what is queued). Ignored when ``store`` is a Recorder.
     :param on_record: Called with each record after it is handed to the store,
         in the request's thread. Its exceptions are logged, never raised.
+    :param debug_routes: ``True`` also answers ``/debug<pixel route>`` (e.g.
+        ``/debug/v1/pixel/track?data=...``) with the pixel's verdict as JSON,
+        recording nothing (:mod:`~pixel_middleware.debug_twin`). Off by
+        default: those paths belong to the app unless asked for.
+    :param unknown_calls: ``"pass"`` (the default) hands a path under a pixel
+        root with an unknown call (``/v1/pixel/trak``) to the app, which may own
+        it; ``"reject"`` records it as an ``unknown_call`` rejection naming the
+        closest call, as the collector does.
 
     .. code-block:: python
 
@@ -124,6 +134,8 @@ class PixelMiddleware:
         rudderstack_response: Literal["seed", "gif"] = "seed",
         durable: bool = True,
         on_record: Callable[[PixelRecord], None] | None = None,
+        debug_routes: bool = False,
+        unknown_calls: Literal["pass", "reject"] = "pass",
     ) -> None:
         if not callable(app):
             raise TypeError(
@@ -135,8 +147,13 @@ class PixelMiddleware:
                 f"PixelMiddleware: on_record must be a callable taking a record, got"
                 f" {type(on_record).__name__}"
             )
+        if not isinstance(debug_routes, bool):
+            raise TypeError(
+                f"PixelMiddleware: debug_routes must be True or False, got {debug_routes!r}"
+            )
         self.app = app
         self.on_record = on_record
+        self.debug_routes = debug_routes
         self.config = _build_config(
             prefix=prefix,
             dialects=dialects,
@@ -144,6 +161,7 @@ class PixelMiddleware:
             trusted_proxies=trusted_proxies,
             limits=limits,
             rudderstack_response=rudderstack_response,
+            unknown_calls=unknown_calls,
         )
         self.recorder: Recorder
         #: The store records go to (read it for what was recorded).
@@ -170,6 +188,8 @@ class PixelMiddleware:
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         path: str = environ.get("PATH_INFO", "")
+        if self.debug_routes and path.startswith(_DEBUG_PREFIX):
+            return self._answer_debug(environ, start_response, path[len(DEBUG_ROOT) :])
         try:
             route = match_route(path, self.config)
         except Exception:
@@ -191,15 +211,7 @@ class PixelMiddleware:
         now = datetime.now(UTC)
         outcome: PixelOutcome | None
         try:
-            request = PixelRequest(
-                method,
-                path,
-                _query_bytes(environ.get("QUERY_STRING", "")),
-                environ.get("REMOTE_ADDR"),
-                environ.get("HTTP_USER_AGENT"),
-                environ.get("HTTP_X_FORWARDED_FOR"),
-                environ.get("HTTP_REFERER"),
-            )
+            request = pixel_request_from_environ(environ, path)
             outcome = decode_pixel(request, config=self.config, now=now)
         except Exception as exc:
             logger.exception("decoding the pixel %s failed; answering the default", path)
@@ -213,6 +225,33 @@ class PixelMiddleware:
             outcome = not_kept_answer(route, method, self.config)
         start_response(_status_line(outcome.status), outcome.headers)
         return [outcome.body]
+
+    def _answer_debug(
+        self, environ: WSGIEnvironment, start_response: StartResponse, path: str
+    ) -> Iterable[bytes]:
+        """A debug twin (``/debug<pixel route>``): the verdict as JSON, nothing recorded."""
+        method: str = environ.get("REQUEST_METHOD", "GET")
+        now = datetime.now(UTC)
+        outcome: PixelOutcome | None
+        try:
+            route = match_route(path, self.config)
+            if route is None:
+                return self.app(environ, start_response)
+            try:
+                outcome = decode_pixel(
+                    pixel_request_from_environ(environ, path), config=self.config, now=now
+                )
+            except Exception as exc:
+                logger.exception("decoding the debug pixel %s failed", path)
+                outcome = self._fallback_outcome(environ, route, method, path, now, exc)
+        except Exception:
+            logger.exception("debug route matching failed for %r; passing it on", path)
+            return self.app(environ, start_response)
+        if outcome is None:
+            return self.app(environ, start_response)
+        status, headers, body = debug_answer(outcome)
+        start_response(_status_line(status), headers)
+        return [b"" if method == "HEAD" else body]
 
     def _keep(self, record: PixelRecord) -> bool:
         """Hand ``record`` to the recorder; whether it was kept."""
@@ -302,6 +341,7 @@ def _build_config(
     trusted_proxies: int,
     limits: Limits,
     rudderstack_response: str,
+    unknown_calls: str,
 ) -> PixelConfig:
     """The core's config; PixelConfig checks every value and says how to fix it."""
     try:
@@ -312,6 +352,7 @@ def _build_config(
             trusted_proxies=trusted_proxies,
             limits=limits,
             rudderstack_response=rudderstack_response,  # type: ignore[arg-type]
+            unknown_calls=unknown_calls,  # type: ignore[arg-type]
         )
     except ValueError as exc:
         raise ValueError(f"PixelMiddleware: {exc}") from exc
@@ -327,6 +368,19 @@ def _as_set(values: Iterable[str]) -> Any:
 
 def _capped(value: str | None, max_chars: int) -> str | None:
     return None if value is None else value[:max_chars]
+
+
+def pixel_request_from_environ(environ: WSGIEnvironment, path: str) -> PixelRequest:
+    """What the core is given of a WSGI request for the pixel route ``path``."""
+    return PixelRequest(
+        environ.get("REQUEST_METHOD", "GET"),
+        path,
+        _query_bytes(environ.get("QUERY_STRING", "")),
+        environ.get("REMOTE_ADDR"),
+        environ.get("HTTP_USER_AGENT"),
+        environ.get("HTTP_X_FORWARDED_FOR"),
+        environ.get("HTTP_REFERER"),
+    )
 
 
 def _query_bytes(query: str) -> bytes:

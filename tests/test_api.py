@@ -344,7 +344,12 @@ def test_debug_twins_decode_without_recording(live: LiveCollector) -> None:
     assert rejected["accepted"] is False
     assert rejected["status"] == 400
     assert [p["rule"] for p in rejected["problems"]] == ["missing_identity"]
-    assert live.get("/debug/v1/pixel/nope").status_code == 404
+    # The collector owns its pixel roots: a mistyped call is a verdict too.
+    mistyped = live.get(f"/debug/v1/pixel/trak?{query}").json()
+    assert (mistyped["accepted"], mistyped["call"]) == (False, "trak")
+    assert [p["rule"] for p in mistyped["problems"]] == ["unknown_call"]
+    assert "track" in mistyped["problems"][0]["message"]
+    assert live.get("/debug/nowhere/track").status_code == 404
     post = requests.post(f"{live.url}/debug/v1/pixel/track?{query}", timeout=5)
     assert (post.status_code, post.headers["Allow"]) == (405, "GET, HEAD")
     assert live.app.store.read() == []

@@ -221,8 +221,24 @@ def test_decode_rejection_lists_problems(capsys: pytest.CaptureFixture[str]) -> 
 
 
 @pytest.mark.parametrize(
-    "url", ["/v1/pixel/buy", "http://example.com/", "/pixel/v1/identify", "/v1/pixel/track/"]
+    ("url", "closest"),
+    [
+        pytest.param("/v1/pixel/trak", "track", id="segment-typo"),
+        pytest.param("/pixel/v1/identify", None, id="rudderstack-has-no-identify-pixel"),
+        pytest.param("/v1/pixel/track/", "track", id="trailing-slash"),
+    ],
 )
+def test_decode_of_a_mistyped_call_says_which_calls_exist(
+    url: str, closest: str | None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, _ = run(capsys, "decode", url)
+    assert status == 1
+    problem = out.splitlines()[1]
+    assert problem.startswith("  problem: [unknown_call] There is no such pixel call:")
+    assert problem.endswith(f"the closest is {closest}." if closest else "are page, track.")
+
+
+@pytest.mark.parametrize("url", ["http://example.com/", "/v2/pixel/track", "/pixel/v2/page"])
 def test_decode_of_a_non_pixel_url_exits_2(url: str, capsys: pytest.CaptureFixture[str]) -> None:
     status, out, err = run(capsys, "decode", url)
     assert status == 2

@@ -98,7 +98,6 @@ def test_pages_forbid_scripts(collector: PixelMiddleware) -> None:
     ("path", "method", "status"),
     [
         pytest.param("/favicon.ico", "GET", 404, id="favicon"),
-        pytest.param("/v1/pixel/nope", "GET", 404, id="unknown-call"),
         pytest.param("/index.html", "GET", 404, id="other-page"),
         pytest.param("/", "POST", 405, id="post-index"),
         pytest.param("/events.json", "DELETE", 405, id="delete-events"),
@@ -110,6 +109,21 @@ def test_other_paths_and_methods(
     response = get(collector, path, method)
     assert response.status_code == status
     assert response.headers.get("Allow") == ("GET, HEAD" if status == 405 else None)
+
+
+def test_a_mistyped_call_is_a_recorded_rejection_naming_the_closest(
+    collector: PixelMiddleware,
+) -> None:
+    response = get(collector, "/pixel/v1/trak?writeKey=wk&anonymousId=a&event=E")
+    assert response.status_code == 400  # as RudderStack answers a rejection
+    assert response.headers["X-Pixel-Rejected"] == "unknown_call"
+    (record,) = records(collector)
+    assert (record["dialect"], record["call"], record["accepted"]) == (
+        "rudderstack",
+        "trak",
+        False,
+    )
+    assert record["problems"][0]["message"].endswith("the closest is track.")
 
 
 # LintMiddleware does not know that a HEAD answer keeps GET's Content-Length.

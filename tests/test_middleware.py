@@ -791,3 +791,80 @@ def test_a_decoder_bug_record_copies_nothing_uncapped(
     assert record["request"]["query"] == query[:100]
     assert (record["request"]["userAgent"], record["request"]["referer"]) == ("u" * 16, "r" * 16)
     assert len(record["problems"][0]["message"]) < 300
+
+
+# --- debug twins and mistyped calls (options) ------------------------------------------
+
+
+def _debug_app(**options: Any) -> PixelMiddleware:
+    def app(environ: Any, start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"the app's own " + environ["PATH_INFO"].encode()]
+
+    return PixelMiddleware(app, store="memory://", **options)
+
+
+def test_debug_routes_are_the_apps_unless_asked_for() -> None:
+    middleware = _debug_app()
+    try:
+        answer = Client(middleware).get("/debug/v1/pixel/track?data=e30")
+        assert answer.get_data() == b"the app's own /debug/v1/pixel/track"
+    finally:
+        middleware.close()
+
+
+def test_debug_routes_answer_the_verdict_and_record_nothing() -> None:
+    middleware = _debug_app(debug_routes=True, write_keys={"wk"})
+    query = "writeKey=wk&anonymousId=a-1&event=Opened&properties.plan=pro"
+    try:
+        client = Client(middleware)
+        answer = client.get(f"/debug/pixel/v1/track?{query}")
+        assert answer.status_code == 200
+        assert answer.headers["Content-Type"] == "application/json"
+        body = json.loads(answer.get_data())
+        assert body["recorded"] is False
+        assert (body["accepted"], body["status"], body["dialect"]) == (True, 200, "rudderstack")
+        assert body["event"]["properties"] == {"plan": "pro"}
+        bad = json.loads(client.get("/debug/pixel/v1/track?writeKey=nope").get_data())
+        assert bad["accepted"] is False
+        assert bad["status"] == 400
+        assert "unknown_write_key" in [p["rule"] for p in bad["problems"]]
+        head = client.head(f"/debug/pixel/v1/track?{query}")
+        assert (head.status_code, head.get_data()) == (200, b"")
+        post = client.post(f"/debug/pixel/v1/track?{query}")
+        assert (post.status_code, post.headers["Allow"]) == (405, "GET, HEAD")
+        # Not a pixel route below /debug: the app's.
+        assert client.get("/debug/other").get_data() == b"the app's own /debug/other"
+        assert middleware.store.read() == []
+    finally:
+        middleware.close()
+
+
+@pytest.mark.parametrize(
+    ("unknown_calls", "expected"),
+    [
+        pytest.param("pass", "app", id="pass-to-the-app"),
+        pytest.param("reject", "rejected", id="reject"),
+    ],
+)
+def test_unknown_calls(unknown_calls: str, expected: str) -> None:
+    middleware = _debug_app(unknown_calls=unknown_calls)
+    try:
+        answer = Client(middleware).get("/v1/pixel/trak?data=e30")
+        records = [record for _, record in middleware.store.read()]
+        if expected == "app":
+            assert answer.get_data() == b"the app's own /v1/pixel/trak"
+            assert records == []
+        else:
+            assert answer.status_code == 200  # Segment answers the GIF whatever it decodes
+            assert [p["rule"] for p in records[0]["problems"]] == ["unknown_call"]
+            assert records[0]["problems"][0]["message"].endswith("the closest is track.")
+    finally:
+        middleware.close()
+
+
+def test_a_bad_unknown_calls_or_debug_routes_fails_at_construction() -> None:
+    with pytest.raises(ValueError, match="unknown_calls"):
+        _debug_app(unknown_calls="ignore")
+    with pytest.raises(TypeError, match="debug_routes must be True or False"):
+        _debug_app(debug_routes="yes")
