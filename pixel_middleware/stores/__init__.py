@@ -244,8 +244,8 @@ def store_url_of_path(text: str) -> str:
             f" {scheme}:////abs/path one from the root (or give the file path alone)"
         )
     suffix = os.path.splitext(text)[1].lower()
-    scheme = _FILE_SUFFIXES.get(suffix)
-    if scheme is None or not text.strip() or "?" in text or "#" in text:
+    file_scheme = _FILE_SUFFIXES.get(suffix)
+    if file_scheme is None or not text.strip() or "?" in text or "#" in text:
         suffixes = ", ".join(_FILE_SUFFIXES)
         known = ", ".join(f"{name}://" for name in store_schemes())
         raise ValueError(
@@ -253,7 +253,7 @@ def store_url_of_path(text: str) -> str:
             f" path ending in {suffixes} (without '?' or '#')"
         )
     # Three slashes, then the absolute path (which starts with its own "/").
-    return f"{scheme}:///{os.path.abspath(os.path.expanduser(text))}"
+    return f"{file_scheme}:///{os.path.abspath(os.path.expanduser(text))}"
 
 
 def _check_parent_directory(url: str, scheme: str) -> None:
