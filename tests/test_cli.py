@@ -103,7 +103,7 @@ def test_serve_help_names_the_server(capsys: pytest.CaptureFixture[str]) -> None
         pytest.param(["events", "--accepted", "--rejected"], "not allowed with", id="verdicts"),
         pytest.param(["events", "--limit", "0"], "1 or more", id="limit"),
         pytest.param(["events", "--format", "csv"], "invalid choice: 'csv'", id="format"),
-        pytest.param(["decode"], "required: URL", id="decode-no-url"),
+        pytest.param(["decode"], "one of the arguments URL --har is required", id="decode-no-url"),
         pytest.param(
             ["decode", "/v1/pixel/track", "--trusted-proxies", "-1"], "0 or more", id="tp"
         ),
