@@ -29,6 +29,7 @@ from pixel_middleware.core import DIALECTS, PixelConfig, PixelRecord, PixelReque
 from pixel_middleware.core import decode_pixel as _decode_pixel
 from pixel_middleware.core import split_target as _split_target
 from pixel_middleware.display import event_name, identity, terminal_json, terminal_text
+from pixel_middleware.har import request_target
 from pixel_middleware.recorder import default_spool_path
 from pixel_middleware.spool import count_spooled
 from pixel_middleware.stores import (
@@ -214,9 +215,17 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     events.add_argument(
         "--format",
-        choices=("table", "jsonl"),
+        choices=("table", "jsonl", "har"),
         default="table",
-        help="aligned columns, or one JSON record per line (default %(default)s)",
+        help="aligned columns, one JSON record per line, or a HAR 1.2 file that DevTools"
+        " and mitmproxy open (default %(default)s)",
+    )
+    events.add_argument(
+        "--base-url",
+        default="http://127.0.0.1:8000",
+        metavar="URL",
+        help="with --format har: the scheme and host the pixels were sent to (%(default)s);"
+        " records keep the path and query only",
     )
     events.set_defaults(command=_events, parser=events)
 
@@ -273,12 +282,21 @@ def _build_parser() -> argparse.ArgumentParser:
 
     decode = sub.add_parser(
         "decode",
-        help="show the record a pixel URL would produce",
-        description="Decode a pixel URL as the collector would, without recording it."
-        " Exit status: 0 accepted, 1 rejected, 2 not a pixel route.",
+        help="show the record a pixel URL (or each pixel in a HAR file) would produce",
+        description="Decode a pixel URL as the collector would, without recording it;"
+        " with --har, every pixel request in a HAR file (Chrome's or Firefox's DevTools"
+        " export, mitmproxy's hardump, events --format har), other requests counted and"
+        " passed over. Exit status: 0 accepted (every one), 1 rejected (any), 2 not a"
+        " pixel route (no pixel in the file, or not a HAR file).",
     )
-    decode.add_argument("url", metavar="URL", help="full URL or path?query")
-    decode.add_argument("--json", action="store_true", help="print the record as JSON")
+    target = decode.add_mutually_exclusive_group(required=True)
+    target.add_argument("url", metavar="URL", nargs="?", help="full URL or path?query")
+    target.add_argument("--har", metavar="FILE", help="a HAR file (- : stdin) instead of one URL")
+    decode.add_argument(
+        "--json",
+        action="store_true",
+        help="print the record as JSON (with --har: a JSON list of the records)",
+    )
     decode.add_argument(
         "--write-key",
         dest="write_keys",
@@ -652,6 +670,10 @@ def _events(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from pixel_middleware.record_filter import RecordFilter, parse_filter
 
     params = _filter_params(args, parser)
+    if args.format == "har" and args.follow:
+        parser.error("--format har writes one document: it cannot --follow")
+    if args.format == "har":
+        _check_base_url(args.base_url, parser)
     try:
         # Reading never creates a store: a typo in the path is an error, not an
         # empty store left behind.
@@ -676,6 +698,9 @@ def _events(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             rows = store.read(limit=args.limit, **filters)
             last = rows[-1][0] if rows else None
         _print_spool_size(store)
+        if args.format == "har":
+            _print_har(out, [r for _, r in rows], args.base_url)
+            return 0
         widths = _print_records(out, [r for _, r in rows], args.format, header=True)
         if not args.follow:
             return 0
@@ -714,6 +739,34 @@ def _print_spool_size(store: Store) -> None:
             " them; the next collector run here hands them on",
             file=sys.stderr,
         )
+
+
+def _print_har(out: TextIO, records: list[PixelRecord], base_url: str) -> None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from pixel_middleware.har import records_to_har
+
+    try:
+        creator_version = version("pixel-middleware")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        creator_version = "0"
+    har = records_to_har(records, base_url=base_url, creator_version=creator_version)
+    # ensure_ascii: no raw control or bidi characters reach the terminal.
+    out.write(json.dumps(har, indent=2, ensure_ascii=True) + "\n")
+    out.flush()
+
+
+def _check_base_url(url: str, parser: argparse.ArgumentParser) -> None:
+    scheme, sep, host = url.partition("://")
+    if (
+        scheme not in ("http", "https")
+        or not sep
+        or not host
+        or any(c in host for c in "?#")
+        or not host.isprintable()
+        or " " in host
+    ):
+        parser.error("--base-url must be http://HOST[:PORT] or https://HOST[:PORT]")
 
 
 def _print_records(
@@ -834,7 +887,9 @@ def _decode(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         )
     except ValueError as exc:
         parser.error(str(exc))
-    path, query = _split_target(_target(args.url))
+    if args.har is not None:
+        return _decode_har(args, parser, config)
+    path, query = _split_target(request_target(args.url))
     outcome = _decode_pixel(
         PixelRequest("GET", path, query, args.peer, None, args.forwarded_for),
         config=config,
@@ -856,20 +911,59 @@ def _decode(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0 if record["accepted"] else 1
 
 
-def _target(url: str) -> bytes:
-    """The request target (path and query) of a full URL, as raw bytes."""
-    raw = url.strip().encode("utf-8", "surrogateescape")
-    scheme, sep, rest = raw.partition(b"://")
-    if sep and scheme.isalpha():
-        # Drop the authority: everything up to the first "/", "?" or "#".
-        for i, byte in enumerate(rest):
-            if byte in b"/?#":
-                rest = rest[i:]
-                break
+def _decode_har(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, config: PixelConfig
+) -> int:
+    """``decode --har FILE``: each pixel's verdict (or all the records as a JSON list)."""
+    from pixel_middleware.har import MAX_HAR_BYTES, HarError, read_har
+
+    try:
+        if args.har == "-":
+            data = sys.stdin.buffer.read(MAX_HAR_BYTES + 1)
         else:
-            rest = b"/"
-        raw = rest if rest.startswith(b"/") else b"/" + rest
-    return raw.partition(b"#")[0]
+            with open(args.har, "rb") as file:
+                data = file.read(MAX_HAR_BYTES + 1)
+    except OSError as exc:
+        print(
+            f"{parser.prog}: cannot read {terminal_text(args.har)}: {exc.strerror}",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        reading = read_har(data, config=config)
+    except HarError as exc:
+        print(f"{parser.prog}: {terminal_text(args.har)}: {exc}", file=sys.stderr)
+        return 2
+    pixels = reading.pixels
+    rejected = sum(1 for pixel in pixels if not pixel.record["accepted"])
+    others = f"{reading.skipped} other request(s) passed over"
+    if reading.malformed:
+        others += f", {reading.malformed} entry(ies) with no usable request"
+    tally = (
+        f"{len(pixels)} pixel(s): {len(pixels) - rejected} accepted, {rejected} rejected; {others}"
+    )
+    if not pixels:
+        print(
+            f"{parser.prog}: {terminal_text(args.har)}: holds no pixel request ({others})",
+            file=sys.stderr,
+        )
+        return 2
+    if args.json:
+        print(json.dumps([pixel.record for pixel in pixels], indent=2, ensure_ascii=True))
+        print(tally, file=sys.stderr)
+    else:
+        for pixel in pixels:
+            status = f" -> {pixel.status}" if pixel.status is not None else ""
+            shown = pixel.url if len(pixel.url) <= _URL_CHARS else pixel.url[: _URL_CHARS - 1] + "…"
+            print(terminal_text(f"entry {pixel.index + 1}: {pixel.method} {shown}{status}"))
+            print(_summary(pixel.record))
+            print()
+        print(tally)
+    return 1 if rejected else 0
+
+
+# The longest request URL a `decode --har` block heads with.
+_URL_CHARS = 200
 
 
 def _summary(record: PixelRecord) -> str:

@@ -103,7 +103,7 @@ def test_serve_help_names_the_server(capsys: pytest.CaptureFixture[str]) -> None
         pytest.param(["events", "--accepted", "--rejected"], "not allowed with", id="verdicts"),
         pytest.param(["events", "--limit", "0"], "1 or more", id="limit"),
         pytest.param(["events", "--format", "csv"], "invalid choice: 'csv'", id="format"),
-        pytest.param(["decode"], "required: URL", id="decode-no-url"),
+        pytest.param(["decode"], "one of the arguments URL --har is required", id="decode-no-url"),
         pytest.param(
             ["decode", "/v1/pixel/track", "--trusted-proxies", "-1"], "0 or more", id="tp"
         ),
@@ -924,3 +924,149 @@ def test_serve_allow_reset_lets_the_api_clear_a_sqlite_store(
         assert after["total"] == (0 if status == 200 else 1)
     finally:
         collector.stop(signal.SIGTERM)
+
+
+# --- decode --har and events --format har --------------------------------------------------
+
+HAR_FIXTURES = Path(__file__).parent / "fixtures" / "har"
+
+
+def test_decode_har_prints_a_block_per_pixel_and_exits_1_when_any_was_rejected(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    status, out, err = run(capsys, "decode", "--har", str(HAR_FIXTURES / "chromium.har"))
+    assert (status, err) == (1, "")
+    blocks = out.split("\n\n")
+    assert [block.split("\n")[1] for block in blocks[:4]] == [
+        "accepted: segment track (writeKey wk_fixture)",
+        "accepted: rudderstack page (writeKey wk_fixture)",
+        "rejected: rudderstack track (writeKey wk_fixture)",
+        "rejected: segment identify (writeKey wk_fixture)",
+    ]
+    assert blocks[0].startswith("entry 2: GET http://127.0.0.1:")
+    assert out.endswith("4 pixel(s): 2 accepted, 2 rejected; 1 other request(s) passed over\n")
+
+
+def test_decode_har_json_is_a_list_of_the_records(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = run(capsys, "decode", "--json", "--har", str(HAR_FIXTURES / "mitmproxy.har"))
+    records = json.loads(out)
+    assert status == 1
+    assert [(r["call"], r["accepted"]) for r in records] == [
+        ("track", True),
+        ("page", True),
+        ("track", False),
+        ("identify", False),
+    ]
+    assert "3 other request(s) passed over" in err
+
+
+def test_decode_har_exit_0_when_every_pixel_was_accepted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    document = json.loads((HAR_FIXTURES / "chromium.har").read_text())
+    document["log"]["entries"] = document["log"]["entries"][:3]  # the page and 2 accepted
+    path = tmp_path / "accepted.har"
+    path.write_text(json.dumps(document))
+    status, out, _ = run(capsys, "decode", "--har", str(path))
+    assert status == 0
+    assert out.endswith("2 pixel(s): 2 accepted, 0 rejected; 1 other request(s) passed over\n")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"<html>\x1b[31m", "not a HAR file: not valid JSON (line 1, column 1)"),
+        (
+            b'{"log": {"entries": [{"request": {"method": "GET", "url": "http://h/"}}, 7]}}',
+            "holds no pixel request (1 other request(s) passed over,"
+            " 1 entry(ies) with no usable request)",
+        ),
+    ],
+    ids=["not-json", "no-pixel"],
+)
+def test_decode_har_exit_2_with_one_line_for_no_pixel_or_not_a_har(
+    content: bytes, message: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "x.har"
+    path.write_bytes(content)
+    done = subprocess.run(
+        [*CLI, "decode", "--har", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == f"pixel-middleware decode: {path}: {message}\n"
+
+
+def test_decode_har_of_a_missing_file_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = run(capsys, "decode", "--har", "/nonexistent/x.har")
+    assert (status, out) == (2, "")
+    assert (
+        err
+        == "pixel-middleware decode: cannot read /nonexistent/x.har: No such file or directory\n"
+    )
+
+
+def test_decode_har_escapes_what_the_file_holds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    entry = {"request": {"method": "GET", "url": "http://h/v1/pixel/page?userId=\x1b[2J"}}
+    path = tmp_path / "x.har"
+    path.write_text(json.dumps({"log": {"entries": [entry]}}))
+    status, out, _ = run(capsys, "decode", "--har", str(path))
+    assert status == 1  # no writeKey
+    assert "\x1b" not in out
+    assert "entry 1: GET http://h/v1/pixel/page?userId=\\x1b[2J" in out
+
+
+def test_decode_takes_a_url_or_har_not_both(capsys: pytest.CaptureFixture[str]) -> None:
+    status, _, err = run(capsys, "decode", "/v1/pixel/page", "--har", "x.har")
+    assert status == 2
+    assert "not allowed with argument" in err
+
+
+@pytest.mark.mitmproxy
+def test_events_har_opens_in_mitmproxy_and_decodes_back_to_the_same_records(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mitmproxy.io.har import request_to_flow
+
+    store_url = f"sqlite:///{tmp_path}/s.sqlite3"
+    records = [
+        make_record("/v1/pixel/track?" + segment("track", {"userId": "u", "event": "Opened"})[17:]),
+        make_record("/pixel/v1/track?writeKey=k&anonymousId=a"),
+        make_record("/pixel/v1/page?writeKey=k&anonymousId=a&name=P&properties.x=%E2%9C%93"),
+    ]
+    store = open_store(store_url)
+    store.write(records)
+    store.close()
+    status, out, _ = run(
+        capsys, "events", "--store", store_url, "--format", "har", "--base-url", "https://px.test"
+    )
+    assert status == 0
+    path = tmp_path / "events.har"
+    path.write_text(out)
+    entries = json.loads(out)["log"]["entries"]
+    flows = [request_to_flow(entry) for entry in entries]
+    assert [f.request.pretty_url for f in flows] == [
+        "https://px.test" + r["request"]["path"] + "?" + r["request"]["query"] for r in records
+    ]
+    assert [f.response.status_code for f in flows if f.response] == [200, 400, 200]
+    # mitmdump itself reads the file (and would exit non-zero on a bad one).
+    mitmdump = Path(sys.executable).with_name("mitmdump")
+    done = subprocess.run(
+        [str(mitmdump), "-n", "-q", "-r", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert (done.returncode, done.stderr) == (0, "")
+    status, out, _ = run(capsys, "decode", "--json", "--har", str(path))
+    assert status == 1
+    assert json.loads(out) == records
+
+
+def test_events_har_cannot_follow_and_checks_its_base_url(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    status, _, err = run(capsys, "events", "--format", "har", "--follow")
+    assert status == 2
+    assert "cannot --follow" in err
+    status, _, err = run(capsys, "events", "--format", "har", "--base-url", "ftp://x")
+    assert status == 2
+    assert "--base-url must be" in err

@@ -144,7 +144,9 @@ def through(
             id="store",
         ),
         pytest.param(
-            {"pixel_store": "nonsense"}, r"pixel_store: .*no scheme", id="store-no-scheme"
+            {"pixel_store": "nonsense"},
+            r"pixel_store: .*neither a store URL",
+            id="store-no-scheme",
         ),
         pytest.param(
             {"pixel_dialects": ["segment", "amp"]},

@@ -90,7 +90,9 @@ def test_open_store_picks_the_store_by_scheme(
     ("url", "message"),
     [
         pytest.param("mysql://db/pixels", r"unknown store URL scheme 'mysql'", id="unknown"),
-        pytest.param("pixels.sqlite3", r"has no scheme", id="bare-path"),
+        pytest.param("pixels.txt", r"neither a store URL .* nor a file path", id="bare-path"),
+        pytest.param("pixels?.jsonl", r"without '\?' or '#'", id="path-with-query"),
+        pytest.param("sqlite:pixels.sqlite3", r"needs '//' after 'sqlite:'", id="no-slashes"),
         pytest.param("://x", r"has no scheme", id="empty-scheme"),
         pytest.param("memory://somewhere", r"just 'memory://'", id="memory-with-host"),
         pytest.param("sqlite://", r"names no file", id="sqlite-no-path"),
@@ -748,3 +750,67 @@ def test_a_forwarding_outbox_that_cannot_be_written_fails_at_open(tmp_path: Path
     ForwardStore(url, outbox=outbox).close()
     with unwritable(outbox), pytest.raises(StoreError, match=f"{outbox} cannot be written"):
         ForwardStore(url, outbox=outbox)
+
+
+@pytest.mark.parametrize(
+    ("name", "store_type"),
+    [
+        ("events.sqlite3", SQLiteStore),
+        ("events.sqlite", SQLiteStore),
+        ("events.DB", SQLiteStore),
+        ("events.jsonl", JSONLStore),
+    ],
+)
+def test_a_plain_file_path_is_a_store_chosen_by_its_suffix(
+    name: str, store_type: type[Store], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for text in (f"./{name}", str(tmp_path / name)):
+        opened = open_store(text)
+        try:
+            assert isinstance(opened, store_type)
+            # Made absolute: what is shown is where the file is.
+            scheme = "jsonl" if store_type is JSONLStore else "sqlite"
+            assert opened.url == f"{scheme}:///{tmp_path}/{name}"
+            assert opened.path == str(tmp_path / name)
+        finally:
+            opened.close()
+    # Both spellings named the one file (a SQLite store keeps -wal, -shm, -writer.lock by it).
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(name + "-")] == [name]
+
+
+def test_the_sqlite_colon_form_explains_the_three_slashes() -> None:
+    with pytest.raises(ValueError, match="needs '//'") as caught:
+        open_store("sqlite:pixels.sqlite3")
+    assert str(caught.value) == (
+        "store URL 'sqlite:pixels.sqlite3' needs '//' after 'sqlite:': sqlite:///pixels.sqlite3"
+        " is pixels.sqlite3 relative to the working directory, sqlite:////abs/path one from"
+        " the root (or give the file path alone)"
+    )
+
+
+@pytest.mark.parametrize("form", ["url", "path"])
+@pytest.mark.parametrize("suffix", ["sqlite3", "jsonl"])
+def test_a_missing_parent_directory_is_named(form: str, suffix: str, tmp_path: Path) -> None:
+    scheme = "sqlite" if suffix == "sqlite3" else "jsonl"
+    missing = tmp_path / "no" / "such"
+    target = missing / f"p.{suffix}"
+    text = f"{scheme}:///{target}" if form == "url" else str(target)
+    with pytest.raises(StoreError) as caught:
+        open_store(text)
+    assert str(caught.value) == (
+        f"the directory {missing} does not exist, so the store file p.{suffix} cannot be"
+        f" created there: create it (mkdir -p {missing}) or choose another path"
+    )
+    assert not (tmp_path / "no").exists()
+    # One level up exists: the boundary where it works.
+    missing.mkdir(parents=True)
+    open_store(text).close()
+    assert target.exists()
+
+
+def test_a_reader_of_a_store_in_a_missing_directory_is_told_it_does_not_exist(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(StoreNotFoundError):
+        open_store(str(tmp_path / "no" / "p.sqlite3"), create=False)

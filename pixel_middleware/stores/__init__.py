@@ -13,6 +13,10 @@ absolute one::
     sqlite:////var/lib/pixels.sqlite3   /var/lib/pixels.sqlite3
     jsonl:///events.jsonl               ./events.jsonl
 
+A plain file path is a store too, chosen by its suffix (``.sqlite3``,
+``.sqlite``, ``.db``, ``.jsonl``) and made absolute: ``./events.sqlite3``,
+``/var/lib/pixels.jsonl``.
+
 Usage::
 
     store = open_store("sqlite:///pixels.sqlite3")
@@ -51,6 +55,7 @@ __all__ = [
     "redact_url",
     "store_identity",
     "store_schemes",
+    "store_url_of_path",
 ]
 
 DEFAULT_STORE_URL = "sqlite:///pixel-events.sqlite3"
@@ -179,6 +184,7 @@ def open_store(url: str | None = None, *, create: bool = True) -> Store:
     """
     if url is None:
         url = os.environ.get(STORE_ENV_VAR) or DEFAULT_STORE_URL
+    url = store_url_of_path(url)
     scheme, sep, _ = url.partition("://")
     known = ", ".join(f"{name}://" for name in store_schemes())
     if not sep or not scheme:
@@ -199,11 +205,67 @@ def open_store(url: str | None = None, *, create: bool = True) -> Store:
         raise ValueError(
             f"the {scheme}:// store needs {exc.name or 'a missing module'}{hint}"
         ) from exc
+    if create and entry.takes_create and scheme.lower() in _FILE_SUFFIXES.values():
+        _check_parent_directory(url, scheme.lower())
     factory: Any = module
     for name in entry.factory.split("."):
         factory = getattr(factory, name)
     store: Store = factory(url, create=create) if entry.takes_create else factory(url)
     return store
+
+
+# A plain file path is a store too, chosen by its suffix.
+_FILE_SUFFIXES: dict[str, str] = {
+    ".sqlite3": "sqlite",
+    ".sqlite": "sqlite",
+    ".db": "sqlite",
+    ".jsonl": "jsonl",
+}
+
+
+def store_url_of_path(text: str) -> str:
+    """The store URL for ``text``: a URL as it is, or a plain file path made into one.
+
+    ``./events.sqlite3``, ``/var/lib/pixels.jsonl``: the store is chosen by the
+    suffix (``.sqlite3``, ``.sqlite``, ``.db``: SQLite; ``.jsonl``: JSON Lines) and
+    the path made absolute, so that what is shown is where the file is.
+    ``sqlite:pixels.sqlite3`` (a scheme without ``//``) raises ``ValueError``
+    explaining the ``///`` form; so does a path with another suffix.
+    """
+    if "://" in text:
+        return text
+    head, colon, rest = text.partition(":")
+    if colon and head.lower() in _SCHEMES and "/" not in head:
+        scheme = head.lower()
+        example = rest.lstrip("/") or "pixels.sqlite3"
+        raise ValueError(
+            f"store URL {redact_url(text)!r} needs '//' after '{scheme}:':"
+            f" {scheme}:///{example} is {example} relative to the working directory,"
+            f" {scheme}:////abs/path one from the root (or give the file path alone)"
+        )
+    suffix = os.path.splitext(text)[1].lower()
+    file_scheme = _FILE_SUFFIXES.get(suffix)
+    if file_scheme is None or not text.strip() or "?" in text or "#" in text:
+        suffixes = ", ".join(_FILE_SUFFIXES)
+        known = ", ".join(f"{name}://" for name in store_schemes())
+        raise ValueError(
+            f"store {redact_url(text)!r} is neither a store URL ({known}) nor a file"
+            f" path ending in {suffixes} (without '?' or '#')"
+        )
+    # Three slashes, then the absolute path (which starts with its own "/").
+    return f"{file_scheme}:///{os.path.abspath(os.path.expanduser(text))}"
+
+
+def _check_parent_directory(url: str, scheme: str) -> None:
+    """A store file's directory must exist: say so, naming it, instead of ENOENT."""
+    path, _ = _file_url_parts(url, scheme)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise StoreError(
+            f"the directory {directory} does not exist, so the store file"
+            f" {os.path.basename(path)} cannot be created there: create it"
+            f" (mkdir -p {directory}) or choose another path"
+        )
 
 
 # Query parameters whose values are secrets, compared without case and without
