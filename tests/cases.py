@@ -1354,6 +1354,6 @@ BODY_CASES: tuple[Case, ...] = (
         _json({"anonymousId": "a1", "event": "Clicked"}),
         ("track",),
         headers={"Authorization": _basic(WRITE_KEY)},
-        dialects=["rudderstack"],
+        dialects=frozenset({"rudderstack"}),
     ),
 )
