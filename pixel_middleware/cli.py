@@ -127,6 +127,15 @@ def _build_parser() -> argparse.ArgumentParser:
         " or 400) or as rudder-server does (gif: the GIF for everything); default %(default)s",
     )
     serve.add_argument(
+        "--route",
+        action="append",
+        default=[],
+        dest="routes",
+        metavar="PATH=DIALECT[:CALL]",
+        help="a custom route, e.g. /t.gif=segment:track or px.example.com/t.gif=segment:track;"
+        " a PATH ending in / takes the call from the rest of the path (repeatable)",
+    )
+    serve.add_argument(
         "--fire-and-forget",
         action="store_true",
         help="answer before the record is committed (faster; a crash loses what is queued)",
@@ -441,6 +450,19 @@ def _filter_params(
 # --- serve -------------------------------------------------------------------
 
 
+def _route_options(entries: list[str]) -> dict[str, str] | None:
+    """``--route PATH=DIALECT[:CALL]`` options as ``PixelConfig.custom_paths``."""
+    routes: dict[str, str] = {}
+    for entry in entries:
+        where, equals, target = entry.rpartition("=")
+        if not equals or not where:
+            raise ValueError(
+                f"--route: {entry!r} is not PATH=DIALECT[:CALL], e.g. /t.gif=segment:track"
+            )
+        routes[where] = target
+    return routes or None
+
+
 def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import logging
 
@@ -452,11 +474,13 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     # Every option is checked before the store is opened: a mistake on the
     # command line must not leave an empty store file behind.
     try:
+        routes = _route_options(args.routes)
         PixelConfig(
             prefix=args.prefix,
             write_keys=frozenset(args.write_keys) if args.write_keys else None,
             trusted_proxies=args.trusted_proxies,
             rudderstack_response=args.rudderstack_response,
+            custom_paths=routes,
         )
         read_token = args.read_token
         if read_token is None and not args.public_reads:
@@ -489,6 +513,7 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             prefix=args.prefix,
             trusted_proxies=args.trusted_proxies,
             rudderstack_response=args.rudderstack_response,
+            routes=routes,
             durable=not args.fire_and_forget,
             read_token=read_token,
             public_reads=args.public_reads,

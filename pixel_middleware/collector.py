@@ -55,7 +55,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -156,6 +156,7 @@ def create_app(
     trusted_proxies: int = 0,
     limits: Limits = _DEFAULT_LIMITS,
     rudderstack_response: Literal["seed", "gif"] = "seed",
+    routes: Mapping[str, str] | None = None,
     durable: bool = True,
     on_record: Callable[[PixelRecord], None] | None = None,
     read_token: str | None = None,
@@ -207,6 +208,7 @@ def create_app(
         trusted_proxies=trusted_proxies,
         limits=limits,
         rudderstack_response=rudderstack_response,
+        routes=routes,
         durable=durable,
         on_record=notify_then_call,
         # The collector owns its pixel roots: a mistyped call is a recorded

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Literal
@@ -55,8 +55,10 @@ class PixelMiddleware:
 
     Requests to a pixel route (``/v1/pixel/<call>`` for Segment,
     ``/pixel/v1/page`` and ``/pixel/v1/track`` for RudderStack, under
-    ``prefix``) are decoded, checked and recorded, and answered as the reference
-    systems answer them; every other request is passed to ``app`` untouched.
+    ``prefix``) and POSTs to their HTTP APIs (``/v1/track``, ``/v1/batch``,
+    ``/beacon/v1/batch``, ...; every event of the body) are decoded, checked
+    and recorded, and answered as the reference systems answer them; every
+    other request is passed to ``app`` untouched, its body unread.
     A pixel never gets a 500: bad input becomes a recorded, explained
     rejection, and even a failing store or a bug in the decoder still gets the
     dialect's normal answer (the GIF for Segment). Only a pixel that cannot be
@@ -78,6 +80,10 @@ class PixelMiddleware:
     :param rudderstack_response: ``"seed"`` answers RudderStack pixels as its
         Pixel API document says (``200 OK`` / ``400``); ``"gif"`` answers the
         GIF for everything, as rudder-server does.
+    :param routes: Custom routes, a path (or ``"host/path"``) to
+        ``"dialect:call"``, e.g. ``{"/t.gif": "segment:track"}``; a path ending
+        in ``/`` to ``"dialect"`` takes the call from the rest of the path. See
+        docs/dialects.md, "Custom routes".
     :param durable: ``True`` (the default) answers a pixel only once its record
         is committed; ``False`` queues it and answers at once (faster; a crash
         loses what is queued). Ignored when ``store`` is a Recorder.
@@ -132,6 +138,7 @@ class PixelMiddleware:
         trusted_proxies: int = 0,
         limits: Limits = _DEFAULT_LIMITS,
         rudderstack_response: Literal["seed", "gif"] = "seed",
+        routes: Mapping[str, str] | None = None,
         durable: bool = True,
         on_record: Callable[[PixelRecord], None] | None = None,
         debug_routes: bool = False,
@@ -162,6 +169,7 @@ class PixelMiddleware:
             limits=limits,
             rudderstack_response=rudderstack_response,
             unknown_calls=unknown_calls,
+            routes=routes,
         )
         self.recorder: Recorder
         #: The store records go to (read it for what was recorded).
@@ -191,7 +199,12 @@ class PixelMiddleware:
         if self.debug_routes and path.startswith(_DEBUG_PREFIX):
             return self._answer_debug(environ, start_response, path[len(DEBUG_ROOT) :])
         try:
-            route = match_route(path, self.config)
+            route = match_route(
+                path,
+                self.config,
+                method=environ.get("REQUEST_METHOD", "GET"),
+                host=environ.get("HTTP_HOST"),
+            )
         except Exception:
             # Not knowing whether the path is ours, leave it to the app.
             logger.exception("pixel route matching failed for %r; passing it on", path)
@@ -211,7 +224,9 @@ class PixelMiddleware:
         now = datetime.now(UTC)
         outcome: PixelOutcome | None
         try:
-            request = pixel_request_from_environ(environ, path)
+            request = pixel_request_from_environ(
+                environ, path, body_limits=self.config.limits if route.body else None
+            )
             outcome = decode_pixel(request, config=self.config, now=now)
         except Exception as exc:
             logger.exception("decoding the pixel %s failed; answering the default", path)
@@ -220,8 +235,9 @@ class PixelMiddleware:
             # The core changed its mind about the route: the app may know the path.
             return self.app(environ, start_response)
 
-        record = outcome.record
-        if record is not None and not self._keep(record):
+        # Every record is handed on, even after one could not be kept.
+        kept = [self._keep(record) for record in outcome.records]
+        if not all(kept):
             outcome = not_kept_answer(route, method, self.config)
         start_response(_status_line(outcome.status), outcome.headers)
         return [outcome.body]
@@ -234,13 +250,14 @@ class PixelMiddleware:
         now = datetime.now(UTC)
         outcome: PixelOutcome | None
         try:
-            route = match_route(path, self.config)
+            route = match_route(path, self.config, method=method, host=environ.get("HTTP_HOST"))
             if route is None:
                 return self.app(environ, start_response)
             try:
-                outcome = decode_pixel(
-                    pixel_request_from_environ(environ, path), config=self.config, now=now
+                request = pixel_request_from_environ(
+                    environ, path, body_limits=self.config.limits if route.body else None
                 )
+                outcome = decode_pixel(request, config=self.config, now=now)
             except Exception as exc:
                 logger.exception("decoding the debug pixel %s failed", path)
                 outcome = self._fallback_outcome(environ, route, method, path, now, exc)
@@ -284,7 +301,7 @@ class PixelMiddleware:
         not even this record can grow with the request.
         """
         outcome = default_answer(route, method, self.config)
-        if method != "GET":
+        if method != "GET" and not route.body:
             return outcome
         limits = self.config.limits
         # WSGI text is latin-1 (one character per byte): cutting it cuts bytes.
@@ -342,6 +359,7 @@ def _build_config(
     limits: Limits,
     rudderstack_response: str,
     unknown_calls: str,
+    routes: Mapping[str, str] | None,
 ) -> PixelConfig:
     """The core's config; PixelConfig checks every value and says how to fix it."""
     try:
@@ -353,6 +371,7 @@ def _build_config(
             limits=limits,
             rudderstack_response=rudderstack_response,  # type: ignore[arg-type]
             unknown_calls=unknown_calls,  # type: ignore[arg-type]
+            custom_paths=routes,
         )
     except ValueError as exc:
         raise ValueError(f"PixelMiddleware: {exc}") from exc
@@ -366,12 +385,46 @@ def _as_set(values: Iterable[str]) -> Any:
     return frozenset(values)
 
 
+def _read_body(environ: WSGIEnvironment, limits: Limits) -> bytes:
+    """At most ``max_body_bytes + 1`` bytes of a POST body (one more says "too large").
+
+    Bounded by ``Content-Length``; without one, read only from a server that
+    says the input ends (``wsgi.input_terminated``), else nothing.
+    """
+    cap = limits.max_body_bytes + 1
+    stream = environ.get("wsgi.input")
+    if stream is None:
+        return b""
+    length_text = environ.get("CONTENT_LENGTH") or ""
+    if length_text.strip().isdigit():
+        wanted = min(int(length_text), cap)
+    elif environ.get("wsgi.input_terminated"):
+        wanted = cap
+    else:
+        return b""
+    chunks: list[bytes] = []
+    while wanted > 0:
+        chunk = stream.read(min(wanted, 64 * 1024))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        wanted -= len(chunk)
+    return b"".join(chunks)
+
+
 def _capped(value: str | None, max_chars: int) -> str | None:
     return None if value is None else value[:max_chars]
 
 
-def pixel_request_from_environ(environ: WSGIEnvironment, path: str) -> PixelRequest:
-    """What the core is given of a WSGI request for the pixel route ``path``."""
+def pixel_request_from_environ(
+    environ: WSGIEnvironment, path: str, *, body_limits: Limits | None = None
+) -> PixelRequest:
+    """What the core is given of a WSGI request for the pixel route ``path``.
+
+    ``body_limits``: the route takes a body (the HTTP API's POST routes), read
+    up to these limits; ``None`` reads none (never for a request that is not a
+    pixel: the app gets its body untouched).
+    """
     return PixelRequest(
         environ.get("REQUEST_METHOD", "GET"),
         path,
@@ -380,6 +433,10 @@ def pixel_request_from_environ(environ: WSGIEnvironment, path: str) -> PixelRequ
         environ.get("HTTP_USER_AGENT"),
         environ.get("HTTP_X_FORWARDED_FOR"),
         environ.get("HTTP_REFERER"),
+        body=b"" if body_limits is None else _read_body(environ, body_limits),
+        content_encoding=environ.get("HTTP_CONTENT_ENCODING"),
+        authorization=environ.get("HTTP_AUTHORIZATION"),
+        host=environ.get("HTTP_HOST"),
     )
 
 

@@ -79,6 +79,7 @@ _CONFIG_OPTIONS: Final = frozenset(
         "pixel_write_keys",
         "pixel_trusted_proxies",
         "pixel_rudderstack_response",
+        "pixel_routes",
     }
 )
 _RUDDERSTACK_RESPONSES: Final = ("seed", "gif")
@@ -112,7 +113,8 @@ class PixelCapture:
         self._recorder: Recorder | None = None
         # Records decoded in ``request`` whose outcome (response or error) is not
         # known yet, by flow id.
-        self._pending: dict[str, tuple[http.HTTPFlow, PixelRecord]] = {}
+        # A batch body makes several records, all for the one flow.
+        self._pending: dict[str, tuple[http.HTTPFlow, list[PixelRecord]]] = {}
         self._view = PixelContentview(self)
         # Whether mitmproxy has configured the addon once (loaded it).
         self._loaded = False
@@ -202,6 +204,16 @@ class PixelCapture:
             """,
             choices=_RUDDERSTACK_RESPONSES,
         )
+        loader.add_option(
+            "pixel_routes",
+            Sequence[str],
+            [],
+            """
+            Custom routes, each PATH=DIALECT[:CALL] or HOST/PATH=DIALECT[:CALL]
+            (e.g. /t.gif=segment:track); a PATH ending in / maps a root whose
+            rest is the call (/collect/=segment).
+            """,
+        )
         contentviews.add(self._view)
 
     def configure(self, updated: set[str]) -> None:
@@ -278,6 +290,7 @@ class PixelCapture:
                 write_keys=frozenset(opts.pixel_write_keys) if opts.pixel_write_keys else None,
                 trusted_proxies=opts.pixel_trusted_proxies,
                 rudderstack_response=opts.pixel_rudderstack_response,
+                custom_paths=_routes_option(opts.pixel_routes),
             )
         except ValueError as e:
             raise _options_error(f"pixel options: {e}") from e
@@ -320,12 +333,13 @@ class PixelCapture:
         # Pixels still waiting for the collector are recorded too: seen, not answered.
         pending, self._pending = self._pending, {}
         not_queued = 0
-        for flow, record in pending.values():
-            record.setdefault("upstream", {"error": "mitmproxy stopped before the answer"})
-            self._show(flow, record)
-            # offer(), not record(): a full queue would wait for the store.
-            if self._recorder is not None and not self._recorder.offer(record):
-                not_queued += 1
+        for flow, records in pending.values():
+            for record in records:
+                record.setdefault("upstream", {"error": "mitmproxy stopped before the answer"})
+                self._show(flow, record)
+                # offer(), not record(): a full queue would wait for the store.
+                if self._recorder is not None and not self._recorder.offer(record):
+                    not_queued += 1
         if not_queued:
             logger.error("pixel: %d record(s) not written: the store is not keeping up", not_queued)
         if self.records:
@@ -350,7 +364,10 @@ class PixelCapture:
         # and an ad tag may point at any collector host.
         path, query = split_target(flow.request.data.path)
         config = self.config
-        if match_route(path, config) is None:
+        if (
+            match_route(path, config, method=flow.request.method, host=flow.request.host_header)
+            is None
+        ):
             return
         if self._filter is not None and not self._filter(flow):
             return
@@ -378,38 +395,39 @@ class PixelCapture:
                 [(k.encode("latin-1"), v.encode("latin-1")) for k, v in outcome.headers],
             )
             answered_locally = True
-        if outcome.record is None:  # HEAD and other methods are answered, not recorded
+        if not outcome.records:  # HEAD and other methods are answered, not recorded
             return
-        record = outcome.record.copy()
-        if answered_locally:
-            record["upstream"] = {"answeredLocally": True}
-        self._pending[flow.id] = (flow, record)
-        self._annotate(flow, record)
+        records = [record.copy() for record in outcome.records]
+        for record in records:
+            if answered_locally:
+                record["upstream"] = {"answeredLocally": True}
+            self._annotate(flow, record)
+        self._pending[flow.id] = (flow, records)
 
     async def response(self, flow: http.HTTPFlow) -> None:
         # It fires for flows answered locally too; only those we decoded are ours.
         pending = self._pending.pop(flow.id, None)
         if pending is None:
             return
-        record = pending[1]
-        if "upstream" not in record and flow.response is not None:
-            resp = flow.response
-            end = resp.timestamp_end or resp.timestamp_start
-            record["upstream"] = {
-                "status": resp.status_code,
-                "contentType": resp.headers.get("content-type"),
-                "ms": round((end - (flow.request.timestamp_end or end)) * 1000, 1),
-            }
-        await self._finish(flow, record)
+        for record in pending[1]:
+            if "upstream" not in record and flow.response is not None:
+                resp = flow.response
+                end = resp.timestamp_end or resp.timestamp_start
+                record["upstream"] = {
+                    "status": resp.status_code,
+                    "contentType": resp.headers.get("content-type"),
+                    "ms": round((end - (flow.request.timestamp_end or end)) * 1000, 1),
+                }
+            await self._finish(flow, record)
 
     async def error(self, flow: http.HTTPFlow) -> None:
         pending = self._pending.pop(flow.id, None)
         if pending is None:
             return
-        record = pending[1]
-        if "upstream" not in record:
-            record["upstream"] = {"error": flow.error.msg if flow.error else "unknown error"}
-        await self._finish(flow, record)
+        for record in pending[1]:
+            if "upstream" not in record:
+                record["upstream"] = {"error": flow.error.msg if flow.error else "unknown error"}
+            await self._finish(flow, record)
 
     async def _finish(self, flow: http.HTTPFlow, record: PixelRecord) -> None:
         self._show(flow, record)
@@ -534,7 +552,26 @@ def pixel_request(
         user_agent=_header(request, b"user-agent"),
         forwarded_for=_header(request, b"x-forwarded-for"),
         referer=_header(request, b"referer"),
+        # The body as it went on the wire (still gzip when it was): the core
+        # inflates it under its own cap, as for the middleware.
+        body=(request.raw_content or b"") if request.method == "POST" else b"",
+        content_encoding=_header(request, b"content-encoding"),
+        authorization=_header(request, b"authorization"),
+        host=_header(request, b"host"),
     )
+
+
+def _routes_option(entries: Sequence[str]) -> dict[str, str] | None:
+    """``pixel_routes`` (``PATH=DIALECT[:CALL]`` each) as ``PixelConfig.custom_paths``."""
+    routes: dict[str, str] = {}
+    for entry in entries:
+        where, equals, target = entry.rpartition("=")
+        if not equals or not where:
+            raise ValueError(
+                f"custom_paths: {entry!r} is not PATH=DIALECT[:CALL], e.g. /t.gif=segment:track"
+            )
+        routes[where] = target
+    return routes or None
 
 
 def _header(request: http.Request, name: bytes) -> str | None:

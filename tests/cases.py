@@ -28,6 +28,7 @@ depends neither on the peer address nor on the clock.
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 import re
 from collections.abc import Callable, Mapping
@@ -39,6 +40,7 @@ from urllib.parse import quote
 from pixel_middleware.core import PixelConfig, PixelRequest, split_target
 
 __all__ = [
+    "BODY_CASES",
     "CASES",
     "CORE_ONLY_CASES",
     "GOLDEN_RUDDERSTACK_PAGE_EVENT",
@@ -76,6 +78,11 @@ class Case:
     expect_notes: frozenset[str] = frozenset()
     check: Callable[[dict[str, Any] | None], None] | None = None
     config: Mapping[str, Any] = field(default_factory=dict)
+    #: The request body (POST routes), sent as it is.
+    body: bytes = b""
+    #: Body cases: the call of each record, in order (a batch makes several);
+    #: ``expect_rules`` and ``expect_notes`` are then those of all records.
+    expect_calls: tuple[str, ...] = ()
 
 
 def case_config(case: Case) -> PixelConfig:
@@ -94,6 +101,9 @@ def case_request(case: Case, peer: str | None = PEER) -> PixelRequest:
         headers.get("user-agent"),
         headers.get("x-forwarded-for"),
         headers.get("referer"),
+        body=case.body,
+        content_encoding=headers.get("content-encoding"),
+        authorization=headers.get("authorization"),
     )
 
 
@@ -1096,5 +1106,254 @@ NOT_PIXELS: tuple[bytes, ...] = (
     b"/pixel/v1/screen",
     b"/V1/pixel/track",
     b"/collect/v1/pixel/track",
-    b"/v1/batch",
+    b"/v1/batch/",
+)
+
+
+# --- bodies: Segment's HTTP Tracking API, RudderStack's HTTP API and beacon --------------
+
+
+def _json(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode("utf-8")
+
+
+def _basic(user: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:".encode()).decode("ascii")
+
+
+def _body(
+    id: str,
+    target: str,
+    body: bytes,
+    calls: tuple[str, ...],
+    *,
+    status: int = 200,
+    accepted: bool = True,
+    rules: tuple[str, ...] = (),
+    notes: tuple[str, ...] = (),
+    check: Callable[[dict[str, Any] | None], None] | None = None,
+    headers: Mapping[str, str] | None = None,
+    **config: Any,
+) -> Case:
+    return Case(
+        id=id,
+        method="POST",
+        target=target.encode("ascii"),
+        headers={"User-Agent": UA, "Content-Type": "application/json", **(headers or {})},
+        expect_status=status,
+        expect_accepted=accepted,
+        expect_rules=frozenset(rules),
+        expect_notes=frozenset(notes),
+        check=check,
+        config=config,
+        body=body,
+        expect_calls=calls,
+    )
+
+
+# The example of Segment's HTTP Tracking API document (track), with a write key.
+_API_TRACK = {
+    "userId": "019mr8mf4r",
+    "event": "Item Purchased",
+    "properties": {"name": "Leap to the Sky", "revenue": 14.99},
+    "context": {"ip": "24.5.68.47"},
+    "timestamp": "2012-12-02T00:30:12.984Z",
+}
+_BATCH = {
+    "batch": [
+        {"type": "identify", "userId": "u1", "traits": {"email": "a@example.com"}},
+        {"type": "track", "userId": "u1", "event": "Signed Up", "sentAt": "x"},
+        {"type": "page", "anonymousId": "a1", "name": "Home"},
+    ],
+    "sentAt": "2024-05-01T12:00:10.000Z",
+    "context": {"library": {"name": "analytics-python", "version": "2.3.2"}},
+    "writeKey": WRITE_KEY,
+}
+_BEACON_BATCH = {
+    "batch": [
+        {"type": "page", "anonymousId": "a1", "name": "Home", "channel": "web"},
+        {"type": "track", "anonymousId": "a1", "event": "Clicked"},
+    ]
+}
+
+BODY_CASES: tuple[Case, ...] = (
+    _body(
+        "segment-api-track-golden",
+        "/v1/track",
+        _json({**_API_TRACK, "writeKey": WRITE_KEY}),
+        ("track",),
+        check=_all(
+            _equals("properties.revenue", 14.99),
+            _equals("context.ip", "24.5.68.47"),  # the event's own address wins
+            _equals("timestamp", "2012-12-02T00:30:12.984Z"),
+            _absent("writeKey"),
+        ),
+    ),
+    _body(
+        "segment-api-basic-auth",
+        "/v1/identify",
+        _json({"userId": "u1", "traits": {"plan": "pro"}}),
+        ("identify",),
+        headers={"Authorization": _basic(WRITE_KEY)},
+        check=_equals("traits.plan", "pro"),
+    ),
+    _body(
+        "segment-api-batch",
+        "/v1/batch",
+        _json(_BATCH),
+        ("identify", "track", "page"),
+        check=_all(
+            _equals("sentAt", "2024-05-01T12:00:10.000Z"),
+            _equals("context.library.name", "analytics-python"),
+        ),
+    ),
+    _body(
+        "segment-api-short-track-text-plain",
+        "/v1/t",
+        _json({"anonymousId": "a1", "event": "Clicked", "writeKey": WRITE_KEY}),
+        ("track",),
+        headers={"Content-Type": "text/plain"},
+        check=_equals("type", "track"),
+    ),
+    _body(
+        "segment-api-short-batch",
+        "/v1/b",
+        _json(_BATCH),
+        ("identify", "track", "page"),
+    ),
+    _body(
+        "segment-api-gzip",
+        "/v1/batch",
+        gzip.compress(_json(_BATCH)),
+        ("identify", "track", "page"),
+        headers={"Content-Encoding": "gzip"},
+    ),
+    _body(
+        "segment-api-missing-write-key",
+        "/v1/page",
+        _json({"anonymousId": "a1"}),
+        ("page",),
+        accepted=False,
+        rules=("missing_write_key",),
+    ),
+    _body(
+        "segment-api-batch-unknown-type",
+        "/v1/batch",
+        _json({"writeKey": WRITE_KEY, "batch": [{"type": "pageview"}, {"type": "page"}]}),
+        ("pageview", "page"),
+        accepted=False,
+        rules=("unknown_type", "missing_identity"),
+        check=_no_event,
+    ),
+    _body(
+        "segment-api-bad-json",
+        "/v1/track",
+        b'{"userId": "u1",',
+        ("track",),
+        status=400,
+        accepted=False,
+        rules=("bad_json",),
+        check=_no_event,
+    ),
+    _body(
+        "segment-api-array-body",
+        "/v1/track",
+        b"[]",
+        ("track",),
+        status=400,
+        accepted=False,
+        rules=("not_an_object",),
+    ),
+    _body(
+        "segment-api-batch-not-a-list",
+        "/v1/batch",
+        _json({"batch": {"type": "track"}}),
+        ("batch",),
+        status=400,
+        accepted=False,
+        rules=("bad_batch",),
+    ),
+    _body(
+        "segment-api-too-many-events",
+        "/v1/batch",
+        _json({"writeKey": WRITE_KEY, "batch": [{"type": "page", "userId": "u"}] * 2_501}),
+        ("batch",),
+        status=400,
+        accepted=False,
+        rules=("too_many_events",),
+    ),
+    _body(
+        "segment-api-bad-gzip",
+        "/v1/track",
+        gzip.compress(_json({"userId": "u1"}))[:-6],
+        ("track",),
+        status=400,
+        accepted=False,
+        rules=("bad_gzip",),
+        headers={"Content-Encoding": "gzip"},
+    ),
+    _body(
+        "segment-api-gzip-bomb",
+        # 600 KB of JSON whitespace in about 600 bytes: stopped at 500 KB.
+        "/v1/track",
+        gzip.compress(b"{" + b" " * 600_000 + b"}"),
+        ("track",),
+        status=400,
+        accepted=False,
+        rules=("too_large",),
+        headers={"Content-Encoding": "gzip"},
+    ),
+    _body(
+        "segment-api-brotli",
+        "/v1/track",
+        b"\x1b\x00",
+        ("track",),
+        status=400,
+        accepted=False,
+        rules=("unsupported_encoding",),
+        headers={"Content-Encoding": "br"},
+    ),
+    _body(
+        "segment-api-body-too-large",
+        "/v1/track",
+        _json({"writeKey": WRITE_KEY, "userId": "u", "p": "x" * 500 * 1024}),
+        ("track",),
+        status=400,
+        accepted=False,
+        rules=("too_large",),
+    ),
+    _body(
+        "segment-api-event-over-32kb",
+        "/v1/track",
+        _json({"writeKey": WRITE_KEY, "userId": "u", "event": "E", "p": "x" * 32_000}),
+        ("track",),
+        status=400,
+        accepted=False,
+        rules=("too_large",),
+    ),
+    _body(
+        "rudderstack-beacon-batch",
+        f"/beacon/v1/batch?writeKey={WRITE_KEY}",
+        _json(_BEACON_BATCH),
+        ("page", "track"),
+        headers={"Content-Type": "text/plain;charset=UTF-8"},
+        check=_equals("channel", "web"),
+    ),
+    _body(
+        "rudderstack-beacon-bad-json",
+        f"/beacon/v1/batch?writeKey={WRITE_KEY}",
+        b"batch",
+        ("batch",),
+        status=400,
+        accepted=False,
+        rules=("bad_json",),
+    ),
+    _body(
+        "rudderstack-api-track",
+        "/v1/track",
+        _json({"anonymousId": "a1", "event": "Clicked"}),
+        ("track",),
+        headers={"Authorization": _basic(WRITE_KEY)},
+        dialects=frozenset({"rudderstack"}),
+    ),
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import gzip
 import itertools
 import json
 import time
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytest
 from cases import (
+    BODY_CASES,
     CASES,
     CORE_ONLY_CASES,
     NOT_PIXELS,
@@ -138,8 +140,9 @@ def test_case(case: Case) -> None:
 
 
 def test_the_table_covers_every_rule_and_note() -> None:
-    assert set().union(*(case.expect_rules for case in ALL_CASES)) == set(RULES)
-    assert set().union(*(case.expect_notes for case in ALL_CASES)) == set(NOTES)
+    every = ALL_CASES + BODY_CASES
+    assert set().union(*(case.expect_rules for case in every)) == set(RULES)
+    assert set().union(*(case.expect_notes for case in every)) == set(NOTES)
     for dialect in ("segment", "rudderstack"):
         ids = [case.id for case in CASES if case.id.startswith(dialect)]
         assert len(ids) > 20, dialect
@@ -152,7 +155,61 @@ def test_docs_name_every_rule_and_note() -> None:
 
 
 def test_case_ids_are_unique() -> None:
-    assert len({case.id for case in ALL_CASES}) == len(ALL_CASES)
+    every = ALL_CASES + BODY_CASES
+    assert len({case.id for case in every}) == len(every)
+
+
+@pytest.mark.parametrize("case", BODY_CASES, ids=[case.id for case in BODY_CASES])
+def test_body_case(case: Case) -> None:
+    outcome = decode(case_request(case), case_config(case))
+    assert outcome.status == case.expect_status
+    headers = dict(outcome.headers)
+    assert NO_CACHE.items() <= headers.items()
+    assert headers["Content-Length"] == str(len(outcome.body))
+    records = outcome.records
+    assert [record["call"] for record in records] == list(case.expect_calls)
+    assert outcome.record is records[0]
+    problems = [p for record in records for p in record["problems"]]
+    assert {p["rule"] for p in problems} == case.expect_rules
+    assert {n["rule"] for record in records for n in record["notes"]} == case.expect_notes
+    rejected = headers.get("X-Pixel-Rejected")
+    assert (set(rejected.split(", ")) if rejected else set()) == case.expect_rules
+    assert (
+        all(
+            record["accepted"] is case.expect_accepted
+            for record in records
+            if not record["problems"]
+        )
+        or not case.expect_accepted
+    )
+    assert any(not r["accepted"] for r in records) is (not case.expect_accepted)
+    ids = {record["id"] for record in records}
+    assert len(ids) == len(records)
+    for record in records:
+        assert record["receivedAt"] == NOW_TEXT
+        assert record["request"]["method"] == "POST"
+        assert record["accepted"] == (not record["problems"])
+        assert_plain_json(record)
+        if record["accepted"]:
+            assert record["writeKey"] == "wk_2Xq9"
+            assert record["event"] is not None
+            assert record["event"]["type"] == record["call"]
+            assert record["event"]["context"]["userAgent"] == case.headers["User-Agent"]
+    if case.check is not None:
+        case.check(records[0]["event"])
+    # Nothing of the request is repeated in the answer: only fixed messages.
+    assert b"wk_2Xq9" not in outcome.body
+    dialect = case_config(case).dialects
+    if "segment" in dialect and not case.target.startswith(b"/beacon/"):
+        assert headers["Content-Type"] == "application/json"
+        answer = json.loads(outcome.body)
+        assert answer["success"] is (outcome.status == 200)
+    elif outcome.status == 200:
+        assert (outcome.body, headers["Content-Type"]) == (b"OK", "text/plain; charset=utf-8")
+    else:
+        assert outcome.body.decode().splitlines() == list(
+            dict.fromkeys(p["message"] for p in problems)
+        )
 
 
 @pytest.mark.parametrize("target", NOT_PIXELS, ids=lambda target: target.decode())
@@ -925,6 +982,62 @@ BOUNDARIES = {
         lambda record, n: record["event"]["timestamp"].startswith("2024-05-01T12:00:00.000"),
     ),
 }
+
+
+# --- bodies (Segment's HTTP API, RudderStack's): each limit at, below and one over -----
+
+
+def _post(path: str, body: bytes, **headers: Any) -> PixelRequest:
+    return PixelRequest("POST", path, b"", body=body, **headers)
+
+
+def _batch_of(n: int) -> bytes:
+    event = {"type": "track", "userId": "u", "event": "E"}
+    return json.dumps({"writeKey": "k", "batch": [event] * n}).encode()
+
+
+BOUNDARIES.update(
+    {
+        "max_body_bytes": Boundary(
+            SMALL,
+            PixelConfig(limits=Limits(max_body_bytes=SMALL)),
+            lambda n: _post("/v1/track", _padded_json(n)),
+            _rules_have("too_large"),
+        ),
+        "max_body_bytes-gzip": Boundary(
+            # The cap is on the body as it arrives, compressed.
+            SMALL,
+            PixelConfig(limits=Limits(max_body_bytes=SMALL)),
+            lambda n: _post(
+                "/v1/track",
+                _gzip_of_size(n),
+                content_encoding="gzip",
+            ),
+            _rules_have("too_large"),
+        ),
+        "max_decompressed_bytes": Boundary(
+            SMALL,
+            PixelConfig(limits=Limits(max_decompressed_bytes=SMALL)),
+            lambda n: _post("/v1/track", gzip.compress(_padded_json(n)), content_encoding="gzip"),
+            _rules_have("too_large"),
+        ),
+        "max_batch_events": Boundary(
+            5,
+            PixelConfig(limits=Limits(max_batch_events=5)),
+            lambda n: _post("/v1/batch", _batch_of(n)),
+            _rules_have("too_many_events"),
+        ),
+    }
+)
+
+
+def _gzip_of_size(n: int) -> bytes:
+    """A gzip member of exactly ``n`` bytes holding a valid event (stored, not deflated)."""
+    for pad in range(n):
+        data = gzip.compress(_padded_json(60 + pad), compresslevel=0)
+        if len(data) == n:
+            return data
+    raise AssertionError(n)
 
 
 @pytest.mark.parametrize("name", list(BOUNDARIES))
