@@ -180,12 +180,14 @@ def decode_data(
         if len(unpadded) // 4 * 3 + max(0, remainder - 1) > max_event_bytes:
             return None, "too_large", notes
         padded = unpadded + b"=" * (4 - remainder) if remainder else unpadded
-        if len(padded) != len(encoded):
-            notes.append("padding_restored")
         try:
             raw = binascii.a2b_base64(padded, strict_mode=True)
         except binascii.Error:  # a character outside the alphabet, or misplaced padding
             return None, "bad_base64", notes
+        # Unpadded base64 is what Segment's own examples and our encoder send:
+        # only padding that was there and wrong is worth a note.
+        if unpadded != encoded and len(padded) != len(encoded):
+            notes.append("padding_restored")
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:

@@ -351,6 +351,12 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     encode.add_argument("--prefix", default="", help="path prefix of the pixel routes")
     encode.add_argument("--html", action="store_true", help="print an <img> tag instead of the URL")
+    encode.add_argument(
+        "--allow-rejected",
+        action="store_true",
+        help="print a URL the collector would reject (to test rejections); without it,"
+        " such a URL is refused with the reasons (exit 1)",
+    )
     encode.set_defaults(command=_encode, parser=encode)
     return parser
 
@@ -495,6 +501,7 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(redact_url(str(exc)))
     except StoreError as exc:  # the store is there but cannot be used: not a usage error
         return _fail(parser, f"cannot open the store: {redact_url(str(exc))}")
+    _warn_if_unreachable(store)
     # Counted before the recorder starts handing them on: what an earlier run left.
     spool = default_spool_path(store_identity(store))
     try:
@@ -626,11 +633,35 @@ def _describe_store(store: Store) -> str:
 
 
 def _store_files(store: object) -> list[str]:
-    # SQLite and JSON Lines stores have a path; a fan-out has stores.
-    path = getattr(store, "path", None)
-    if isinstance(path, str | os.PathLike):
-        return [os.path.abspath(path)]
+    # SQLite and JSON Lines stores have a path, a forwarding store its outbox
+    # (in the working directory unless ?outbox= says otherwise); a fan-out has
+    # stores.
+    for name in ("path", "outbox"):
+        path = getattr(store, name, None)
+        if isinstance(path, str | os.PathLike):
+            return [os.path.abspath(path)]
     return [file for child in getattr(store, "stores", ()) for file in _store_files(child)]
+
+
+def _warn_if_unreachable(store: object) -> None:
+    """Say at start, not at the first pixel, that a network store does not answer.
+
+    ``serve`` starts all the same: pixels are spooled on this disk and handed
+    on once the store answers (docs/durability.md).
+    """
+    for child in [store, *getattr(store, "stores", ())]:
+        ping = getattr(child, "ping", None)
+        if not callable(ping):
+            continue
+        try:
+            ping()
+        except StoreError as exc:
+            print(
+                f"warning: {terminal_text(redact_url(str(exc)))}; starting anyway: pixels"
+                " wait in the spool on this disk until the store answers",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def _loopback(host: str) -> bool:
@@ -1032,6 +1063,27 @@ def _encode(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         )
     except ValueError as exc:
         parser.error(str(exc))
+    # The URL is checked by the same core that will decode it: one that would be
+    # rejected is not handed out silently.
+    path, query = _split_target(request_target(url))
+    outcome = _decode_pixel(
+        PixelRequest("GET", path, query),
+        config=PixelConfig(prefix=args.prefix),
+        now=datetime.now(UTC),
+    )
+    record = outcome.record if outcome is not None else None
+    if record is not None and not record["accepted"] and not args.allow_rejected:
+        for problem in record["problems"]:
+            print(
+                f"{parser.prog}: the URL would be rejected: [{problem['rule']}]"
+                f" {terminal_text(problem['message'])}",
+                file=sys.stderr,
+            )
+        print(
+            f"{parser.prog}: add the missing fields, or --allow-rejected to print it anyway",
+            file=sys.stderr,
+        )
+        return 1
     print(pixel_img_tag(url) if args.html else url)
     return 0
 

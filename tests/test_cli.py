@@ -323,6 +323,38 @@ def test_encode_then_decode_round_trips(
         assert record["event"][key] == value
 
 
+@pytest.mark.parametrize(
+    ("call", "event", "rule"),
+    [
+        pytest.param("track", '{"userId": "u1"}', "missing_event", id="track-without-event"),
+        pytest.param("identify", '{"traits": {}}', "missing_identity", id="no-identity"),
+    ],
+)
+def test_encode_refuses_a_url_that_would_be_rejected(
+    call: str, event: str, rule: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, err = run(capsys, "encode", "--write-key", "k", "--call", call, event)
+    assert status == 1
+    assert out == ""
+    assert f"the URL would be rejected: [{rule}]" in err
+    assert "--allow-rejected" in err
+    status, out, _ = run(
+        capsys, "encode", "--write-key", "k", "--call", call, "--allow-rejected", event
+    )
+    assert status == 0
+    assert make_record(out.strip())["problems"][0]["rule"] == rule
+
+
+def test_decode_of_our_own_encode_output_has_no_notes(capsys: pytest.CaptureFixture[str]) -> None:
+    event = '{"userId": "u-42", "event": "Email Opened", "properties": {"subject": "Hi"}}'
+    status, url, _ = run(capsys, "encode", "--write-key", "k", "--call", "track", event)
+    assert status == 0
+    assert "=" not in url.strip().partition("data=")[2], "unpadded, as Segment's examples"
+    status, out, _ = run(capsys, "decode", url.strip())
+    assert status == 0
+    assert "note:" not in out
+
+
 def test_encode_html_and_base_url(capsys: pytest.CaptureFixture[str]) -> None:
     status, out, _ = run(
         capsys,
@@ -761,8 +793,7 @@ def test_serve_prints_one_escaped_line_per_pixel_and_what_it_recorded(
                 stream.close()
     assert status == 0
     expected = [
-        'pixel segment track "Opened\\x1b[2J\\x0afake line" userId=u1 writeKey=k1 accepted'
-        " notes [padding_restored]",
+        'pixel segment track "Opened\\x1b[2J\\x0afake line" userId=u1 writeKey=k1 accepted',
         "pixel segment track writeKey=k REJECTED [missing_identity,missing_event]"
         " notes [unencoded_form]",
     ]
@@ -805,7 +836,12 @@ def test_serve_shows_the_store_with_its_secrets_masked_and_its_files_absolute(
     banner = collector.banner
     assert "(store: fanout://sqlite:///local.sqlite3 redis://:***@127.0.0.1:1/0" in banner
     assert "?write_key=***&outbox=" in banner
-    assert f" at {tmp_path}/local.sqlite3); Ctrl-C to stop" in banner
+    # Every file the stores keep, the forwarding outbox included, as absolute paths.
+    assert f" at {tmp_path}/local.sqlite3, {tmp_path}/outbox.sqlite3); Ctrl-C to stop" in banner
+    # Said at start, not at the first pixel: Redis does not answer.
+    assert "warning: redis://:***@127.0.0.1:1/0" in err
+    assert "Redis does not answer" in err
+    assert "starting anyway: pixels wait in the spool" in err
     for text in (banner, err):
         assert "hunter2-redis" not in text
         assert "wk_live_secret" not in text

@@ -32,9 +32,9 @@ def decode(value: bytes, max_event_bytes: int = 1000, max_depth: int = 4) -> Any
     ("value", "notes"),
     [
         (STANDARD, []),
-        (STANDARD.rstrip(b"="), ["padding_restored"]),
+        (STANDARD.rstrip(b"="), []),  # unpadded is canonical: no note
         (URL_SAFE, []),
-        (URL_SAFE.rstrip(b"="), ["padding_restored"]),
+        (URL_SAFE.rstrip(b"="), []),
         (STANDARD.rstrip(b"=") + b"===", ["padding_restored"]),  # too much padding: fixed
         (b"  \t" + STANDARD + b"\r\n", []),
         (STANDARD.replace(b"+", b" "), ["spaces_to_plus"]),

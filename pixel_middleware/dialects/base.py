@@ -77,7 +77,7 @@ NOTES: Final[dict[str, str]] = {
     "invalid_utf8": "Text that was not valid UTF-8 was replaced by U+FFFD",
     "raw_json": "data was raw JSON, not base64",
     "spaces_to_plus": "Spaces in data were turned back into '+' (form decoding had made them)",
-    "padding_restored": "base64 padding was missing or wrong and was restored",
+    "padding_restored": "base64 padding was wrong and was restored",
     "unencoded_form": "No data parameter: the event was read from dot-notation parameters",
     "write_key_from_query": "The event has no writeKey; the writeKey query parameter was used",
     "write_key_query_ignored": (
@@ -93,6 +93,7 @@ NOTES: Final[dict[str, str]] = {
     "message_id_generated": "messageId was blank or not a string; a new one was generated",
     "received_at_overwritten": "The receivedAt sent was replaced by the time of receipt",
     "header_truncated": "Request headers longer than this collector keeps were cut",
+    "unparsed_time": "A time that is not an ISO 8601 date and time was kept as sent",
 }
 
 # At most this many names are listed in one note, each cut to this length.
@@ -538,6 +539,10 @@ def _validate(event: dict[str, Any], call: str, problems: list[Problem]) -> None
         problems.append(_problem("missing_group_id"))
 
 
+# The times a sender may set: each should be an ISO 8601 date and time.
+_SENT_TIMES: Final = ("timestamp", "originalTimestamp", "sentAt")
+
+
 def _timestamp(event: dict[str, Any], now: datetime, received_at: str) -> str:
     # Segment: timestamp = receivedAt - (sentAt - originalTimestamp), which
     # corrects the client's clock by the difference it reported itself.
@@ -709,6 +714,13 @@ def make_record(
     query: bytes,
     max_query_bytes: int,
 ) -> PixelRecord:
+    if event is not None:
+        # On the event as stored (a dialect may have set these times itself):
+        # a time that is not one is kept as sent, the sender's word, but said.
+        for key in _SENT_TIMES:
+            value = event.get(key)
+            if isinstance(value, str) and _parse_time(value) is None:
+                _note(notes, "unparsed_time", key)
     return {
         "id": record_id,
         "receivedAt": facts.received_at,

@@ -214,6 +214,13 @@ class RedisStore:
         found.reverse()
         return found
 
+    def ping(self) -> None:
+        """Raise :class:`StoreError` unless Redis answers now (``serve`` asks at start)."""
+        try:
+            self._client.ping()
+        except self._failures as e:
+            raise StoreError(f"{self._where}: Redis does not answer: {e}") from e
+
     def close(self) -> None:
         """Close the connections; idempotent. Writes and reads after it fail."""
         self._closed = True
