@@ -25,7 +25,7 @@ from types import FrameType
 from typing import Any, NoReturn, TextIO
 
 from pixel_middleware.collector import READ_TOKEN_ENV_VAR
-from pixel_middleware.core import DIALECTS, PixelConfig, PixelRecord, PixelRequest
+from pixel_middleware.core import DEFAULT_DIALECTS, DIALECTS, PixelConfig, PixelRecord, PixelRequest
 from pixel_middleware.core import decode_pixel as _decode_pixel
 from pixel_middleware.core import split_target as _split_target
 from pixel_middleware.display import event_name, identity, terminal_json, terminal_text
@@ -326,7 +326,10 @@ def _build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--write-key", required=True, metavar="KEY", help="the source's write key")
     encode.add_argument("--call", required=True, help="track, page, identify, group, alias, screen")
     encode.add_argument(
-        "--dialect", choices=DIALECTS, default="segment", help="URL style (default %(default)s)"
+        "--dialect",
+        choices=DEFAULT_DIALECTS,
+        default="segment",
+        help="URL style (default %(default)s)",
     )
     encode.add_argument(
         "--base-url", metavar="URL", help="collector URL, e.g. https://px.example.com"

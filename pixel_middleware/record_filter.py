@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from pixel_middleware.core import CALLS, DIALECTS
+from pixel_middleware.core import CALLS, DEFAULT_DIALECTS, DIALECTS
 from pixel_middleware.display import event_name
 
 __all__ = [
@@ -77,7 +77,8 @@ MAX_PATH_CHARS: Final = 200
 #: The most values one filter takes, all names together.
 MAX_VALUES: Final = 50
 
-_ALL_CALLS: Final = tuple(dict.fromkeys(call for calls in CALLS.values() for call in calls))
+# Third-party records take their call from the Spec types these already name.
+_ALL_CALLS: Final = tuple(dict.fromkeys(call for d in DEFAULT_DIALECTS for call in CALLS[d]))
 _IDENTITY_FIELDS: Final = {"writeKey": None, "userId": "userId", "anonymousId": "anonymousId"}
 
 
