@@ -126,6 +126,15 @@ def _build_parser() -> argparse.ArgumentParser:
         " or 400) or as rudder-server does (gif: the GIF for everything); default %(default)s",
     )
     serve.add_argument(
+        "--dialect",
+        action="append",
+        dest="dialects",
+        choices=DIALECTS,
+        metavar="DIALECT",
+        help=f"answer this dialect (repeatable; default {' and '.join(DEFAULT_DIALECTS)});"
+        f" any of {', '.join(DIALECTS)}",
+    )
+    serve.add_argument(
         "--route",
         action="append",
         default=[],
@@ -226,6 +235,12 @@ def _build_parser() -> argparse.ArgumentParser:
         choices=("table", "jsonl"),
         default="table",
         help="aligned columns, or one JSON record per line (default %(default)s)",
+    )
+    events.add_argument(
+        "--machine",
+        action="store_true",
+        help="after the records, a summary line: how many were machine opens, by kind"
+        " (mail proxies, scanners, bots; see docs/dialects.md)",
     )
     events.set_defaults(command=_events, parser=events)
 
@@ -466,6 +481,7 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             trusted_proxies=args.trusted_proxies,
             rudderstack_response=args.rudderstack_response,
             custom_paths=routes,
+            dialects=frozenset(args.dialects or DEFAULT_DIALECTS),
         )
         read_token = args.read_token
         if read_token is None and not args.public_reads:
@@ -499,6 +515,7 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             trusted_proxies=args.trusted_proxies,
             rudderstack_response=args.rudderstack_response,
             routes=routes,
+            dialects=tuple(dict.fromkeys(args.dialects or DEFAULT_DIALECTS)),
             durable=not args.fire_and_forget,
             read_token=read_token,
             public_reads=args.public_reads,
@@ -705,6 +722,10 @@ def _events(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             last = rows[-1][0] if rows else None
         _print_spool_size(store)
         widths = _print_records(out, [r for _, r in rows], args.format, header=True)
+        if args.machine:
+            # Beside JSON lines, on stderr: stdout stays one record a line.
+            summary_out = sys.stderr if args.format == "jsonl" else out
+            print(_machine_line([r for _, r in rows]), file=summary_out)
         if not args.follow:
             return 0
         while True:
@@ -723,6 +744,16 @@ def _events(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return 1
     finally:
         store.close()
+
+
+def _machine_line(records: list[PixelRecord]) -> str:
+    """``machine opens: 2 of 5 (gmail_image_proxy 1, bot 1)``: the kinds in fixed words."""
+    from pixel_middleware.record_filter import count_records
+
+    by_machine = count_records(records).by_machine
+    kinds = ", ".join(f"{kind} {count}" for kind, count in by_machine.items())
+    line = f"machine opens: {sum(by_machine.values())} of {len(records)}"
+    return f"{line} ({kinds})" if kinds else line
 
 
 def _print_spool_size(store: Store) -> None:

@@ -15,9 +15,10 @@ gives the sources and says honestly what these heuristics cannot tell.
 from __future__ import annotations
 
 import re
-from typing import Final
+from collections.abc import Mapping
+from typing import Any, Final
 
-__all__ = ["MACHINE_KINDS", "machine_open_kind"]
+__all__ = ["MACHINE_KINDS", "machine_kind_of", "machine_open_kind"]
 
 #: Every kind :func:`machine_open_kind` names, in the order they are tested.
 MACHINE_KINDS: Final = (
@@ -61,4 +62,15 @@ def machine_open_kind(user_agent: str | None, referer: str | None) -> str | None
                 return kind
     if _BOT.search(lowered):
         return "bot"
+    return None
+
+
+def machine_kind_of(record: Mapping[str, Any]) -> str | None:
+    """The kind a record's ``machine_open`` note names, or ``None``."""
+    for note in record.get("notes") or ():
+        if isinstance(note, Mapping) and note.get("rule") == "machine_open":
+            message = str(note.get("message", ""))
+            # The note's message ends with the kind, quoted: ...: "gmail_image_proxy"
+            kind = message.rpartition(": ")[2].strip('"')
+            return kind if kind in MACHINE_KINDS else "unknown"
     return None

@@ -43,6 +43,7 @@ from typing import Any, Final
 
 from pixel_middleware.core import CALLS, DEFAULT_DIALECTS, DIALECTS
 from pixel_middleware.display import event_name
+from pixel_middleware.machine_opens import machine_kind_of
 
 __all__ = [
     "FILTER_PARAMS",
@@ -176,6 +177,8 @@ class RecordCounts:
     by_event: dict[str, int] = field(default_factory=dict)
     #: Problems by rule id: each rejected record counts once per rule it broke.
     by_rule: dict[str, int] = field(default_factory=dict)
+    #: Records noted ``machine_open``, by the kind of machine (docs/dialects.md).
+    by_machine: dict[str, int] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -185,6 +188,7 @@ class RecordCounts:
             "byCall": self.by_call,
             "byEvent": self.by_event,
             "byRule": self.by_rule,
+            "byMachine": self.by_machine,
         }
 
 
@@ -194,8 +198,12 @@ def count_records(records: Iterable[Mapping[str, Any]]) -> RecordCounts:
     by_call: Counter[str] = Counter()
     by_event: Counter[str] = Counter()
     by_rule: Counter[str] = Counter()
+    by_machine: Counter[str] = Counter()
     for record in records:
         total += 1
+        machine = machine_kind_of(record)
+        if machine is not None:
+            by_machine[machine] += 1
         if record.get("accepted"):
             accepted += 1
         by_call[str(record.get("call"))] += 1
@@ -213,6 +221,7 @@ def count_records(records: Iterable[Mapping[str, Any]]) -> RecordCounts:
         by_call=dict(by_call.most_common()),
         by_event=dict(by_event.most_common()),
         by_rule=dict(by_rule.most_common()),
+        by_machine=dict(by_machine.most_common()),
     )
 
 
