@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from cases import UA, Case
+from cases import UA, Case, segment_data
 
 __all__ = ["VENDOR_CASES", "equals", "vendor_case"]
 
@@ -228,5 +228,93 @@ VENDOR_CASES: tuple[Case, ...] = (
         calls=("track",),
         rules=frozenset({"missing_vendor_field"}),
         notes=frozenset({"duplicate_param"}),
+    ),
+    # Matomo: the Tracking HTTP API reference's page view and event
+    # (developer.matomo.org/api-reference/tracking-api).
+    vendor_case(
+        "matomo-page-view",
+        "matomo",
+        b"/matomo.php?idsite=1&rec=1&action_name=Products%20%2F%20Shoes"
+        b"&url=https%3A%2F%2Fexample.org%2Fshoes&_id=6c0a3d2ab0b1c4e3&uid=user%40example.org"
+        b"&cvar=%7B%221%22%3A%5B%22gender%22%2C%22female%22%5D%7D",
+        "analytics.example.org",
+        calls=("page",),
+        check=equals(
+            {
+                "name": "Products / Shoes",
+                "userId": "user@example.org",
+                "anonymousId": "6c0a3d2ab0b1c4e3",
+                "properties.customVariables": {"gender": "female"},
+                "context.page.url": "https://example.org/shoes",
+            }
+        ),
+    ),
+    vendor_case(
+        "matomo-event-post-on-piwik-php",
+        "matomo",
+        b"/piwik.php",
+        "analytics.example.org",
+        method="POST",
+        body=b"idsite=3&rec=1&e_c=Videos&e_a=Play&e_n=Intro&e_v=12.5&_id=6c0a3d2ab0b1c4e3",
+        calls=("track",),
+        check=equals(
+            {
+                "event": "Play",
+                "properties": {"category": "Videos", "name": "Intro", "value": 12.5},
+            }
+        ),
+    ),
+    vendor_case(
+        "matomo-without-rec",
+        "matomo",
+        b"/matomo.php?idsite=1&action_name=Home",
+        "analytics.example.org",
+        calls=("page",),
+        rules=frozenset({"missing_vendor_field"}),
+    ),
+    # Jitsu: the pixel's documented form, a Segment event in base64 data=
+    # (docs.jitsu.com/sending-data/pixel), and Jitsu Classic's p.gif.
+    vendor_case(
+        "jitsu-px-track",
+        "jitsu",
+        b"/api/px/track?data="
+        + segment_data(
+            {
+                "writeKey": "js.key",
+                "anonymousId": "a1",
+                "event": "Email Opened",
+                "properties": {"campaign": "nov"},
+            }
+        ).encode(),
+        "data.example.com",
+        calls=("track",),
+        check=equals({"event": "Email Opened", "properties": {"campaign": "nov"}}),
+    ),
+    vendor_case(
+        "jitsu-classic-p-gif",
+        "jitsu",
+        b"/api/v1/p.gif?data="
+        + segment_data(
+            {
+                "api_key": "js.classic",
+                "event_type": "pageview",
+                "user": {"anonymous_id": "anon-7"},
+                "url": "https://example.com/",
+                "page_title": "Home",
+            },
+            urlsafe=False,
+            padded=True,
+        ).encode(),
+        "t.jitsu.com",
+        calls=("page",),
+        check=equals({"name": "Home", "anonymousId": "anon-7"}),
+    ),
+    vendor_case(
+        "jitsu-bad-base64",
+        "jitsu",
+        b"/api/px/page?data=%21%21%21",
+        "data.example.com",
+        calls=("page",),
+        rules=frozenset({"bad_base64"}),
     ),
 )
