@@ -25,7 +25,7 @@ from types import FrameType
 from typing import Any, NoReturn, TextIO
 
 from pixel_middleware.collector import READ_TOKEN_ENV_VAR
-from pixel_middleware.core import DIALECTS, PixelConfig, PixelRecord, PixelRequest
+from pixel_middleware.core import DEFAULT_DIALECTS, DIALECTS, PixelConfig, PixelRecord, PixelRequest
 from pixel_middleware.core import decode_pixel as _decode_pixel
 from pixel_middleware.core import split_target as _split_target
 from pixel_middleware.display import event_name, identity, terminal_json, terminal_text
@@ -125,6 +125,15 @@ def _build_parser() -> argparse.ArgumentParser:
         default="seed",
         help="answer RudderStack pixels as its Pixel API document says (seed: 200 OK"
         " or 400) or as rudder-server does (gif: the GIF for everything); default %(default)s",
+    )
+    serve.add_argument(
+        "--dialect",
+        action="append",
+        dest="dialects",
+        choices=DIALECTS,
+        metavar="DIALECT",
+        help=f"answer this dialect (repeatable; default {' and '.join(DEFAULT_DIALECTS)});"
+        f" any of {', '.join(DIALECTS)}",
     )
     serve.add_argument(
         "--route",
@@ -236,6 +245,12 @@ def _build_parser() -> argparse.ArgumentParser:
         help="with --format har: the scheme and host the pixels were sent to (%(default)s);"
         " records keep the path and query only",
     )
+    events.add_argument(
+        "--machine",
+        action="store_true",
+        help="after the records, a summary line: how many were machine opens, by kind"
+        " (mail proxies, scanners, bots; see docs/dialects.md)",
+    )
     events.set_defaults(command=_events, parser=events)
 
     check = sub.add_parser(
@@ -344,7 +359,10 @@ def _build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--write-key", required=True, metavar="KEY", help="the source's write key")
     encode.add_argument("--call", required=True, help="track, page, identify, group, alias, screen")
     encode.add_argument(
-        "--dialect", choices=DIALECTS, default="segment", help="URL style (default %(default)s)"
+        "--dialect",
+        choices=DEFAULT_DIALECTS,
+        default="segment",
+        help="URL style (default %(default)s)",
     )
     encode.add_argument(
         "--base-url", metavar="URL", help="collector URL, e.g. https://px.example.com"
@@ -487,6 +505,7 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             trusted_proxies=args.trusted_proxies,
             rudderstack_response=args.rudderstack_response,
             custom_paths=routes,
+            dialects=frozenset(args.dialects or DEFAULT_DIALECTS),
         )
         read_token = args.read_token
         if read_token is None and not args.public_reads:
@@ -521,6 +540,7 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             trusted_proxies=args.trusted_proxies,
             rudderstack_response=args.rudderstack_response,
             routes=routes,
+            dialects=tuple(dict.fromkeys(args.dialects or DEFAULT_DIALECTS)),
             durable=not args.fire_and_forget,
             read_token=read_token,
             public_reads=args.public_reads,
@@ -758,6 +778,10 @@ def _events(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             _print_har(out, [r for _, r in rows], args.base_url)
             return 0
         widths = _print_records(out, [r for _, r in rows], args.format, header=True)
+        if args.machine:
+            # Beside JSON lines, on stderr: stdout stays one record a line.
+            summary_out = sys.stderr if args.format == "jsonl" else out
+            print(_machine_line([r for _, r in rows]), file=summary_out)
         if not args.follow:
             return 0
         while True:
@@ -776,6 +800,16 @@ def _events(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return 1
     finally:
         store.close()
+
+
+def _machine_line(records: list[PixelRecord]) -> str:
+    """``machine opens: 2 of 5 (gmail_image_proxy 1, bot 1)``: the kinds in fixed words."""
+    from pixel_middleware.record_filter import count_records
+
+    by_machine = count_records(records).by_machine
+    kinds = ", ".join(f"{kind} {count}" for kind, count in by_machine.items())
+    line = f"machine opens: {sum(by_machine.values())} of {len(records)}"
+    return f"{line} ({kinds})" if kinds else line
 
 
 def _print_spool_size(store: Store) -> None:

@@ -65,7 +65,14 @@ from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request, Response
 
 from pixel_middleware.api import CollectorAPI, RecordSignal
-from pixel_middleware.core import CALLS, DIALECTS, Limits, PixelConfig, PixelRecord
+from pixel_middleware.core import (
+    CALLS,
+    DEFAULT_DIALECTS,
+    DIALECTS,
+    Limits,
+    PixelConfig,
+    PixelRecord,
+)
 from pixel_middleware.display import terminal_text
 from pixel_middleware.middleware import PixelMiddleware
 from pixel_middleware.recorder import Recorder
@@ -120,7 +127,7 @@ _STATIC_FILES = {
 
 # What /events.json says about a bad parameter: fixed text that names the
 # parameter and what would work, never the value sent (no answer repeats input).
-_ALL_CALLS = sorted({call for calls in CALLS.values() for call in calls})
+_ALL_CALLS = sorted({call for dialect in DEFAULT_DIALECTS for call in CALLS[dialect]})
 _BAD_PARAMETER = {
     "limit": f"limit must be a whole number from 1 to {MAX_JSON_RECORDS}",
     "accepted": "accepted must be true or false",
@@ -152,7 +159,7 @@ def create_app(
     store: str | Store | Recorder | None = None,
     write_keys: Iterable[str] | None = None,
     prefix: str = "",
-    dialects: Iterable[str] = DIALECTS,
+    dialects: Iterable[str] = DEFAULT_DIALECTS,
     trusted_proxies: int = 0,
     limits: Limits = _DEFAULT_LIMITS,
     rudderstack_response: Literal["seed", "gif"] = "seed",

@@ -63,6 +63,7 @@ from pixel_middleware.dialects.base import (
 __all__ = [
     "ALLOWED_METHODS",
     "CALLS",
+    "DEFAULT_DIALECTS",
     "DIALECTS",
     "GIF",
     "NOTES",
@@ -86,6 +87,9 @@ __all__ = [
 Dialect = DialectName
 #: The dialects' names, in the order their routes are matched.
 DIALECTS: tuple[Dialect, ...] = tuple(_REGISTRY)
+#: The dialects that answer unless told otherwise: third-party ones (GA4,
+#: Meta, ...) are decoded where enabled, never answered in a vendor's name by default.
+DEFAULT_DIALECTS: tuple[Dialect, ...] = ("segment", "rudderstack")
 #: Each dialect's pixel calls (``/v1/pixel/<call>``).
 CALLS: dict[Dialect, tuple[str, ...]] = {name: d.calls for name, d in _REGISTRY.items()}
 
@@ -97,12 +101,21 @@ _CustomRoutes = tuple[
 ]
 
 
+# Third-party dialects' routes: exact path -> [(dialect, call, hosts or None)],
+# and roots as (root, dialect, hosts or None).
+_VendorRoutes = tuple[
+    dict[str, list[tuple[str, str, frozenset[str] | None]]],
+    tuple[tuple[str, str, frozenset[str] | None], ...],
+]
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class PixelConfig:
     """How pixels are recognised, checked and answered.
 
     - ``prefix``: mount point of the pixel routes, ``""`` or like ``"/collect"``.
-    - ``dialects``: which route families answer (``"segment"``, ``"rudderstack"``).
+    - ``dialects``: which route families answer (``"segment"``, ``"rudderstack"``,
+      the default; third-party ones such as ``"ga4"`` only when named).
     - ``write_keys``: when set, any other write key is rejected (``unknown_write_key``).
     - ``trusted_proxies``: how many proxies in front of us append to
       ``X-Forwarded-For`` (werkzeug ProxyFix semantics). ``0`` (the default)
@@ -127,7 +140,7 @@ class PixelConfig:
     """
 
     prefix: str = ""
-    dialects: frozenset[Dialect] = frozenset(DIALECTS)
+    dialects: frozenset[Dialect] = frozenset(DEFAULT_DIALECTS)
     write_keys: frozenset[str] | None = None
     trusted_proxies: int = 0
     limits: Limits = field(default_factory=Limits)
@@ -142,6 +155,7 @@ class PixelConfig:
     )
     _body_routes: dict[str, Route] = field(init=False, repr=False, compare=False, hash=False)
     _custom: _CustomRoutes = field(init=False, repr=False, compare=False, hash=False)
+    _vendor: _VendorRoutes = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         prefix = self.prefix
@@ -219,12 +233,54 @@ class PixelConfig:
                     body_routes.setdefault(prefix + path, Route(name, call, body=True))
         object.__setattr__(self, "_routes", routes)
         object.__setattr__(self, "_body_routes", body_routes)
+        object.__setattr__(self, "_vendor", _vendor_routes(prefix, dialects))
         object.__setattr__(self, "_custom", _custom_routes(self.custom_paths))
         if self.custom_paths is not None:
             # Hashable, like the rest of the config, and a copy the caller cannot change.
             object.__setattr__(self, "custom_paths", _FrozenPaths(self.custom_paths))
         object.__setattr__(self, "_route_roots", tuple(root for root, _ in roots))
         object.__setattr__(self, "_root_dialects", tuple(roots))
+
+
+def _vendor_routes(prefix: str, dialects: frozenset[Dialect]) -> _VendorRoutes:
+    """The third-party dialects' paths: exact ones, then roots, each with its hosts."""
+    exact: dict[str, list[tuple[str, str, frozenset[str] | None]]] = {}
+    roots: list[tuple[str, str, frozenset[str] | None]] = []
+    for name, dialect in _REGISTRY.items():
+        if name not in dialects:
+            continue
+        for path, call in dialect.paths.items():
+            # /batch is PostHog's on its hosts and Universal Analytics' on Google's.
+            exact.setdefault(prefix + path, []).append((name, call, dialect.hosts.get(path)))
+        for root in dialect.path_roots:
+            roots.append((prefix + root, name, dialect.hosts.get(root)))
+    return exact, tuple(roots)
+
+
+def _host_matches(host: str | None, hosts: frozenset[str] | None) -> bool:
+    if hosts is None:
+        return True
+    name = _host_name(host)
+    if name is None:
+        return False
+    if name in hosts:
+        return True
+    # ".posthog.com" matches us.i.posthog.com.
+    return any(pattern[0] == "." and name.endswith(pattern) for pattern in hosts)
+
+
+def _vendor_route(path: str, method: str, host: str | None, config: PixelConfig) -> Route | None:
+    exact, roots = config._vendor
+    found = exact.get(path)
+    if found is not None:
+        for name, call, hosts in found:
+            if _host_matches(host, hosts):
+                return Route(name, call, body=method == "POST")
+        return None
+    for root, name, hosts in roots:
+        if path.startswith(root) and len(path) > len(root) and _host_matches(host, hosts):
+            return Route(name, path[len(root) :], body=method == "POST")
+    return None
 
 
 class _FrozenPaths(dict[str, str]):
@@ -356,6 +412,10 @@ def match_route(
         body_route = config._body_routes.get(path)
         if body_route is not None:
             return body_route
+    if config._vendor[0] or config._vendor[1]:
+        vendor = _vendor_route(path, method, host, config)
+        if vendor is not None:
+            return vendor
     if not path.startswith(config._route_roots):
         return None
     route = config._routes.get(path)

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
-from pixel_middleware.core import CALLS, DIALECTS
+from pixel_middleware.core import CALLS, DEFAULT_DIALECTS
 
 __all__ = ["encode_pixel_url", "pixel_img_tag"]
 
@@ -109,8 +109,8 @@ def encode_pixel_url(
     ``call`` (the route sets it). Raises ``ValueError`` for an unknown dialect
     or call, a bad prefix, or an event the dialect cannot express.
     """
-    if dialect not in DIALECTS:
-        raise ValueError(f"dialect must be one of {', '.join(DIALECTS)}, got {dialect!r}")
+    if dialect not in DEFAULT_DIALECTS:
+        raise ValueError(f"dialect must be one of {', '.join(DEFAULT_DIALECTS)}, got {dialect!r}")
     calls = CALLS[dialect]
     if call not in calls:
         raise ValueError(f"call for {dialect} must be one of {', '.join(calls)}, got {call!r}")

@@ -16,7 +16,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Literal
 
 from pixel_middleware.core import (
-    DIALECTS,
+    DEFAULT_DIALECTS,
     Limits,
     PixelConfig,
     PixelOutcome,
@@ -133,7 +133,7 @@ class PixelMiddleware:
         *,
         store: str | Store | Recorder | None = None,
         prefix: str = "",
-        dialects: Iterable[str] = DIALECTS,
+        dialects: Iterable[str] = DEFAULT_DIALECTS,
         write_keys: Iterable[str] | None = None,
         trusted_proxies: int = 0,
         limits: Limits = _DEFAULT_LIMITS,

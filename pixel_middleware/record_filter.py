@@ -41,8 +41,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from pixel_middleware.core import CALLS, DIALECTS
+from pixel_middleware.core import CALLS, DEFAULT_DIALECTS, DIALECTS
 from pixel_middleware.display import event_name
+from pixel_middleware.machine_opens import machine_kind_of
 
 __all__ = [
     "FILTER_PARAMS",
@@ -77,7 +78,8 @@ MAX_PATH_CHARS: Final = 200
 #: The most values one filter takes, all names together.
 MAX_VALUES: Final = 50
 
-_ALL_CALLS: Final = tuple(dict.fromkeys(call for calls in CALLS.values() for call in calls))
+# Third-party records take their call from the Spec types these already name.
+_ALL_CALLS: Final = tuple(dict.fromkeys(call for d in DEFAULT_DIALECTS for call in CALLS[d]))
 _IDENTITY_FIELDS: Final = {"writeKey": None, "userId": "userId", "anonymousId": "anonymousId"}
 
 
@@ -175,6 +177,8 @@ class RecordCounts:
     by_event: dict[str, int] = field(default_factory=dict)
     #: Problems by rule id: each rejected record counts once per rule it broke.
     by_rule: dict[str, int] = field(default_factory=dict)
+    #: Records noted ``machine_open``, by the kind of machine (docs/dialects.md).
+    by_machine: dict[str, int] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -184,6 +188,7 @@ class RecordCounts:
             "byCall": self.by_call,
             "byEvent": self.by_event,
             "byRule": self.by_rule,
+            "byMachine": self.by_machine,
         }
 
 
@@ -193,8 +198,12 @@ def count_records(records: Iterable[Mapping[str, Any]]) -> RecordCounts:
     by_call: Counter[str] = Counter()
     by_event: Counter[str] = Counter()
     by_rule: Counter[str] = Counter()
+    by_machine: Counter[str] = Counter()
     for record in records:
         total += 1
+        machine = machine_kind_of(record)
+        if machine is not None:
+            by_machine[machine] += 1
         if record.get("accepted"):
             accepted += 1
         by_call[str(record.get("call"))] += 1
@@ -212,6 +221,7 @@ def count_records(records: Iterable[Mapping[str, Any]]) -> RecordCounts:
         by_call=dict(by_call.most_common()),
         by_event=dict(by_event.most_common()),
         by_rule=dict(by_rule.most_common()),
+        by_machine=dict(by_machine.most_common()),
     )
 
 

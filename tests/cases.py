@@ -104,6 +104,7 @@ def case_request(case: Case, peer: str | None = PEER) -> PixelRequest:
         body=case.body,
         content_encoding=headers.get("content-encoding"),
         authorization=headers.get("authorization"),
+        host=headers.get("host"),
     )
 
 

@@ -27,6 +27,7 @@ from cases import (
 )
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from vendor_cases import VENDOR_CASES
 
 from pixel_middleware.core import (
     ALLOWED_METHODS,
@@ -140,7 +141,7 @@ def test_case(case: Case) -> None:
 
 
 def test_the_table_covers_every_rule_and_note() -> None:
-    every = ALL_CASES + BODY_CASES
+    every = ALL_CASES + BODY_CASES + VENDOR_CASES
     assert set().union(*(case.expect_rules for case in every)) == set(RULES)
     assert set().union(*(case.expect_notes for case in every)) == set(NOTES)
     for dialect in ("segment", "rudderstack"):

@@ -13,11 +13,26 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 from pixel_middleware.dialects.base import Dialect
+from pixel_middleware.dialects.google_analytics import GA4, UNIVERSAL_ANALYTICS
+from pixel_middleware.dialects.jitsu import JITSU
+from pixel_middleware.dialects.matomo import MATOMO
+from pixel_middleware.dialects.meta import META
 from pixel_middleware.dialects.rudderstack import RUDDERSTACK
 from pixel_middleware.dialects.segment import SEGMENT
 
 __all__ = ["DIALECTS", "Dialect"]
 
 DIALECTS: Mapping[str, Dialect] = MappingProxyType(
-    {dialect.name: dialect for dialect in (SEGMENT, RUDDERSTACK)}
+    {
+        dialect.name: dialect
+        for dialect in (
+            SEGMENT,
+            RUDDERSTACK,
+            GA4,
+            UNIVERSAL_ANALYTICS,
+            META,
+            MATOMO,
+            JITSU,
+        )
+    }
 )

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Final, NotRequired, TypedDict
 from pixel_middleware._dotpath import DotPathBuilder, SetResult
 from pixel_middleware._query import ParsedQuery, parse_pieces, split_query
 from pixel_middleware._segment_data import repair_text
+from pixel_middleware.machine_opens import machine_open_kind
 
 if TYPE_CHECKING:
     from pixel_middleware.core import PixelConfig
@@ -66,6 +67,7 @@ RULES: Final[dict[str, str]] = {
     "unsupported_encoding": "The body's Content-Encoding is not gzip or identity.",
     "bad_batch": 'A batch must be a JSON object with a "batch" array of events.',
     "too_many_events": "The batch holds more events than this collector accepts.",
+    "missing_vendor_field": "A field the vendor requires is missing.",
     "unknown_type": (
         "A batch event's type must be one of identify, group, alias, page, screen, track."
     ),
@@ -94,6 +96,8 @@ NOTES: Final[dict[str, str]] = {
     "received_at_overwritten": "The receivedAt sent was replaced by the time of receipt",
     "header_truncated": "Request headers longer than this collector keeps were cut",
     "unparsed_time": "A time that is not an ISO 8601 date and time was kept as sent",
+    # Third-party dialects and machine opens (see docs/dialects.md).
+    "machine_open": "Fetched by a machine, not a person",
 }
 
 # At most this many names are listed in one note, each cut to this length.
@@ -657,6 +661,9 @@ class RequestFacts:
 def request_facts(request: PixelRequest, config: PixelConfig, now: datetime) -> RequestFacts:
     notes: _Notes = {}
     ip, user_agent, referer = _request_headers(request, config, notes)
+    machine = machine_open_kind(user_agent, referer)
+    if machine is not None:
+        _note(notes, "machine_open", machine)
     return RequestFacts(_format_time(now), ip, user_agent, referer, notes)
 
 
@@ -883,3 +890,12 @@ class Dialect:
     answer: Callable[[list[PixelRecord], Route, PixelConfig], Answer]
     accepted_answer: Callable[[Route, PixelConfig], Answer]
     not_kept: Callable[[Route, PixelConfig], tuple[str, bytes]]
+    #: Third-party dialects (GA4, Meta, ...), routed by path and, where the
+    #: path alone is ambiguous, by host: exact paths below the prefix -> the
+    #: route's call, matched for GET and HEAD (a pixel) and POST (a body).
+    paths: Mapping[str, str] = field(default_factory=dict)
+    #: Paths whose call is the rest of the path (``/api/px/<type>``).
+    path_roots: tuple[str, ...] = ()
+    #: Paths (of ``paths`` or ``path_roots``) that match only on these hosts;
+    #: a host starting with ``.`` matches its subdomains.
+    hosts: Mapping[str, frozenset[str]] = field(default_factory=dict)

@@ -1,0 +1,320 @@
+"""Third-party dialects' cases: each vendor's documented example, and its checks.
+
+Run by ``tests/test_dialects_vendor.py`` through the core, and byte for byte
+through the middleware (with the dialect enabled) and a real mitmdump, which
+must give the same records. Plain data, like ``tests/cases.py``; the source of
+each example is the vendor's document cited in docs/dialects.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from cases import UA, Case, segment_data
+
+__all__ = ["VENDOR_CASES", "equals", "vendor_case"]
+
+GA = "www.google-analytics.com"
+FB = "www.facebook.com"
+
+
+def equals(expected: dict[str, Any]) -> Callable[[dict[str, Any] | None], None]:
+    """The event holds these (dotted path -> value) and they are what was mapped."""
+
+    def check(event: dict[str, Any] | None) -> None:
+        assert event is not None
+        for path, value in expected.items():
+            found: Any = event
+            for part in path.split("."):
+                if value is KeyError:
+                    found = found.get(part, KeyError) if isinstance(found, dict) else KeyError
+                else:
+                    found = found[part]
+            assert found == value, (path, found, value)
+
+    return check
+
+
+def vendor_case(
+    id: str,
+    dialect: str,
+    target: bytes,
+    host: str,
+    *,
+    method: str = "GET",
+    body: bytes = b"",
+    headers: dict[str, str] | None = None,
+    status: int = 200,
+    calls: tuple[str, ...] = (),
+    rules: frozenset[str] = frozenset(),
+    notes: frozenset[str] = frozenset(),
+    check: Callable[[dict[str, Any] | None], None] | None = None,
+) -> Case:
+    return Case(
+        id=id,
+        method=method,
+        target=target,
+        headers={"Host": host, "User-Agent": UA, **(headers or {})},
+        expect_status=status,
+        expect_accepted=not rules,
+        expect_rules=rules,
+        expect_notes=notes,
+        check=check,
+        config={"dialects": frozenset({dialect})},
+        body=body,
+        expect_calls=calls,
+    )
+
+
+_GA4_PAGE_VIEW = (
+    b"/g/collect?v=2&tid=G-XXXXXXXXXX&gtm=45je3a1&_p=1711034567890&cid=1234567890.1711034567"
+    b"&ul=en-us&sr=1920x1080&_s=1&sid=1711034567&sct=1&seg=0"
+    b"&dl=https%3A%2F%2Fexample.com%2Fpricing&dr=https%3A%2F%2Fwww.google.com%2F"
+    b"&dt=Pricing&en=page_view&up.plan=pro"
+)
+
+VENDOR_CASES: tuple[Case, ...] = (
+    # GA4: gtag.js's page_view (developers.google.com/analytics/devguides/collection/ga4).
+    vendor_case(
+        "ga4-page-view",
+        "ga4",
+        _GA4_PAGE_VIEW,
+        GA,
+        status=204,
+        calls=("page",),
+        check=equals(
+            {
+                "type": "page",
+                "name": "Pricing",
+                "anonymousId": "1234567890.1711034567",
+                "properties.url": "https://example.com/pricing",
+                "context.page.referrer": "https://www.google.com/",
+                "context.traits.plan": "pro",
+                "context.vendor.fields.sid": "1711034567",
+                "context.vendor.fields._p": "1711034567890",
+            }
+        ),
+    ),
+    # GA4 on a first-party host (server-side tagging): the path alone decides.
+    vendor_case(
+        "ga4-purchase-first-party-host",
+        "ga4",
+        b"/g/collect?v=2&tid=G-XXXXXXXXXX&cid=555.1&uid=u-42&en=purchase"
+        b"&ep.currency=USD&epn.value=30.03&ep.transaction_id=T_12345",
+        "sgtm.example.com",
+        status=204,
+        calls=("track",),
+        check=equals(
+            {
+                "event": "purchase",
+                "userId": "u-42",
+                "properties": {"currency": "USD", "value": 30.03, "transaction_id": "T_12345"},
+            }
+        ),
+    ),
+    # gtag.js batches: the URL's query is shared, each body line is one hit.
+    vendor_case(
+        "ga4-post-two-hits",
+        "ga4",
+        b"/g/collect?v=2&tid=G-XXXXXXXXXX&cid=555.1&dl=https%3A%2F%2Fexample.com%2F",
+        GA,
+        method="POST",
+        body=b"en=page_view&dt=Home\r\nen=scroll&epn.percent_scrolled=90\r\n",
+        status=204,
+        calls=("page", "track"),
+        check=equals({"name": "Home", "context.page.url": "https://example.com/"}),
+    ),
+    vendor_case(
+        "ga4-missing-cid",
+        "ga4",
+        b"/g/collect?v=2&tid=G-XXXXXXXXXX&en=page_view",
+        GA,
+        status=204,
+        calls=("page",),
+        rules=frozenset({"missing_vendor_field"}),
+    ),
+    # Universal Analytics: the Measurement Protocol guide's two examples
+    # (developers.google.com/analytics/devguides/collection/protocol/v1/devguide).
+    vendor_case(
+        "universal-analytics-pageview",
+        "universal_analytics",
+        b"/collect?v=1&tid=UA-XXXXX-Y&cid=555&t=pageview&dh=mydemo.com&dp=%2Fhome&dt=homepage",
+        GA,
+        calls=("page",),
+        check=equals(
+            {
+                "name": "homepage",
+                "anonymousId": "555",
+                "properties.path": "/home",
+                "context.vendor.fields.dh": "mydemo.com",
+            }
+        ),
+    ),
+    vendor_case(
+        "universal-analytics-event",
+        "universal_analytics",
+        b"/collect?v=1&tid=UA-XXXXX-Y&cid=555&t=event&ec=video&ea=play&el=holiday&ev=300",
+        "region1.google-analytics.com",
+        calls=("track",),
+        check=equals(
+            {
+                "event": "play",
+                "properties": {"category": "video", "label": "holiday", "value": 300},
+            }
+        ),
+    ),
+    vendor_case(
+        "universal-analytics-post-missing-v-and-t",
+        "universal_analytics",
+        b"/collect",
+        GA,
+        method="POST",
+        body=b"tid=UA-XXXXX-Y&cid=555&ea=play",
+        calls=("track",),
+        rules=frozenset({"missing_vendor_field"}),
+    ),
+    # Meta: the image pixel's documented forms
+    # (developers.facebook.com/docs/meta-pixel/advanced).
+    vendor_case(
+        "meta-page-view",
+        "meta",
+        b"/tr?id=1234567890&ev=PageView&noscript=1",
+        FB,
+        calls=("page",),
+        check=equals({"type": "page", "context.vendor.fields.noscript": "1"}),
+    ),
+    vendor_case(
+        "meta-purchase-custom-data",
+        "meta",
+        b"/tr?id=1234567890&ev=Purchase&cd[currency]=USD&cd[value]=0.00"
+        b"&dl=https%3A%2F%2Fshop.example%2Fthanks&rl=https%3A%2F%2Fshop.example%2Fcart"
+        b"&ud[em]=309a0a5c3e211326ae75ca18196d301a9bdbd1a882a4d2569511033da23f0abd"
+        b"&fbp=fb.1.1596403881668.1116446470",
+        "facebook.com",
+        calls=("track",),
+        check=equals(
+            {
+                "event": "Purchase",
+                "anonymousId": "fb.1.1596403881668.1116446470",
+                "properties": {"currency": "USD", "value": 0.0},
+                "context.page.referrer": "https://shop.example/cart",
+                "context.traits.em": (
+                    "309a0a5c3e211326ae75ca18196d301a9bdbd1a882a4d2569511033da23f0abd"
+                ),
+            }
+        ),
+    ),
+    # Gmail fetches every image of a message through its proxy (a machine open).
+    vendor_case(
+        "meta-page-view-through-gmail-image-proxy",
+        "meta",
+        b"/tr?id=1234567890&ev=PageView&noscript=1",
+        FB,
+        headers={
+            "User-Agent": (
+                "Mozilla/5.0 (Windows NT 5.1; rv:11.0) Gecko Firefox/11.0"
+                " (via ggpht.com GoogleImageProxy)"
+            )
+        },
+        calls=("page",),
+        notes=frozenset({"machine_open"}),
+    ),
+    vendor_case(
+        "meta-missing-event",
+        "meta",
+        b"/tr?id=1234567890&id=99",
+        FB,
+        calls=("track",),
+        rules=frozenset({"missing_vendor_field"}),
+        notes=frozenset({"duplicate_param"}),
+    ),
+    # Matomo: the Tracking HTTP API reference's page view and event
+    # (developer.matomo.org/api-reference/tracking-api).
+    vendor_case(
+        "matomo-page-view",
+        "matomo",
+        b"/matomo.php?idsite=1&rec=1&action_name=Products%20%2F%20Shoes"
+        b"&url=https%3A%2F%2Fexample.org%2Fshoes&_id=6c0a3d2ab0b1c4e3&uid=user%40example.org"
+        b"&cvar=%7B%221%22%3A%5B%22gender%22%2C%22female%22%5D%7D",
+        "analytics.example.org",
+        calls=("page",),
+        check=equals(
+            {
+                "name": "Products / Shoes",
+                "userId": "user@example.org",
+                "anonymousId": "6c0a3d2ab0b1c4e3",
+                "properties.customVariables": {"gender": "female"},
+                "context.page.url": "https://example.org/shoes",
+            }
+        ),
+    ),
+    vendor_case(
+        "matomo-event-post-on-piwik-php",
+        "matomo",
+        b"/piwik.php",
+        "analytics.example.org",
+        method="POST",
+        body=b"idsite=3&rec=1&e_c=Videos&e_a=Play&e_n=Intro&e_v=12.5&_id=6c0a3d2ab0b1c4e3",
+        calls=("track",),
+        check=equals(
+            {
+                "event": "Play",
+                "properties": {"category": "Videos", "name": "Intro", "value": 12.5},
+            }
+        ),
+    ),
+    vendor_case(
+        "matomo-without-rec",
+        "matomo",
+        b"/matomo.php?idsite=1&action_name=Home",
+        "analytics.example.org",
+        calls=("page",),
+        rules=frozenset({"missing_vendor_field"}),
+    ),
+    # Jitsu: the pixel's documented form, a Segment event in base64 data=
+    # (docs.jitsu.com/sending-data/pixel), and Jitsu Classic's p.gif.
+    vendor_case(
+        "jitsu-px-track",
+        "jitsu",
+        b"/api/px/track?data="
+        + segment_data(
+            {
+                "writeKey": "js.key",
+                "anonymousId": "a1",
+                "event": "Email Opened",
+                "properties": {"campaign": "nov"},
+            }
+        ).encode(),
+        "data.example.com",
+        calls=("track",),
+        check=equals({"event": "Email Opened", "properties": {"campaign": "nov"}}),
+    ),
+    vendor_case(
+        "jitsu-classic-p-gif",
+        "jitsu",
+        b"/api/v1/p.gif?data="
+        + segment_data(
+            {
+                "api_key": "js.classic",
+                "event_type": "pageview",
+                "user": {"anonymous_id": "anon-7"},
+                "url": "https://example.com/",
+                "page_title": "Home",
+            },
+            urlsafe=False,
+            padded=True,
+        ).encode(),
+        "t.jitsu.com",
+        calls=("page",),
+        check=equals({"name": "Home", "anonymousId": "anon-7"}),
+    ),
+    vendor_case(
+        "jitsu-bad-base64",
+        "jitsu",
+        b"/api/px/page?data=%21%21%21",
+        "data.example.com",
+        calls=("page",),
+        rules=frozenset({"bad_base64"}),
+    ),
+)
