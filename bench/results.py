@@ -84,10 +84,19 @@ def _number(value: float | None, unit: str) -> str:
     return f"{text} {unit}"
 
 
+def spread(samples: Sequence[float]) -> str:
+    """The per-round ratios' range and coefficient of variation, or "-" for one round."""
+    if len(samples) < 2:
+        return "-"
+    mean = statistics.mean(samples)
+    cv = statistics.stdev(samples) / mean if mean else 0.0
+    return f"{min(samples):.2f}-{max(samples):.2f} (cv {cv:.2f})"
+
+
 def render_table(rows: Iterable[Row]) -> str:
     """A Markdown table: readable in a terminal and pasteable into docs/benchmarks.md."""
     rows = list(rows)
-    head = ["benchmark", "ours", "baseline", "ratio", "target", "met"]
+    head = ["benchmark", "ours", "baseline", "ratio", "spread", "target", "met"]
     lines = [head]
     for row in rows:
         met = {True: "met", False: "NOT MET", None: "-"}[row.met]
@@ -104,6 +113,7 @@ def render_table(rows: Iterable[Row]) -> str:
                 _number(row.ours, row.unit),
                 baseline,
                 "-" if row.ratio is None else f"{row.ratio:.3f}x",
+                spread(row.samples),
                 "-" if row.target is None else str(row.target),
                 met,
             ]

@@ -7,6 +7,7 @@ else the machine is doing falls on all of them alike.
 
 from __future__ import annotations
 
+import os
 import statistics
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -34,6 +35,8 @@ class ServerUnderLoad:
     loads: list[LoadResult] = field(default_factory=list)  # measured rounds only
     sent: int = 0  # every request sent, warm-up included
     ok: int = 0
+    server_cpu: list[float] = field(default_factory=list)  # per measured round, in seconds
+    _last_cpu: float = 0.0
 
     def launch(self, workdir: Path, label: str) -> None:
         self.server = Server(
@@ -48,6 +51,7 @@ class ServerUnderLoad:
         self, settings: Settings, template: UrlTemplate, run_id: int, seconds: float
     ) -> LoadResult:
         assert self.server is not None
+        cpu_before = session_cpu_seconds(self.server.pid)
         if settings.smoke:
             result = run_python_load(
                 self.server.port,
@@ -66,6 +70,7 @@ class ServerUnderLoad:
                 run_id=run_id,
                 workdir=settings.workdir,
             )
+        self._last_cpu = session_cpu_seconds(self.server.pid) - cpu_before
         self.sent += result.sent
         self.ok += result.ok
         if result.responses != result.ok or result.responses == 0:
@@ -78,6 +83,15 @@ class ServerUnderLoad:
     @property
     def rates(self) -> list[float]:
         return [load.rate for load in self.loads]
+
+    @property
+    def pixels_per_cpu_second(self) -> list[float]:
+        """Per measured round: answers per CPU-second the server's processes used."""
+        return [
+            load.responses / cpu
+            for load, cpu in zip(self.loads, self.server_cpu, strict=True)
+            if cpu
+        ]
 
     @property
     def client_share(self) -> float:
@@ -118,10 +132,33 @@ def run_rounds(
         for r in range(rounds):
             for key in names if r % 2 == 0 else names[::-1]:
                 run_id += 1
-                servers[key].loads.append(servers[key].load(settings, template, run_id, seconds))
+                server = servers[key]
+                server.loads.append(server.load(settings, template, run_id, seconds))
+                server.server_cpu.append(server._last_cpu)
     finally:
         for server in servers.values():
             server.stop()
+
+
+def session_cpu_seconds(session: int) -> float:
+    """CPU seconds (user + system) used so far by the live processes of a session.
+
+    Servers start in a session of their own (:class:`bench.processes.Server`),
+    so this counts a gunicorn master and its workers, or a lone ``serve``.
+    """
+    ticks = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        # The command name (field 2) may hold spaces: split after its ")".
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if int(fields[3]) == session:  # field 6, the session id
+            ticks += int(fields[11]) + int(fields[12])  # fields 14 and 15: utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def kept_row(bench: str, server: ServerUnderLoad, message_ids: Sequence[str]) -> Row:

@@ -16,6 +16,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from pixel_middleware import _json
+
 __all__ = [
     "DataResult",
     "decode_data",
@@ -73,6 +75,10 @@ def json_scanner(decoder: json.JSONDecoder) -> Scanner:
 
 
 _SCAN_ONCE = json_scanner(_DECODER)
+# msgspec reads a whole text at once (the same values: tests/test_json.py),
+# when installed; the scanner above reads what it refuses.
+_FAST_LOADS = _json.fast_loads
+_NOTHING: Any = object()
 _JSON_WHITESPACE = " \t\n\r"
 
 
@@ -194,16 +200,25 @@ def decode_data(
             return None, "bad_json", notes
     if text[:1] in _JSON_WHITESPACE:
         text = text.strip(_JSON_WHITESPACE)
-    try:
-        # What JSONDecoder.decode does, minus two regex matches: the scanner
-        # at 0, then only JSON whitespace may follow.
-        decoded, end = (_SCAN_ONCE if scan is None else scan)(text, 0)
-    except RecursionError:
-        return None, "too_deep", notes
-    except (StopIteration, ValueError):  # no JSON; NaN/Infinity; ints past the digit limit
-        return None, "bad_json", notes
-    if end != len(text) and text[end:].strip(_JSON_WHITESPACE):
-        return None, "bad_json", notes
+    decoded: Any = _NOTHING
+    if scan is None and _FAST_LOADS is not None:
+        try:
+            decoded = _FAST_LOADS(text)
+        except (ValueError, RecursionError):
+            # msgspec refuses what the standard library reads (a lone surrogate
+            # escape) or refuses too: the standard library's answer decides.
+            decoded = _NOTHING
+    if decoded is _NOTHING:
+        try:
+            # What JSONDecoder.decode does, minus two regex matches: the scanner
+            # at 0, then only JSON whitespace may follow.
+            decoded, end = (_SCAN_ONCE if scan is None else scan)(text, 0)
+        except RecursionError:
+            return None, "too_deep", notes
+        except (StopIteration, ValueError):  # no JSON; NaN/Infinity; ints past the digit limit
+            return None, "bad_json", notes
+        if end != len(text) and text[end:].strip(_JSON_WHITESPACE):
+            return None, "bad_json", notes
     if isinstance(decoded, (dict, list)):
         # Cheap pre-check: fewer openers than the limit cannot nest past it.
         if text.count("{") + text.count("[") > max_depth and exceeds_depth(decoded, max_depth):

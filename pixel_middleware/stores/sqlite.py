@@ -30,7 +30,6 @@ Positions are the rows' sequence numbers (``seq``), as decimal strings.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import sqlite3
 import threading
@@ -40,6 +39,7 @@ from collections.abc import Sequence
 from typing import Any, Literal, cast
 from urllib.parse import quote
 
+from pixel_middleware import _json
 from pixel_middleware.core import PixelRecord
 from pixel_middleware.stores import (
     PRIVATE_MODE,
@@ -271,7 +271,7 @@ class SQLiteStore:
                 raise StoreError(f"reading {self.path} failed: {exc}") from exc
         if newest:
             rows.reverse()
-        return [(str(seq), json.loads(text)) for seq, text in rows]
+        return [(str(seq), _json.loads(text)) for seq, text in rows]
 
     def close(self) -> None:
         """Close the connection; idempotent. Writes and reads after it fail."""
@@ -460,9 +460,9 @@ def _row(record: PixelRecord) -> tuple[Any, ...]:
         record["call"],
         message_id if isinstance(message_id, str) else None,
         record["writeKey"],
-        # ASCII JSON: a lone surrogate (which UTF-8 cannot carry) is escaped
-        # rather than failing the write.
-        json.dumps(record, separators=(",", ":")),
+        # A lone surrogate (which UTF-8 cannot carry) is escaped rather than
+        # failing the write (see _json.dumps).
+        _json.dumps(record),
     )
 
 
