@@ -9,27 +9,14 @@ other request goes to the wrapped application untouched.
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
-from pixel_middleware.core import (
-    DIALECTS,
-    Limits,
-    PixelConfig,
-    PixelOutcome,
-    PixelRecord,
-    PixelRequest,
-    Route,
-    decode_pixel,
-    default_answer,
-    match_route,
-    not_kept_answer,
-)
+from pixel_middleware._adapter import DEFAULT_LIMITS, PixelEndpoint, pixel_request
+from pixel_middleware.core import DIALECTS, Limits, PixelRecord, Route
 from pixel_middleware.recorder import Recorder
-from pixel_middleware.stores import Store, open_store
+from pixel_middleware.stores import Store
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -38,14 +25,8 @@ __all__ = ["PixelMiddleware"]
 
 logger = logging.getLogger(__name__)
 
-_DEFAULT_LIMITS = Limits()
-
 # "200 OK", "405 Method Not Allowed", ...: built once, not per request.
 _STATUS_LINES = {status.value: f"{status.value} {status.phrase}" for status in HTTPStatus}
-
-# How much of an exception's text (and of an unknown call's name) the fallback
-# record keeps: an exception may quote request data.
-_MAX_FAILURE_CHARS = 200
 
 
 class PixelMiddleware:
@@ -120,7 +101,7 @@ class PixelMiddleware:
         dialects: Iterable[str] = DIALECTS,
         write_keys: Iterable[str] | None = None,
         trusted_proxies: int = 0,
-        limits: Limits = _DEFAULT_LIMITS,
+        limits: Limits = DEFAULT_LIMITS,
         rudderstack_response: Literal["seed", "gif"] = "seed",
         durable: bool = True,
         on_record: Callable[[PixelRecord], None] | None = None,
@@ -130,52 +111,30 @@ class PixelMiddleware:
                 f"PixelMiddleware: app must be a WSGI application (a callable), got"
                 f" {type(app).__name__}; with Flask, wrap app.wsgi_app"
             )
-        if on_record is not None and not callable(on_record):
-            raise TypeError(
-                f"PixelMiddleware: on_record must be a callable taking a record, got"
-                f" {type(on_record).__name__}"
-            )
         self.app = app
-        self.on_record = on_record
-        self.config = _build_config(
+        # Options, recorder and answers: shared with the ASGI middleware.
+        self._endpoint = endpoint = PixelEndpoint(
+            owner="PixelMiddleware",
+            logger=logger,
+            store=store,
             prefix=prefix,
             dialects=dialects,
             write_keys=write_keys,
             trusted_proxies=trusted_proxies,
             limits=limits,
             rudderstack_response=rudderstack_response,
+            durable=durable,
+            on_record=on_record,
         )
-        self.recorder: Recorder
+        self.on_record = on_record
+        self.config = endpoint.config
+        self.recorder: Recorder = endpoint.recorder
         #: The store records go to (read it for what was recorded).
-        self.store: Store
-        if isinstance(store, Recorder):
-            self.recorder = store
-            self.store = store.store
-            self._owns_recorder = False
-        else:
-            if store is None or isinstance(store, str):
-                # Opened here, so that a wrong URL fails at construction.
-                store = open_store(store)
-            elif not (
-                callable(getattr(store, "write", None)) and callable(getattr(store, "read", None))
-            ):
-                raise TypeError(
-                    f"PixelMiddleware: store must be a store URL such as"
-                    f" 'sqlite:///pixel-events.sqlite3', a Store or a Recorder;"
-                    f" got {type(store).__name__}"
-                )
-            self.store = store
-            self.recorder = Recorder(store, durable=durable)
-            self._owns_recorder = True
+        self.store: Store = endpoint.store
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         path: str = environ.get("PATH_INFO", "")
-        try:
-            route = match_route(path, self.config)
-        except Exception:
-            # Not knowing whether the path is ours, leave it to the app.
-            logger.exception("pixel route matching failed for %r; passing it on", path)
-            route = None
+        route = self._endpoint.route(path)
         if route is None:
             return self.app(environ, start_response)
         return self._answer_pixel(environ, start_response, route, path)
@@ -187,96 +146,23 @@ class PixelMiddleware:
         route: Route,
         path: str,
     ) -> Iterable[bytes]:
-        method: str = environ.get("REQUEST_METHOD", "GET")
-        now = datetime.now(UTC)
-        outcome: PixelOutcome | None
-        try:
-            request = PixelRequest(
-                method,
-                path,
-                _query_bytes(environ.get("QUERY_STRING", "")),
-                environ.get("REMOTE_ADDR"),
-                environ.get("HTTP_USER_AGENT"),
-                environ.get("HTTP_X_FORWARDED_FOR"),
-                environ.get("HTTP_REFERER"),
-            )
-            outcome = decode_pixel(request, config=self.config, now=now)
-        except Exception as exc:
-            logger.exception("decoding the pixel %s failed; answering the default", path)
-            outcome = self._fallback_outcome(environ, route, method, path, now, exc)
+        request = pixel_request(
+            environ.get("REQUEST_METHOD", "GET"),
+            path,
+            _query_bytes(environ.get("QUERY_STRING", "")),
+            environ.get("REMOTE_ADDR"),
+            {
+                "user-agent": environ.get("HTTP_USER_AGENT"),
+                "x-forwarded-for": environ.get("HTTP_X_FORWARDED_FOR"),
+                "referer": environ.get("HTTP_REFERER"),
+            },
+        )
+        outcome = self._endpoint.answer(request, route)
         if outcome is None:
             # The core changed its mind about the route: the app may know the path.
             return self.app(environ, start_response)
-
-        record = outcome.record
-        if record is not None and not self._keep(record):
-            outcome = not_kept_answer(route, method, self.config)
         start_response(_status_line(outcome.status), outcome.headers)
         return [outcome.body]
-
-    def _keep(self, record: PixelRecord) -> bool:
-        """Hand ``record`` to the recorder; whether it was kept."""
-        try:
-            kept = self.recorder.record(record)
-        except Exception:
-            # Recorder.record() is documented never to raise; a pixel still must not
-            # 500. Whether it was kept is unknown: the bug is logged, the answer normal.
-            logger.exception("recording pixel %s failed", record.get("id"))
-            kept = True
-        if self.on_record is not None:
-            try:
-                self.on_record(record)
-            except Exception:
-                logger.exception("on_record callback failed for pixel %s", record.get("id"))
-        return kept
-
-    def _fallback_outcome(
-        self,
-        environ: WSGIEnvironment,
-        route: Route,
-        method: str,
-        path: str,
-        now: datetime,
-        exc: Exception,
-    ) -> PixelOutcome:
-        """The dialect's normal answer, and a record saying why, when decoding crashed.
-
-        Everything copied from the request is cut as the core cuts it, so that
-        not even this record can grow with the request.
-        """
-        outcome = default_answer(route, method, self.config)
-        if method != "GET":
-            return outcome
-        limits = self.config.limits
-        # WSGI text is latin-1 (one character per byte): cutting it cuts bytes.
-        query: str = environ.get("QUERY_STRING", "")[: limits.max_query_bytes]
-        failure = f"{type(exc).__name__}: {exc}"[:_MAX_FAILURE_CHARS]
-        record: PixelRecord = {
-            "id": str(uuid.uuid4()),
-            "receivedAt": now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-            "dialect": route.dialect,
-            "call": route.call[:_MAX_FAILURE_CHARS],
-            "writeKey": None,
-            "accepted": False,
-            "problems": [
-                {
-                    "rule": "internal_error",
-                    "message": f"the decoder failed ({failure});"
-                    " this is a bug in pixel-middleware, please report it",
-                }
-            ],
-            "notes": [],
-            "event": None,
-            "request": {
-                "method": method,
-                "path": path[: limits.max_header_chars],
-                "query": query,
-                "ip": _capped(environ.get("REMOTE_ADDR"), limits.max_header_chars),
-                "userAgent": _capped(environ.get("HTTP_USER_AGENT"), limits.max_header_chars),
-                "referer": _capped(environ.get("HTTP_REFERER"), limits.max_header_chars),
-            },
-        }
-        return PixelOutcome(outcome.status, outcome.headers, outcome.body, record)
 
     def close(self, timeout: float | None = None) -> None:
         """Flush what is queued, then close the recorder this middleware created
@@ -287,46 +173,10 @@ class PixelMiddleware:
         as ``store`` is left open: its owner closes it. Without a call to
         ``close()``, the recorder's exit hook flushes at interpreter exit.
         """
-        if self._owns_recorder:
-            self.recorder.close(timeout)
+        self._endpoint.close(timeout)
 
     def __repr__(self) -> str:
         return f"<PixelMiddleware {self.app!r} prefix={self.config.prefix!r}>"
-
-
-def _build_config(
-    *,
-    prefix: str,
-    dialects: Iterable[str],
-    write_keys: Iterable[str] | None,
-    trusted_proxies: int,
-    limits: Limits,
-    rudderstack_response: str,
-) -> PixelConfig:
-    """The core's config; PixelConfig checks every value and says how to fix it."""
-    try:
-        return PixelConfig(
-            prefix=prefix,
-            dialects=_as_set(dialects),
-            write_keys=None if write_keys is None else _as_set(write_keys),
-            trusted_proxies=trusted_proxies,
-            limits=limits,
-            rudderstack_response=rudderstack_response,  # type: ignore[arg-type]
-        )
-    except ValueError as exc:
-        raise ValueError(f"PixelMiddleware: {exc}") from exc
-
-
-def _as_set(values: Iterable[str]) -> Any:
-    # Lists and tuples are welcome here; a bare string (an easy slip for
-    # dialects="segment") is left as it is for PixelConfig to refuse.
-    if isinstance(values, str) or not isinstance(values, Iterable):
-        return values
-    return frozenset(values)
-
-
-def _capped(value: str | None, max_chars: int) -> str | None:
-    return None if value is None else value[:max_chars]
 
 
 def _query_bytes(query: str) -> bytes:
