@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final, Literal
 
 from pixel_middleware._adapter import DEFAULT_LIMITS, PixelEndpoint, pixel_request
-from pixel_middleware.core import DIALECTS, Limits, PixelRecord, Route, split_target
+from pixel_middleware.core import DIALECTS, Limits, PixelRecord, Route
 from pixel_middleware.recorder import Recorder
 from pixel_middleware.stores import Store
 
@@ -284,16 +284,17 @@ class PixelASGIMiddleware:
 
 
 def _path(scope: Scope) -> str:
-    """The path as a WSGI server fills ``PATH_INFO``: percent-decoded bytes as latin-1.
+    """The path as a WSGI server fills ``PATH_INFO``: below the mount point, as latin-1.
 
-    From ``raw_path`` (the bytes on the wire) when the server gives it, so that a
-    path decodes as it does for the WSGI middleware and the mitmproxy addon;
-    else from ``path``, which ASGI servers decode as UTF-8.
+    ASGI servers put ``root_path`` (uvicorn's ``--root-path``) in front of
+    ``path``, where WSGI keeps it apart in ``SCRIPT_NAME``: it is cut off, so that
+    routes and ``prefix`` mean the same under both. ``path`` is decoded as UTF-8;
+    its bytes read as latin-1 are what the core expects.
     """
-    raw = scope.get("raw_path")
-    if isinstance(raw, bytes) and raw[:1] == b"/":
-        return split_target(raw)[0]
     path: str = scope.get("path", "")
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("", "/"):
+        path = path[len(root) :]
     return path.encode("utf-8", "surrogateescape").decode("latin-1")
 
 

@@ -271,7 +271,7 @@ def test_sigterm_stores_every_answered_pixel(
 class InProcessServer:
     """A uvicorn server for ``app`` in a thread of this process, on 127.0.0.1:0."""
 
-    def __init__(self, app: Any, *, lifespan: str = "on") -> None:
+    def __init__(self, app: Any, *, lifespan: str = "on", root_path: str = "") -> None:
         # proxy_headers=False: uvicorn would otherwise take the client address
         # from X-Forwarded-For sent from 127.0.0.1 (its default), before us.
         config = uvicorn.Config(
@@ -281,6 +281,7 @@ class InProcessServer:
             log_level="warning",
             lifespan=lifespan,
             proxy_headers=False,
+            root_path=root_path,
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -652,6 +653,21 @@ def test_bad_configuration_fails_in_the_constructor(
         PixelASGIMiddleware("app", store="memory://")  # type: ignore[arg-type]
 
 
+def test_routes_are_below_the_servers_root_path(store: Store) -> None:
+    """uvicorn --root-path puts the mount point in front of scope["path"]; WSGI keeps
+    it in SCRIPT_NAME: the routes and the recorded path are below it, as for WSGI."""
+    server = InProcessServer(
+        PixelASGIMiddleware(Recording(), store=store, prefix="/collect"), root_path="/shop"
+    )
+    try:
+        pixel = httpx.get(server.base + "/collect/v1/pixel/track?data=e30")
+    finally:
+        server.stop()
+    assert (pixel.status_code, pixel.content) == (200, GIF)
+    [record] = records(store)
+    assert record["request"]["path"] == "/collect/v1/pixel/track"
+
+
 # --- the event loop is never blocked ----------------------------------------------------
 
 
@@ -738,17 +754,19 @@ class LifespanApp:
 
 def test_lifespan_shutdown_flushes_after_the_apps_own_shutdown(tmp_path: Path) -> None:
     """Under a real uvicorn: when the server's shutdown returns, every record queued
-    before it is in the store (writes take 0.1 s each, so without the flush most
+    before it is in the store (writes take 0.1 s each: without the flush most
     would still be queued)."""
     slow = SlowStore(0.1)
     recorder = Recorder(slow, durable=False, max_batch=1, spool_path=tmp_path / "spool")
     app = LifespanApp()
     server = InProcessServer(PixelASGIMiddleware(app, store=recorder))
     try:
-        for n in range(10):
-            event = {"writeKey": "k1", "userId": f"u{n}", "event": "E"}
-            got = httpx.get(server.base + "/v1/pixel/track", params={"data": b64(event)})
-            assert got.status_code == 200
+        with httpx.Client(base_url=server.base) as client:
+            for n in range(10):
+                event = {"writeKey": "k1", "userId": f"u{n}", "event": "E"}
+                got = client.get("/v1/pixel/track", params={"data": b64(event)})
+                assert got.status_code == 200
+        assert len(records(slow)) < 10, "still queued when the server is stopped"
     finally:
         server.stop()
     assert app.events == ["startup", "shutdown"]
