@@ -29,7 +29,7 @@ import pytest
 import uvicorn
 from websockets.sync.client import connect as websocket_connect
 
-from pixel_middleware import GIF, PixelASGIMiddleware, PixelMiddleware, PixelRecord
+from pixel_middleware import GIF, Limits, PixelASGIMiddleware, PixelMiddleware, PixelRecord
 from pixel_middleware.recorder import Recorder
 from pixel_middleware.stores import Store, open_store
 
@@ -304,13 +304,23 @@ class InProcessServer:
 MAX_LINE = 16_000
 
 
-def send_raw(port: int, method: str, target: bytes, headers: dict[str, str]) -> Any:
+def send_raw(
+    port: int, method: str, target: bytes, headers: dict[str, str], body: bytes | None = None
+) -> Any:
+    sized = {} if body is None else {"Content-Length": str(len(body))}
     head = b"".join(
         f"{name}: {value}\r\n".encode("latin-1")
-        for name, value in {"Host": "pixels.test", **headers, "Connection": "close"}.items()
+        for name, value in {
+            "Host": "pixels.test",
+            **headers,
+            **sized,
+            "Connection": "close",
+        }.items()
     )
     with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
-        conn.sendall(method.encode() + b" " + target + b" HTTP/1.1\r\n" + head + b"\r\n")
+        conn.sendall(
+            method.encode() + b" " + target + b" HTTP/1.1\r\n" + head + b"\r\n" + (body or b"")
+        )
         answer = b""
         while chunk := conn.recv(65536):
             answer += chunk
@@ -419,19 +429,22 @@ def test_every_shared_case_through_a_real_uvicorn() -> None:
     assert over_socket > len(CASES) // 2, "most cases went over a real socket"
 
 
+# What differs between two records of one request: ids, and times the middleware makes.
+VOLATILE = {"id", "receivedAt", "messageId", "timestamp", "sentAt", "originalTimestamp"}
+
+
+def stable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: stable(v) for k, v in value.items() if k not in VOLATILE}
+    if isinstance(value, list):
+        return [stable(v) for v in value]
+    return value
+
+
 def test_records_match_the_wsgi_middleware_field_for_field() -> None:
     """The same request through both adapters: the same record, but for ids and times."""
     from cases import CASES
     from test_middleware import get, hello_app
-
-    volatile = {"id", "receivedAt", "messageId", "timestamp", "sentAt", "originalTimestamp"}
-
-    def stable(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: stable(v) for k, v in value.items() if k not in volatile}
-        if isinstance(value, list):
-            return [stable(v) for v in value]
-        return value
 
     compared = 0
     for case in CASES:
@@ -456,6 +469,43 @@ def test_records_match_the_wsgi_middleware_field_for_field() -> None:
         asgi.close()
         compared += 1
     assert compared > 20
+
+
+def test_every_body_case_gives_the_wsgi_middlewares_answer_and_records() -> None:
+    """Each HTTP API body of tests/cases.py, byte for byte over real sockets to the
+    ASGI middleware under uvicorn and to the WSGI one: the same status, answer and
+    records (one per event of a batch), but for ids and times."""
+    from cases import BODY_CASES
+    from collector_server import not_found, serving
+
+    groups: dict[str, list[Any]] = {}
+    for case in BODY_CASES:
+        groups.setdefault(repr(sorted(case.config.items())), []).append(case)
+    compared = 0
+    for cases in groups.values():
+        config = dict(cases[0].config)
+        wsgi = PixelMiddleware(not_found, store="memory://", **config)
+        asgi = PixelASGIMiddleware(not_found_app, store="memory://", **config)
+        server = InProcessServer(asgi)
+        try:
+            with serving(wsgi) as url:
+                wsgi_port = int(url.rsplit(":", 1)[1])
+                for case in cases:
+                    sent = ("POST", case.target, dict(case.headers), case.body)
+                    via_wsgi = send_raw(wsgi_port, *sent)
+                    status, headers, body = send_raw(server.port, *sent)
+                    assert status == via_wsgi[0] == case.expect_status, case.id
+                    assert body == via_wsgi[2], case.id
+                    assert headers["content-type"] == via_wsgi[1]["content-type"], case.id
+        finally:
+            server.stop()
+        by_wsgi, by_asgi = records(wsgi.store), records(asgi.store)
+        wsgi.close()
+        asgi.close()
+        assert [r["call"] for r in by_asgi] == [call for c in cases for call in c.expect_calls]
+        assert [stable(r) for r in by_asgi] == [stable(r) for r in by_wsgi]
+        compared += len(by_asgi)
+    assert compared == sum(len(case.expect_calls) for case in BODY_CASES)
 
 
 # --- in-process: pass-through, answers, failures ---------------------------------------
@@ -605,6 +655,59 @@ def test_a_pixel_not_kept_gets_503_with_retry_after(store: Store) -> None:
     assert answer.headers["Retry-After"] == "5"
 
 
+def test_a_batch_not_kept_gets_503_and_every_record_is_handed_on(store: Store) -> None:
+    seen: list[PixelRecord] = []
+    recorder = Recorder(store)
+    middleware = PixelASGIMiddleware(Recording(), store=recorder, on_record=seen.append)
+    recorder.close()
+    batch = [{"type": "track", "userId": "u", "event": f"E{i}"} for i in range(3)]
+    answer = asgi_get(
+        middleware, "/v1/batch", method="POST", json={"writeKey": "k", "batch": batch}
+    )
+    assert (answer.status_code, answer.headers["Retry-After"]) == (503, "5")
+    assert [r["event"]["event"] for r in seen] == ["E0", "E1", "E2"]
+    assert records(store) == []
+
+
+def test_a_body_is_read_to_one_byte_over_the_limit_and_no_further(store: Store) -> None:
+    """max_body_bytes is a body's size: at it accepted, one over too_large; a body
+    that never ends is read only to max_body_bytes + 1 bytes."""
+    limit = 1000
+    middleware = PixelASGIMiddleware(Recording(), store=store, limits=Limits(max_body_bytes=limit))
+
+    def track_of(size: int) -> bytes:
+        head = b'{"writeKey":"k","userId":"u","event":"E","pad":"'
+        body = head + b"x" * (size - len(head) - 2) + b'"}'
+        assert len(body) == size
+        return body
+
+    at_limit = asgi_get(middleware, "/v1/track", method="POST", content=track_of(limit))
+    over = asgi_get(middleware, "/v1/track", method="POST", content=track_of(limit + 1))
+    assert (at_limit.status_code, over.status_code) == (200, 400)
+    assert [(r["accepted"], rules(r)) for r in records(store)] == [
+        (True, []),
+        (False, ["too_large"]),
+    ]
+
+    taken = 0
+    sent: list[Any] = []
+
+    async def endless() -> dict[str, Any]:
+        nonlocal taken
+        taken += 1
+        await asyncio.sleep(0)  # as a server's receive does: the loop may cancel it
+        return {"type": "http.request", "body": b"y" * 100, "more_body": True}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/track", "query_string": b""}
+    asyncio.run(asyncio.wait_for(middleware(scope, endless, send), 10))
+    assert taken == 11  # 1100 bytes: the first read past limit + 1 = 1001
+    assert sent[0]["status"] == 400
+    assert rules(records(store)[-1]) == ["too_large"]
+
+
 def test_a_decoder_bug_gets_the_default_answer_and_a_record(
     store: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -651,6 +754,126 @@ def test_bad_configuration_fails_in_the_constructor(
         PixelASGIMiddleware(Recording(), **options)
     with pytest.raises(TypeError, match="app must be an ASGI application"):
         PixelASGIMiddleware("app", store="memory://")  # type: ignore[arg-type]
+
+
+def test_custom_routes_as_the_wsgi_middleware_takes_them(store: Store) -> None:
+    middleware = PixelASGIMiddleware(
+        Recording(),
+        store=store,
+        routes={
+            "/t.gif": "segment:track",
+            "px.example.com/e": "rudderstack:page",
+            "/collect/": "segment",
+        },
+    )
+    event = {"writeKey": "k", "userId": "u", "event": "Opened"}
+    pixel = asgi_get(middleware, "/t.gif", params={"data": b64(event)})
+    assert (pixel.status_code, pixel.content) == (200, GIF)
+    posted = asgi_get(middleware, "/t.gif", method="POST", json=event)
+    assert (posted.status_code, posted.json()) == (200, {"success": True})
+    identify = asgi_get(middleware, "/collect/identify", params={"data": b64(event)})
+    assert identify.content == GIF
+    # A host and path: only for that host (any port); for another, the app's.
+    query = {"writeKey": "k", "anonymousId": "a"}
+    other = asgi_get(middleware, "/e", params=query)
+    assert (other.status_code, other.content) == (200, b"echo:")
+    ours = asgi_get(middleware, "/e", params=query, headers={"Host": "px.example.com:8080"})
+    assert (ours.status_code, ours.content) == (200, b"OK")
+    assert [(r["dialect"], r["call"], r["accepted"]) for r in records(store)] == [
+        ("segment", "track", True),
+        ("segment", "track", True),
+        ("segment", "identify", True),
+        ("rudderstack", "page", True),
+    ]
+
+
+def test_debug_twins_answer_the_verdict_and_record_nothing(store: Store) -> None:
+    off = PixelASGIMiddleware(Recording(), store=store)
+    assert asgi_get(off, "/debug/v1/pixel/track", params={"data": "e30"}).content == b"echo:"
+    middleware = PixelASGIMiddleware(Recording(), store=store, debug_routes=True, write_keys={"wk"})
+    query = {"writeKey": "wk", "anonymousId": "a-1", "event": "Opened", "properties.plan": "pro"}
+    answer = asgi_get(middleware, "/debug/pixel/v1/track", params=query)
+    assert (answer.status_code, answer.headers["Content-Type"]) == (200, "application/json")
+    verdict = answer.json()
+    assert verdict["recorded"] is False
+    assert (verdict["accepted"], verdict["status"], verdict["dialect"]) == (
+        True,
+        200,
+        "rudderstack",
+    )
+    assert verdict["event"]["properties"] == {"plan": "pro"}
+    bad = asgi_get(middleware, "/debug/pixel/v1/track", params={"writeKey": "nope"}).json()
+    assert (bad["accepted"], bad["status"]) == (False, 400)
+    assert "unknown_write_key" in [p["rule"] for p in bad["problems"]]
+    head = asgi_get(middleware, "/debug/pixel/v1/track", method="HEAD", params=query)
+    assert (head.status_code, head.content) == (200, b"")
+    post = asgi_get(middleware, "/debug/pixel/v1/track", method="POST", params=query)
+    assert (post.status_code, post.headers["Allow"]) == (405, "GET, HEAD")
+    # The HTTP API's twin reads the body, as its route does.
+    batch = {"writeKey": "wk", "batch": [{"type": "identify", "userId": "u"}]}
+    api = asgi_get(middleware, "/debug/v1/batch", method="POST", json=batch).json()
+    assert (api["accepted"], api["call"], api["event"]["userId"]) == (True, "identify", "u")
+    # Not a pixel route below /debug: the app's, body and all.
+    other = asgi_get(middleware, "/debug/other", method="POST", content=b"mine")
+    assert other.content == b"echo:mine"
+    assert records(store) == []
+
+
+def test_a_non_pixel_requests_body_reaches_the_app_whole(store: Store) -> None:
+    """Near the body routes but not one of them (the HTTP API's paths by PUT, a
+    host-bound route for another host, ...): the app reads every byte, over a
+    real server, though the body is larger than a pixel may read."""
+    middleware = PixelASGIMiddleware(
+        Recording(),
+        store=store,
+        limits=Limits(max_body_bytes=1000),
+        routes={"px.example.com/t": "segment:track"},
+    )
+    body = bytes(range(256)) * 40  # 10240 bytes, more than one message
+    server = InProcessServer(middleware)
+    try:
+        for method, path in [
+            ("PUT", "/v1/batch"),
+            ("POST", "/v1/tracks"),
+            ("POST", "/v1/pixel/batch"),
+            ("POST", "/api/v1/track"),
+            ("POST", "/t"),
+        ]:
+            answer = httpx.request(method, server.base + path, content=body)
+            assert (answer.status_code, answer.content) == (200, b"echo:" + body), path
+        ours = httpx.post(server.base + "/t", content=b"{}", headers={"Host": "px.example.com"})
+        assert (ours.status_code, ours.json()) == (200, {"success": True})
+    finally:
+        server.stop()
+    [record] = records(store)
+    assert (record["call"], record["request"]["path"]) == ("track", "/t")
+
+
+def test_a_body_route_the_core_passes_on_gets_its_body_whole(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the core hands a request back (no route after all), the app gets the
+    body the middleware already read, then the rest."""
+    monkeypatch.setattr("pixel_middleware._adapter.decode_pixel", lambda *a, **kw: None)
+    app = Recording()
+    middleware = PixelASGIMiddleware(app, store=store, limits=Limits(max_body_bytes=10))
+    parts = [b'{"type":', b'"track",', b'"userId":"u"}']
+    messages = [
+        {"type": "http.request", "body": part, "more_body": i < len(parts) - 1}
+        for i, part in enumerate(parts)
+    ]
+    sent: list[Any] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/track", "query_string": b""}
+    asyncio.run(asyncio.wait_for(middleware(scope, receive, send), 10))
+    assert sent[-1]["body"] == b'echo:{"type":"track","userId":"u"}'
+    assert records(store) == []
 
 
 def test_routes_are_below_the_servers_root_path(store: Store) -> None:
