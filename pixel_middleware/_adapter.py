@@ -182,6 +182,10 @@ class PixelEndpoint:
         route = self.route(real_path, method=method, host=host)
         return None if route is None else (route, real_path)
 
+    def body_limits(self, route: Route) -> Limits | None:
+        """The limits to read ``route``'s body to; ``None``: it takes none, read none."""
+        return self.config.limits if route.body else None
+
     def body_cap(self, route: Route) -> int | None:
         """How many body bytes to read for ``route``: one more than a body may have
         (so the core can say "too large"); ``None``: the route takes no body, read none."""

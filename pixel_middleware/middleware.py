@@ -176,7 +176,9 @@ class PixelMiddleware:
         endpoint = self._endpoint
         failure: Exception | None = None
         try:
-            request = pixel_request_from_environ(environ, path, body_cap=endpoint.body_cap(route))
+            request = pixel_request_from_environ(
+                environ, path, body_limits=endpoint.body_limits(route)
+            )
         except Exception as exc:
             # The body could not be read: answered as a decoder failure is.
             request, failure = pixel_request_from_environ(environ, path), exc
@@ -194,7 +196,9 @@ class PixelMiddleware:
         endpoint = self._endpoint
         failure: Exception | None = None
         try:
-            request = pixel_request_from_environ(environ, path, body_cap=endpoint.body_cap(route))
+            request = pixel_request_from_environ(
+                environ, path, body_limits=endpoint.body_limits(route)
+            )
         except Exception as exc:
             request, failure = pixel_request_from_environ(environ, path), exc
         outcome = endpoint.decode(request, route, debug=True, failure=failure)
@@ -246,14 +250,14 @@ def _read_body(environ: WSGIEnvironment, cap: int) -> bytes:
 
 
 def pixel_request_from_environ(
-    environ: WSGIEnvironment, path: str, *, body_cap: int | None = None
+    environ: WSGIEnvironment, path: str, *, body_limits: Limits | None = None
 ) -> PixelRequest:
     """What the core is given of a WSGI request for the pixel route ``path``.
 
-    ``body_cap``: the route takes a body (the HTTP API's POST routes), read at
-    most this many bytes of it (:meth:`.PixelEndpoint.body_cap`); ``None``
-    reads none (never for a request that is not a pixel: the app gets its body
-    untouched).
+    ``body_limits``: the route takes a body (the HTTP API's POST routes), read
+    up to these limits (``max_body_bytes + 1`` bytes: one more says "too
+    large"); ``None`` reads none (never for a request that is not a pixel: the
+    app gets its body untouched).
     """
     return pixel_request(
         environ.get("REQUEST_METHOD", "GET"),
@@ -268,7 +272,7 @@ def pixel_request_from_environ(
             "authorization": environ.get("HTTP_AUTHORIZATION"),
             "host": environ.get("HTTP_HOST"),
         },
-        body=b"" if body_cap is None else _read_body(environ, body_cap),
+        body=b"" if body_limits is None else _read_body(environ, body_limits.max_body_bytes + 1),
     )
 
 
