@@ -21,7 +21,7 @@ from bench.results import Row, render_table, write_json
 from bench.settings import Settings
 
 # In the order they run: the cheap in-process ones first.
-BENCHMARKS = ["core", "wsgi", "http", "mitm", "stores"]
+BENCHMARKS = ["core", "wsgi", "http", "asgi", "mitm", "stores"]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

@@ -5,7 +5,7 @@ same request as ``/v1/pixel/track`` and answers what the real route would make
 of it (verdict, problems, notes, the decoded event and the status the real
 route answers), so a developer can check a pixel URL before sending it for
 real. The collector serves them always; :class:`~.middleware.PixelMiddleware`
-with ``debug_routes=True``.
+and :class:`~.asgi.PixelASGIMiddleware` with ``debug_routes=True``.
 
 Pure: a :class:`~.core.PixelOutcome` in, the answer out.
 """

@@ -9,28 +9,14 @@ other request goes to the wrapped application untouched.
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Callable, Iterable, Mapping
-from datetime import UTC, datetime
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
-from pixel_middleware.core import (
-    DEFAULT_DIALECTS,
-    Limits,
-    PixelConfig,
-    PixelOutcome,
-    PixelRecord,
-    PixelRequest,
-    Route,
-    decode_pixel,
-    default_answer,
-    match_route,
-    not_kept_answer,
-)
-from pixel_middleware.debug_twin import DEBUG_ROOT, debug_answer
+from pixel_middleware._adapter import DEFAULT_LIMITS, PixelEndpoint, pixel_request
+from pixel_middleware.core import DEFAULT_DIALECTS, Limits, PixelRecord, PixelRequest, Route
 from pixel_middleware.recorder import Recorder
-from pixel_middleware.stores import Store, open_store
+from pixel_middleware.stores import Store
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -39,15 +25,8 @@ __all__ = ["PixelMiddleware"]
 
 logger = logging.getLogger(__name__)
 
-_DEFAULT_LIMITS = Limits()
-_DEBUG_PREFIX = DEBUG_ROOT + "/"
-
 # "200 OK", "405 Method Not Allowed", ...: built once, not per request.
 _STATUS_LINES = {status.value: f"{status.value} {status.phrase}" for status in HTTPStatus}
-
-# How much of an exception's text (and of an unknown call's name) the fallback
-# record keeps: an exception may quote request data.
-_MAX_FAILURE_CHARS = 200
 
 
 class PixelMiddleware:
@@ -136,7 +115,7 @@ class PixelMiddleware:
         dialects: Iterable[str] = DEFAULT_DIALECTS,
         write_keys: Iterable[str] | None = None,
         trusted_proxies: int = 0,
-        limits: Limits = _DEFAULT_LIMITS,
+        limits: Limits = DEFAULT_LIMITS,
         rudderstack_response: Literal["seed", "gif"] = "seed",
         routes: Mapping[str, str] | None = None,
         durable: bool = True,
@@ -149,66 +128,40 @@ class PixelMiddleware:
                 f"PixelMiddleware: app must be a WSGI application (a callable), got"
                 f" {type(app).__name__}; with Flask, wrap app.wsgi_app"
             )
-        if on_record is not None and not callable(on_record):
-            raise TypeError(
-                f"PixelMiddleware: on_record must be a callable taking a record, got"
-                f" {type(on_record).__name__}"
-            )
-        if not isinstance(debug_routes, bool):
-            raise TypeError(
-                f"PixelMiddleware: debug_routes must be True or False, got {debug_routes!r}"
-            )
         self.app = app
-        self.on_record = on_record
-        self.debug_routes = debug_routes
-        self.config = _build_config(
+        # Options, recorder and answers: shared with the ASGI middleware.
+        self._endpoint = endpoint = PixelEndpoint(
+            owner="PixelMiddleware",
+            logger=logger,
+            store=store,
             prefix=prefix,
             dialects=dialects,
             write_keys=write_keys,
             trusted_proxies=trusted_proxies,
             limits=limits,
             rudderstack_response=rudderstack_response,
-            unknown_calls=unknown_calls,
             routes=routes,
+            durable=durable,
+            on_record=on_record,
+            debug_routes=debug_routes,
+            unknown_calls=unknown_calls,
         )
-        self.recorder: Recorder
+        self.on_record = on_record
+        self.debug_routes = debug_routes
+        self.config = endpoint.config
+        self.recorder: Recorder = endpoint.recorder
         #: The store records go to (read it for what was recorded).
-        self.store: Store
-        if isinstance(store, Recorder):
-            self.recorder = store
-            self.store = store.store
-            self._owns_recorder = False
-        else:
-            if store is None or isinstance(store, str):
-                # Opened here, so that a wrong URL fails at construction.
-                store = open_store(store)
-            elif not (
-                callable(getattr(store, "write", None)) and callable(getattr(store, "read", None))
-            ):
-                raise TypeError(
-                    f"PixelMiddleware: store must be a store URL such as"
-                    f" 'sqlite:///pixel-events.sqlite3', a Store or a Recorder;"
-                    f" got {type(store).__name__}"
-                )
-            self.store = store
-            self.recorder = Recorder(store, durable=durable)
-            self._owns_recorder = True
+        self.store: Store = endpoint.store
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         path: str = environ.get("PATH_INFO", "")
-        if self.debug_routes and path.startswith(_DEBUG_PREFIX):
-            return self._answer_debug(environ, start_response, path[len(DEBUG_ROOT) :])
-        try:
-            route = match_route(
-                path,
-                self.config,
-                method=environ.get("REQUEST_METHOD", "GET"),
-                host=environ.get("HTTP_HOST"),
-            )
-        except Exception:
-            # Not knowing whether the path is ours, leave it to the app.
-            logger.exception("pixel route matching failed for %r; passing it on", path)
-            route = None
+        method: str = environ.get("REQUEST_METHOD", "GET")
+        host: str | None = environ.get("HTTP_HOST")
+        endpoint = self._endpoint
+        twin = endpoint.debug_route(path, method=method, host=host)
+        if twin is not None:
+            return self._answer_debug(environ, start_response, *twin)
+        route = endpoint.route(path, method=method, host=host)
         if route is None:
             return self.app(environ, start_response)
         return self._answer_pixel(environ, start_response, route, path)
@@ -220,119 +173,40 @@ class PixelMiddleware:
         route: Route,
         path: str,
     ) -> Iterable[bytes]:
-        method: str = environ.get("REQUEST_METHOD", "GET")
-        now = datetime.now(UTC)
-        outcome: PixelOutcome | None
+        endpoint = self._endpoint
+        failure: Exception | None = None
         try:
             request = pixel_request_from_environ(
-                environ, path, body_limits=self.config.limits if route.body else None
+                environ, path, body_limits=endpoint.body_limits(route)
             )
-            outcome = decode_pixel(request, config=self.config, now=now)
         except Exception as exc:
-            logger.exception("decoding the pixel %s failed; answering the default", path)
-            outcome = self._fallback_outcome(environ, route, method, path, now, exc)
+            # The body could not be read: answered as a decoder failure is.
+            request, failure = pixel_request_from_environ(environ, path), exc
+        outcome = endpoint.answer(request, route, failure=failure)
         if outcome is None:
             # The core changed its mind about the route: the app may know the path.
             return self.app(environ, start_response)
-
-        # Every record is handed on, even after one could not be kept.
-        kept = [self._keep(record) for record in outcome.records]
-        if not all(kept):
-            outcome = not_kept_answer(route, method, self.config)
         start_response(_status_line(outcome.status), outcome.headers)
         return [outcome.body]
 
     def _answer_debug(
-        self, environ: WSGIEnvironment, start_response: StartResponse, path: str
+        self, environ: WSGIEnvironment, start_response: StartResponse, route: Route, path: str
     ) -> Iterable[bytes]:
         """A debug twin (``/debug<pixel route>``): the verdict as JSON, nothing recorded."""
-        method: str = environ.get("REQUEST_METHOD", "GET")
-        now = datetime.now(UTC)
-        outcome: PixelOutcome | None
+        endpoint = self._endpoint
+        failure: Exception | None = None
         try:
-            route = match_route(path, self.config, method=method, host=environ.get("HTTP_HOST"))
-            if route is None:
-                return self.app(environ, start_response)
-            try:
-                request = pixel_request_from_environ(
-                    environ, path, body_limits=self.config.limits if route.body else None
-                )
-                outcome = decode_pixel(request, config=self.config, now=now)
-            except Exception as exc:
-                logger.exception("decoding the debug pixel %s failed", path)
-                outcome = self._fallback_outcome(environ, route, method, path, now, exc)
-        except Exception:
-            logger.exception("debug route matching failed for %r; passing it on", path)
-            return self.app(environ, start_response)
+            request = pixel_request_from_environ(
+                environ, path, body_limits=endpoint.body_limits(route)
+            )
+        except Exception as exc:
+            request, failure = pixel_request_from_environ(environ, path), exc
+        outcome = endpoint.decode(request, route, debug=True, failure=failure)
         if outcome is None:
             return self.app(environ, start_response)
-        status, headers, body = debug_answer(outcome)
+        status, headers, body = endpoint.debug(outcome, request.method)
         start_response(_status_line(status), headers)
-        return [b"" if method == "HEAD" else body]
-
-    def _keep(self, record: PixelRecord) -> bool:
-        """Hand ``record`` to the recorder; whether it was kept."""
-        try:
-            kept = self.recorder.record(record)
-        except Exception:
-            # Recorder.record() is documented never to raise; a pixel still must not
-            # 500. Whether it was kept is unknown: the bug is logged, the answer normal.
-            logger.exception("recording pixel %s failed", record.get("id"))
-            kept = True
-        if self.on_record is not None:
-            try:
-                self.on_record(record)
-            except Exception:
-                logger.exception("on_record callback failed for pixel %s", record.get("id"))
-        return kept
-
-    def _fallback_outcome(
-        self,
-        environ: WSGIEnvironment,
-        route: Route,
-        method: str,
-        path: str,
-        now: datetime,
-        exc: Exception,
-    ) -> PixelOutcome:
-        """The dialect's normal answer, and a record saying why, when decoding crashed.
-
-        Everything copied from the request is cut as the core cuts it, so that
-        not even this record can grow with the request.
-        """
-        outcome = default_answer(route, method, self.config)
-        if method != "GET" and not route.body:
-            return outcome
-        limits = self.config.limits
-        # WSGI text is latin-1 (one character per byte): cutting it cuts bytes.
-        query: str = environ.get("QUERY_STRING", "")[: limits.max_query_bytes]
-        failure = f"{type(exc).__name__}: {exc}"[:_MAX_FAILURE_CHARS]
-        record: PixelRecord = {
-            "id": str(uuid.uuid4()),
-            "receivedAt": now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-            "dialect": route.dialect,
-            "call": route.call[:_MAX_FAILURE_CHARS],
-            "writeKey": None,
-            "accepted": False,
-            "problems": [
-                {
-                    "rule": "internal_error",
-                    "message": f"the decoder failed ({failure});"
-                    " this is a bug in pixel-middleware, please report it",
-                }
-            ],
-            "notes": [],
-            "event": None,
-            "request": {
-                "method": method,
-                "path": path[: limits.max_header_chars],
-                "query": query,
-                "ip": _capped(environ.get("REMOTE_ADDR"), limits.max_header_chars),
-                "userAgent": _capped(environ.get("HTTP_USER_AGENT"), limits.max_header_chars),
-                "referer": _capped(environ.get("HTTP_REFERER"), limits.max_header_chars),
-            },
-        }
-        return PixelOutcome(outcome.status, outcome.headers, outcome.body, record)
+        return [body]
 
     def close(self, timeout: float | None = None) -> None:
         """Flush what is queued, then close the recorder this middleware created
@@ -343,55 +217,18 @@ class PixelMiddleware:
         as ``store`` is left open: its owner closes it. Without a call to
         ``close()``, the recorder's exit hook flushes at interpreter exit.
         """
-        if self._owns_recorder:
-            self.recorder.close(timeout)
+        self._endpoint.close(timeout)
 
     def __repr__(self) -> str:
         return f"<PixelMiddleware {self.app!r} prefix={self.config.prefix!r}>"
 
 
-def _build_config(
-    *,
-    prefix: str,
-    dialects: Iterable[str],
-    write_keys: Iterable[str] | None,
-    trusted_proxies: int,
-    limits: Limits,
-    rudderstack_response: str,
-    unknown_calls: str,
-    routes: Mapping[str, str] | None,
-) -> PixelConfig:
-    """The core's config; PixelConfig checks every value and says how to fix it."""
-    try:
-        return PixelConfig(
-            prefix=prefix,
-            dialects=_as_set(dialects),
-            write_keys=None if write_keys is None else _as_set(write_keys),
-            trusted_proxies=trusted_proxies,
-            limits=limits,
-            rudderstack_response=rudderstack_response,  # type: ignore[arg-type]
-            unknown_calls=unknown_calls,  # type: ignore[arg-type]
-            custom_paths=routes,
-        )
-    except ValueError as exc:
-        raise ValueError(f"PixelMiddleware: {exc}") from exc
-
-
-def _as_set(values: Iterable[str]) -> Any:
-    # Lists and tuples are welcome here; a bare string (an easy slip for
-    # dialects="segment") is left as it is for PixelConfig to refuse.
-    if isinstance(values, str) or not isinstance(values, Iterable):
-        return values
-    return frozenset(values)
-
-
-def _read_body(environ: WSGIEnvironment, limits: Limits) -> bytes:
-    """At most ``max_body_bytes + 1`` bytes of a POST body (one more says "too large").
+def _read_body(environ: WSGIEnvironment, cap: int) -> bytes:
+    """At most ``cap`` bytes of the request body.
 
     Bounded by ``Content-Length``; without one, read only from a server that
     says the input ends (``wsgi.input_terminated``), else nothing.
     """
-    cap = limits.max_body_bytes + 1
     stream = environ.get("wsgi.input")
     if stream is None:
         return b""
@@ -412,31 +249,30 @@ def _read_body(environ: WSGIEnvironment, limits: Limits) -> bytes:
     return b"".join(chunks)
 
 
-def _capped(value: str | None, max_chars: int) -> str | None:
-    return None if value is None else value[:max_chars]
-
-
 def pixel_request_from_environ(
     environ: WSGIEnvironment, path: str, *, body_limits: Limits | None = None
 ) -> PixelRequest:
     """What the core is given of a WSGI request for the pixel route ``path``.
 
     ``body_limits``: the route takes a body (the HTTP API's POST routes), read
-    up to these limits; ``None`` reads none (never for a request that is not a
-    pixel: the app gets its body untouched).
+    up to these limits (``max_body_bytes + 1`` bytes: one more says "too
+    large"); ``None`` reads none (never for a request that is not a pixel: the
+    app gets its body untouched).
     """
-    return PixelRequest(
+    return pixel_request(
         environ.get("REQUEST_METHOD", "GET"),
         path,
         _query_bytes(environ.get("QUERY_STRING", "")),
         environ.get("REMOTE_ADDR"),
-        environ.get("HTTP_USER_AGENT"),
-        environ.get("HTTP_X_FORWARDED_FOR"),
-        environ.get("HTTP_REFERER"),
-        body=b"" if body_limits is None else _read_body(environ, body_limits),
-        content_encoding=environ.get("HTTP_CONTENT_ENCODING"),
-        authorization=environ.get("HTTP_AUTHORIZATION"),
-        host=environ.get("HTTP_HOST"),
+        {
+            "user-agent": environ.get("HTTP_USER_AGENT"),
+            "x-forwarded-for": environ.get("HTTP_X_FORWARDED_FOR"),
+            "referer": environ.get("HTTP_REFERER"),
+            "content-encoding": environ.get("HTTP_CONTENT_ENCODING"),
+            "authorization": environ.get("HTTP_AUTHORIZATION"),
+            "host": environ.get("HTTP_HOST"),
+        },
+        body=b"" if body_limits is None else _read_body(environ, body_limits.max_body_bytes + 1),
     )
 
 

@@ -44,6 +44,7 @@ def run_bench(name: str, tmp_path: Path) -> dict[str, Any]:
         pytest.param("core", 2, id="core"),
         pytest.param("wsgi", 4, id="wsgi"),
         pytest.param("http", 10, id="http"),
+        pytest.param("asgi", 3, id="asgi"),
         pytest.param("mitm", 4, id="mitm", marks=pytest.mark.mitmproxy),
         pytest.param("stores", 10, id="stores", marks=[pytest.mark.redis, pytest.mark.postgresql]),
     ],

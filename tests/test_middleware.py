@@ -414,7 +414,7 @@ def test_a_decoder_bug_gets_the_default_answer_and_a_record(
     def broken(*args: Any, **kwargs: Any) -> None:
         raise ZeroDivisionError("core bug")
 
-    monkeypatch.setattr("pixel_middleware.middleware.decode_pixel", broken)
+    monkeypatch.setattr("pixel_middleware._adapter.decode_pixel", broken)
     app = wrap(hello_app, store, **options)
     response = get(app, path, "anything=1")
     assert (response.status_code, response.get_data()) == (200, body)
@@ -434,7 +434,7 @@ def test_a_route_matcher_bug_passes_the_request_on(
     def broken(*args: Any, **kwargs: Any) -> None:
         raise ValueError("matcher bug")
 
-    monkeypatch.setattr("pixel_middleware.middleware.match_route", broken)
+    monkeypatch.setattr("pixel_middleware._adapter.match_route", broken)
     response = get(wrap(hello_app, store), "/v1/pixel/track")
     assert response.get_data() == b"hello GET /v1/pixel/track"
     assert "matcher bug" in caplog.text
@@ -780,7 +780,7 @@ def test_a_decoder_bug_record_copies_nothing_uncapped(
     def broken(*args: Any, **kwargs: Any) -> None:
         raise ValueError("echo " + "q" * 5000)
 
-    monkeypatch.setattr("pixel_middleware.middleware.decode_pixel", broken)
+    monkeypatch.setattr("pixel_middleware._adapter.decode_pixel", broken)
     app = wrap(hello_app, store, limits=Limits(max_query_bytes=100, max_header_chars=16))
     query = "data=" + "A" * 500
     response = get(
