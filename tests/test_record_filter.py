@@ -188,5 +188,6 @@ def test_counts() -> None:
         "byCall": {"track": 4, "page": 1},
         "byEvent": {"Signed Up": 2, "Home": 1, "X": 1, "": 1},
         "byRule": {"missing_identity": 1, "bad_json": 1, "missing_write_key": 1},
+        "byMachine": {},
     }
     assert count_records([]).as_json()["total"] == 0
