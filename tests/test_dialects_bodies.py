@@ -80,6 +80,7 @@ def test_segment_sdk_sends_to_serve(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert track["event"]["userId"] == "u1"
 
 
+@pytest.mark.mitmproxy
 def test_every_body_case_gives_the_same_records_in_the_middleware_and_the_addon(
     tmp_path: Path,
 ) -> None:
@@ -249,6 +250,7 @@ def test_serve_refuses_a_wrong_route(capsys: pytest.CaptureFixture[str]) -> None
     assert "--route: '/t.gif' is not PATH=DIALECT[:CALL]" in err
 
 
+@pytest.mark.mitmproxy
 def test_addon_pixel_routes(tmp_path: Path) -> None:
     upstream = make_server("127.0.0.1", 0, ok, threaded=True, request_handler=QuietHandler)
     threading.Thread(target=upstream.serve_forever, daemon=True).start()

@@ -205,6 +205,7 @@ def test_nothing_raises_and_limits_hold(
     assert len(outcome.records) <= Limits().max_batch_events
 
 
+@pytest.mark.mitmproxy
 def test_every_vendor_case_gives_the_same_records_in_the_middleware_and_the_addon(
     tmp_path: Path,
 ) -> None:
