@@ -8,16 +8,27 @@ still has a recorder thread running when it ends.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import weakref
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
 
 from pixel_middleware import recorder as recorder_module
 
 THREAD_PREFIX = "pixel-recorder"
+
+# No per-example deadline: on a shared, loaded machine (and under mutmut's
+# instrumentation) one slow example says nothing about the code, and Hypothesis
+# then fails the test as flaky. pytest-timeout still bounds every test.
+settings.register_profile("pixel", deadline=None)
+# ./dev mutate: the same examples for every mutant, and no example database, so
+# that a mutant is killed or not whatever ran before it.
+settings.register_profile("mutate", deadline=None, derandomize=True, database=None)
+settings.load_profile(os.environ.get("PIXEL_HYPOTHESIS_PROFILE", "pixel"))
 
 
 def recorder_threads() -> list[threading.Thread]:
