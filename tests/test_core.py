@@ -39,6 +39,7 @@ from pixel_middleware.core import (
     Route,
     decode_pixel,
     match_route,
+    not_kept_answer,
     split_target,
 )
 
@@ -1106,3 +1107,67 @@ def test_gif_parser_catches_a_broken_pixel(offset: int, value: int, what: str) -
     broken[offset] = value
     with pytest.raises((AssertionError, IndexError)):
         assert_transparent_pixel(bytes(broken))
+
+
+# Found by mutation testing: the 503 for a pixel nothing could keep was only
+# checked through real servers, which ./dev mutate does not run.
+NOT_KEPT_TEXT = b"Service Unavailable: the pixel could not be recorded; send it again later.\n"
+
+
+@pytest.mark.parametrize(
+    ("dialect", "response", "body", "content_type"),
+    [
+        ("segment", "seed", EXPECTED_GIF, "image/gif"),
+        ("segment", "gif", EXPECTED_GIF, "image/gif"),
+        ("rudderstack", "gif", EXPECTED_GIF, "image/gif"),
+        ("rudderstack", "seed", NOT_KEPT_TEXT, "text/plain; charset=utf-8"),
+    ],
+)
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_not_kept_answer_is_an_honest_503_in_the_dialects_body(
+    dialect: str, response: str, body: bytes, content_type: str, method: str
+) -> None:
+    config = PixelConfig(rudderstack_response=response)  # type: ignore[arg-type]
+    outcome = not_kept_answer(Route(dialect, "track"), method, config)  # type: ignore[arg-type]
+    assert outcome.status == 503
+    assert outcome.record is None
+    assert outcome.headers == [
+        ("Cache-Control", "no-cache, no-store, must-revalidate"),
+        ("Pragma", "no-cache"),
+        ("Expires", "0"),
+        ("Retry-After", "5"),
+        ("Content-Type", content_type),
+        ("Content-Length", str(len(body))),
+    ]
+    assert outcome.body == (b"" if method == "HEAD" else body)
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        (
+            "/v1/pixel/trak",
+            "There is no such pixel call: the calls are identify, group, alias, page,"
+            " screen, track; the closest is track.",
+        ),
+        (
+            "/v1/pixel/indentify",
+            "There is no such pixel call: the calls are identify, group, alias, page,"
+            " screen, track; the closest is identify.",
+        ),
+        (
+            "/v1/pixel/zzzzzz",
+            "There is no such pixel call: the calls are identify, group, alias, page,"
+            " screen, track.",
+        ),
+        (
+            "/pixel/v1/pag",
+            "There is no such pixel call: the calls are page, track; the closest is page.",
+        ),
+        ("/pixel/v1/qqqq", "There is no such pixel call: the calls are page, track."),
+    ],
+)
+def test_an_unknown_call_is_named_with_the_closest_known_one(path: str, message: str) -> None:
+    record = decode(_query(path, b"writeKey=k"), PixelConfig(unknown_calls="reject")).record
+    assert record is not None
+    assert {"rule": "unknown_call", "message": message} in record["problems"]

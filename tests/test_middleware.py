@@ -7,7 +7,9 @@ import json
 import logging
 import socket
 import threading
+import uuid
 from collections.abc import Callable, Iterable, Iterator
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -791,3 +793,78 @@ def test_a_decoder_bug_record_copies_nothing_uncapped(
     assert record["request"]["query"] == query[:100]
     assert (record["request"]["userAgent"], record["request"]["referer"]) == ("u" * 16, "r" * 16)
     assert len(record["problems"][0]["message"]) < 300
+
+
+class FrozenClock(datetime):
+    """The middleware's clock, stopped: the record's receivedAt is then known."""
+
+    @classmethod
+    def now(cls, tz: Any = None) -> datetime:  # type: ignore[override]
+        return datetime(2026, 11, 23, 16, 20, 5, 987654, tzinfo=UTC)
+
+
+def test_a_decoder_bug_record_is_exactly_what_the_request_allows(
+    store: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Found by mutation testing: every field of the fallback record, each cut at
+    # its cap, compared with values written out here (not computed by the code).
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise ValueError("e" * 300)
+
+    monkeypatch.setattr("pixel_middleware.middleware.decode_pixel", broken)
+    monkeypatch.setattr("pixel_middleware.middleware.datetime", FrozenClock)
+    app = wrap(hello_app, store, limits=Limits(max_query_bytes=10, max_header_chars=10))
+    response = get(
+        app,
+        "/v1/pixel/track",
+        "data=" + "A" * 20,
+        headers={"User-Agent": "u" * 11, "Referer": "r" * 10},
+        environ_base={"REMOTE_ADDR": "1" * 11},
+    )
+    assert (response.status_code, response.get_data()) == (200, GIF)
+    [record] = records(store)
+    assert uuid.UUID(record["id"]).version == 4
+    assert str(uuid.UUID(record["id"])) == record["id"]
+    assert {k: v for k, v in record.items() if k != "id"} == {
+        "receivedAt": "2026-11-23T16:20:05.987Z",
+        "dialect": "segment",
+        "call": "track",
+        "writeKey": None,
+        "accepted": False,
+        "problems": [
+            {
+                "rule": "internal_error",
+                "message": "the decoder failed (ValueError: " + "e" * 188 + ");"
+                " this is a bug in pixel-middleware, please report it",
+            }
+        ],
+        "notes": [],
+        "event": None,
+        "request": {
+            "method": "GET",
+            "path": "/v1/pixel/",
+            "query": "data=AAAAA",
+            "ip": "1" * 10,
+            "userAgent": "u" * 10,
+            "referer": "r" * 10,
+        },
+    }
+
+
+@head_lint_ok
+def test_a_decoder_bug_answers_head_and_other_methods_as_the_core_does(
+    store: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise ZeroDivisionError("core bug")
+
+    monkeypatch.setattr("pixel_middleware.middleware.decode_pixel", broken)
+    app = wrap(hello_app, store)
+    head = get(app, "/v1/pixel/track", "data=x", "HEAD")
+    assert (head.status_code, head.get_data()) == (200, b"")
+    assert head.headers["Content-Length"] == "43"
+    post = get(app, "/v1/pixel/track", "data=x", "POST")
+    assert post.status_code == 405
+    assert post.headers["Allow"] == "GET, HEAD"
+    assert post.headers["Cache-Control"] == NO_CACHE
+    assert records(store) == [], "only a GET is recorded"
