@@ -497,6 +497,13 @@ def test_every_call_has_a_route() -> None:
         (b"https://example.com?d=1", "/", b"d=1"),
         (b"", "", b""),
         (b"*", "*", b""),
+        # Found by mutation testing: an origin-form path holding "://" stays whole;
+        # only the first "://" ends the scheme; and the scheme and "://" must end
+        # within the first 16 bytes (13 letters and "://": absolute; 14: not).
+        (b"/a://b/c", "/a://b/c", b""),
+        (b"http://h/a://b/c://d", "/a://b/c://d", b""),
+        (b"abcdefghijklm://h/p", "/p", b""),
+        (b"abcdefghijklmn://h/p", "abcdefghijklmn://h/p", b""),
     ],
 )
 def test_split_target(target: bytes, path: str, query: bytes) -> None:
@@ -1171,3 +1178,23 @@ def test_an_unknown_call_is_named_with_the_closest_known_one(path: str, message:
     record = decode(_query(path, b"writeKey=k"), PixelConfig(unknown_calls="reject")).record
     assert record is not None
     assert {"rule": "unknown_call", "message": message} in record["problems"]
+
+
+@pytest.mark.parametrize(
+    ("query", "key"),
+    [
+        (b"anonymousId=a&writeKey=k2&event=" + b"E" * 200, "k2"),
+        (b"writeKey=k1&writeKey=k2&event=" + b"E" * 200, "k1"),
+        (b"event=" + b"E" * 200, None),
+    ],
+)
+def test_a_dot_form_event_too_large_keeps_its_first_write_key(
+    query: bytes, key: str | None
+) -> None:
+    # Found by mutation testing: the write key of an event refused as too large
+    # was never checked (the record names whose pixel was refused).
+    config = PixelConfig(limits=Limits(max_event_bytes=100))
+    record = decode(_query(_TRACK_RS, query), config).record
+    assert record is not None
+    assert "too_large" in rules(record)
+    assert record["writeKey"] == key
