@@ -7,6 +7,7 @@ import json
 import logging
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
@@ -868,3 +869,87 @@ def test_a_decoder_bug_answers_head_and_other_methods_as_the_core_does(
     assert post.headers["Allow"] == "GET, HEAD"
     assert post.headers["Cache-Control"] == NO_CACHE
     assert records(store) == [], "only a GET is recorded"
+
+
+# Found by mutation testing (./dev mutate): what the middleware logs, the WSGI
+# keys it may not get, its clock's zone, and close()'s bound.
+
+
+def test_a_raising_recorder_and_callback_are_logged_with_the_pixels_id(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[PixelRecord] = []
+
+    def explode(record: PixelRecord) -> None:
+        seen.append(record)
+        raise RuntimeError("boom")
+
+    recorder = ExplodingRecorder(store)
+    try:
+        app = wrap(hello_app, recorder, on_record=explode)
+        assert get(app, "/v1/pixel/track", "data=" + b64(SEGMENT_OK)).status_code == 200
+    finally:
+        recorder.close()
+    [record] = seen
+    messages = [r.getMessage() for r in caplog.records if r.name == "pixel_middleware.middleware"]
+    assert messages == [
+        f"recording pixel {record['id']} failed",
+        f"on_record callback failed for pixel {record['id']}",
+    ]
+
+
+def test_a_request_without_query_string_is_a_pixel_with_an_empty_query(store: Store) -> None:
+    # PEP 3333: QUERY_STRING "may be empty or absent".
+    from werkzeug.test import EnvironBuilder
+
+    environ = EnvironBuilder(path="/pixel/v1/page").get_environ()
+    del environ["QUERY_STRING"]
+    statuses: list[str] = []
+    body = b"".join(wrap(hello_app, store)(environ, lambda s, h, e=None: statuses.append(s)))
+    # No writeKey or anonymousId: the core's 400, not the fallback's answer.
+    assert statuses == ["400 Bad Request"], body
+    [record] = records(store)
+    assert record["request"]["query"] == ""
+    assert "internal_error" not in rules(record)
+
+
+def test_received_at_is_utc_whatever_the_local_time_zone(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    monkeypatch.setenv("TZ", "Pacific/Kiritimati")  # UTC+14: no clock is that far off
+    time.tzset()
+    try:
+        before = datetime.now(UTC).replace(microsecond=0)
+        get(wrap(hello_app, store), "/v1/pixel/track", "data=" + b64(SEGMENT_OK))
+        after = datetime.now(UTC)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    [record] = records(store)
+    received = datetime.fromisoformat(record["receivedAt"].replace("Z", "+00:00"))
+    assert before <= received <= after
+
+
+class HungStore(FailingStore):
+    """A store whose write waits until released."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def write(self, records: Any) -> None:
+        self.release.wait(30)
+
+
+def test_close_waits_at_most_its_timeout_for_a_hung_store(tmp_path: Any) -> None:
+    store = HungStore()
+    app = PixelMiddleware(hello_app, store=store, durable=False)  # type: ignore[arg-type]
+    try:
+        assert get(app, "/v1/pixel/track", "data=" + b64(SEGMENT_OK)).status_code == 200
+        started = time.monotonic()
+        app.close(timeout=0.3)
+        assert time.monotonic() - started < 5
+    finally:
+        store.release.set()
+        app.recorder.close(timeout=10)
