@@ -953,3 +953,116 @@ def test_close_waits_at_most_its_timeout_for_a_hung_store(tmp_path: Any) -> None
     finally:
         store.release.set()
         app.recorder.close(timeout=10)
+
+
+def test_by_default_no_proxy_is_trusted(store: Store) -> None:
+    get(
+        wrap(hello_app, store),
+        "/v1/pixel/track",
+        "data=" + b64(SEGMENT_OK),
+        headers={"X-Forwarded-For": "203.0.113.9"},
+        environ_base={"REMOTE_ADDR": "198.51.100.7"},
+    )
+    [record] = records(store)
+    assert record["request"]["ip"] == "198.51.100.7"
+
+
+@pytest.mark.parametrize("option", ["app", "on_record"])
+def test_a_bad_app_or_callback_is_named_by_its_type(option: str, store: Store) -> None:
+    options: dict[str, Any] = {"app": hello_app, "store": store, option: 42}
+    with pytest.raises(TypeError, match=f"PixelMiddleware: {option} must be .* got int"):
+        PixelMiddleware(**options)
+
+
+def test_a_request_without_path_info_passes_on_quietly(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    # PEP 3333: PATH_INFO "may be empty" (an app at the server's root).
+    from werkzeug.test import EnvironBuilder
+
+    environ = EnvironBuilder(path="/").get_environ()
+    del environ["PATH_INFO"]
+    body = b"".join(PixelMiddleware(root_app, store=store)(environ, _ignore))
+    assert body == b"root"
+    assert caplog.records == []
+
+
+def _ignore(status: str, headers: Any, exc_info: Any = None) -> None:
+    pass
+
+
+def root_app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"root"]
+
+
+def test_a_decoder_bug_without_query_string_records_an_empty_query(
+    store: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from werkzeug.test import EnvironBuilder
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise ZeroDivisionError("core bug")
+
+    monkeypatch.setattr("pixel_middleware.middleware.decode_pixel", broken)
+    environ = EnvironBuilder(path="/v1/pixel/track").get_environ()
+    del environ["QUERY_STRING"]
+    assert b"".join(wrap(hello_app, store)(environ, _ignore)) == GIF
+    [record] = records(store)
+    assert record["request"]["query"] == ""
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["decoding the pixel /v1/pixel/track failed; answering the default"]
+
+
+def test_a_route_matcher_bug_is_logged_with_the_path(
+    store: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise ValueError("matcher bug")
+
+    monkeypatch.setattr("pixel_middleware.middleware.match_route", broken)
+    get(wrap(hello_app, store), "/v1/pixel/track")
+    assert [r.getMessage() for r in caplog.records] == [
+        "pixel route matching failed for '/v1/pixel/track'; passing it on"
+    ]
+
+
+def test_a_route_the_core_gives_up_on_goes_to_the_app(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("pixel_middleware.middleware.decode_pixel", lambda *a, **k: None)
+    response = get(wrap(hello_app, store), "/v1/pixel/track", "data=x")
+    assert response.get_data() == b"hello GET /v1/pixel/track"
+
+
+class RefusingRecorder(Recorder):
+    """Keeps nothing, as when neither the store nor the spool takes a record."""
+
+    def record(self, record: PixelRecord) -> bool:
+        return False
+
+
+@pytest.mark.parametrize(
+    ("path", "query", "options", "body"),
+    [
+        ("/v1/pixel/track", "data=" + b64(SEGMENT_OK), {}, GIF),
+        (
+            "/pixel/v1/page",
+            RS_PAGE_OK,
+            {},
+            b"Service Unavailable: the pixel could not be recorded; send it again later.\n",
+        ),
+        ("/pixel/v1/page", RS_PAGE_OK, {"rudderstack_response": "gif"}, GIF),
+    ],
+)
+def test_a_pixel_nothing_kept_gets_the_503(
+    path: str, query: str, options: dict[str, Any], body: bytes, store: Store
+) -> None:
+    recorder = RefusingRecorder(store)
+    try:
+        response = get(wrap(hello_app, recorder, **options), path, query)
+    finally:
+        recorder.close()
+    assert (response.status_code, response.get_data()) == (503, body)
+    assert response.headers["Retry-After"] == "5"
+    assert response.headers["Cache-Control"] == NO_CACHE
