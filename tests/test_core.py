@@ -503,6 +503,7 @@ def test_every_call_has_a_route() -> None:
         (b"/a://b/c", "/a://b/c", b""),
         (b"http://h/a://b/c://d", "/a://b/c://d", b""),
         (b"abcdefghijklm://h/p", "/p", b""),
+        (b"http:///v1/pixel/track?d=1", "/v1/pixel/track", b"d=1"),  # no authority
         (b"abcdefghijklmn://h/p", "abcdefghijklmn://h/p", b""),
     ],
 )
