@@ -1199,3 +1199,27 @@ def test_a_dot_form_event_too_large_keeps_its_first_write_key(
     assert record is not None
     assert "too_large" in rules(record)
     assert record["writeKey"] == key
+
+
+def test_clock_skew_is_corrected_in_utc_whatever_the_local_time_zone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Found by mutation testing: in local time, a skew spanning a daylight
+    # saving change (New York, 2024-03-10 07:00 UTC) is off by an hour.
+    import time as time_module
+
+    monkeypatch.setenv("TZ", "America/New_York")
+    time_module.tzset()
+    try:
+        query = (
+            _RS_MIN + b"&originalTimestamp=2024-03-10T07:00:00%2B01:00"
+            b"&sentAt=2024-03-10T09:00:00%2B01:00"
+        )
+        now = datetime(2024, 3, 10, 8, 0, 5, tzinfo=UTC)
+        record = decode(_query(_TRACK_RS, query), now=now).record
+    finally:
+        monkeypatch.undo()
+        time_module.tzset()
+    assert record is not None
+    # Sent two hours after it happened, received five seconds after it was sent.
+    assert record["event"]["timestamp"] == "2024-03-10T06:00:05.000Z"

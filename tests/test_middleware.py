@@ -1066,3 +1066,16 @@ def test_a_pixel_nothing_kept_gets_the_503(
     assert (response.status_code, response.get_data()) == (503, body)
     assert response.headers["Retry-After"] == "5"
     assert response.headers["Cache-Control"] == NO_CACHE
+
+
+def test_a_query_decoded_as_utf8_by_a_server_keeps_its_escaped_bytes(store: Store) -> None:
+    # A server that broke PEP 3333 decoded the query as UTF-8, with
+    # surrogateescape for the bytes that were not UTF-8 (here 0xFF).
+    from werkzeug.test import EnvironBuilder
+
+    environ = EnvironBuilder(path="/pixel/v1/page").get_environ()
+    environ["QUERY_STRING"] = "writeKey=k&anonymousId=a&name=\u20ac\udcff"
+    b"".join(wrap(hello_app, store)(environ, _ignore))
+    [record] = records(store)
+    assert record["event"]["name"] == "\u20ac\ufffd"
+    assert "internal_error" not in rules(record)
