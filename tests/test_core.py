@@ -1223,3 +1223,31 @@ def test_clock_skew_is_corrected_in_utc_whatever_the_local_time_zone(
     assert record is not None
     # Sent two hours after it happened, received five seconds after it was sent.
     assert record["event"]["timestamp"] == "2024-03-10T06:00:05.000Z"
+
+
+@pytest.mark.parametrize(
+    ("query", "integrations"),
+    [
+        (b"", {"All": True}),
+        (b"&integrations.Mixpanel=false", {"All": True, "Mixpanel": "false"}),
+        (b"&integrations.All=no&integrations.Amplitude=1", {"All": "no", "Amplitude": "1"}),
+    ],
+)
+def test_rudderstack_integrations_start_from_all_true_and_parameters_win(
+    query: bytes, integrations: dict[str, Any]
+) -> None:
+    # Found by mutation testing: no case held integrations of its own. Values
+    # stay text: the dot form carries no types.
+    record = decode(_query(_TRACK_RS, _RS_MIN + query)).record
+    assert record is not None
+    assert record["event"]["integrations"] == integrations
+
+
+def test_a_note_without_names_has_its_plain_message() -> None:
+    record = decode(_query("/pixel/v1/page", b"writeKey=k&anonymousId=a&name=")).record
+    assert record is not None
+    assert record["event"]["name"] == "Unknown Page"
+    assert {
+        "rule": "unknown_page_name",
+        "message": "An empty page name was replaced by 'Unknown Page'",
+    } in record["notes"]
