@@ -1251,3 +1251,97 @@ def test_a_note_without_names_has_its_plain_message() -> None:
         "rule": "unknown_page_name",
         "message": "An empty page name was replaced by 'Unknown Page'",
     } in record["notes"]
+
+
+def _b64(event: dict[str, Any]) -> bytes:
+    return base64.b64encode(json.dumps(event).encode())
+
+
+_ONE = {"userId": "u", "event": "One"}
+_TWO = {"userId": "u", "event": "Two"}
+_DUPLICATE = "Repeated parameters: the first value was kept: "
+_FROM_QUERY = (
+    "write_key_from_query",
+    "The event has no writeKey; the writeKey query parameter was used",
+)
+_BAD_UTF8 = ("invalid_utf8", "Text that was not valid UTF-8 was replaced by U+FFFD")
+_NO_KEY = ("missing_write_key", "No write key: send writeKey in the event or as a query parameter.")
+
+
+@pytest.mark.parametrize(
+    ("query", "write_key", "notes_shown", "problems_shown"),
+    [
+        pytest.param(
+            b"data=" + _b64(_ONE) + b"&data=" + _b64(_TWO),
+            None,
+            [("duplicate_param", _DUPLICATE + '"data"')],
+            [_NO_KEY],
+            id="data-twice",
+        ),
+        pytest.param(b"d%61ta=" + _b64(_ONE), None, [], [_NO_KEY], id="data-spelled-with-escapes"),
+        pytest.param(
+            b"data=" + _b64(_ONE) + b"&d%61ta=" + _b64(_TWO),
+            None,
+            [("duplicate_param", _DUPLICATE + '"data"')],
+            [_NO_KEY],
+            id="data-then-escaped-data",
+        ),
+        pytest.param(
+            b"writeKey=k1&writeKey=k2&data=" + _b64(_ONE),
+            "k1",
+            [("duplicate_param", _DUPLICATE + '"writeKey"'), _FROM_QUERY],
+            [],
+            id="write-key-twice",
+        ),
+        pytest.param(
+            b"writeKey=q&data=" + _b64({**_ONE, "writeKey": "e"}),
+            "e",
+            [
+                (
+                    "write_key_query_ignored",
+                    "The writeKey query parameter differs from the event's and was ignored",
+                )
+            ],
+            [],
+            id="event-key-wins",
+        ),
+        pytest.param(
+            b"writeKey=q&data=" + _b64({**_ONE, "writeKey": 5}),
+            "q",
+            [_FROM_QUERY],
+            [("invalid_field", "writeKey must be a string.")],
+            id="event-key-not-a-string",
+        ),
+        pytest.param(
+            b"%ff=1&data=" + _b64({**_ONE, "writeKey": "e"}),
+            "e",
+            [
+                _BAD_UTF8,
+                ("params_ignored", 'Parameters beside data and writeKey were ignored: "\ufffd"'),
+            ],
+            [],
+            id="bad-utf8-in-a-name",
+        ),
+        pytest.param(
+            b"writeKey=k%ff&data=" + _b64(_ONE),
+            "k\ufffd",
+            [_BAD_UTF8, _FROM_QUERY],
+            [],
+            id="bad-utf8-key",
+        ),
+    ],
+)
+def test_segment_query_parameters_beside_data(
+    query: bytes,
+    write_key: str | None,
+    notes_shown: list[tuple[str, str]],
+    problems_shown: list[tuple[str, str]],
+) -> None:
+    # Found by mutation testing: the shared table reached none of these branches.
+    record = decode(_query("/v1/pixel/track", query)).record
+    assert record is not None
+    assert record["event"] is not None
+    assert record["event"]["event"] == "One"
+    assert record["writeKey"] == write_key
+    assert [(n["rule"], n["message"]) for n in record["notes"]] == notes_shown
+    assert [(p["rule"], p["message"]) for p in record["problems"]] == problems_shown
