@@ -169,6 +169,8 @@ class CollectorAPI:
     :param store: The records' store.
     :param config: The pixel routes' config (the test pixel is built for it).
     :param spooled: Returns how many records wait in the spool.
+    :param stalled: Returns whether records cannot be kept now: neither the
+        store nor the spool takes writes (``Recorder.stalled``).
     :param signal: Notified on each new record; waits wake on it.
     :param allow_reset: Whether ``POST /api/reset`` may clear a store that
         is not ``memory://``.
@@ -183,12 +185,14 @@ class CollectorAPI:
         signal: RecordSignal,
         allow_reset: bool = False,
         example_write_key: str = "demo-write-key",
+        stalled: Callable[[], bool] = lambda: False,
     ) -> None:
         if not isinstance(allow_reset, bool):
             raise TypeError(f"allow_reset must be True or False, got {allow_reset!r}")
         self.store = store
         self.config = config
         self.spooled = spooled
+        self.stalled = stalled
         self.signal = signal
         self.allow_reset = allow_reset
         self.example_write_key = example_write_key
@@ -278,6 +282,7 @@ class CollectorAPI:
             "store": url.partition("://")[0] or "custom",
             "storeUrl": redact_url(url),
             "spooled": self.spooled(),
+            "stalled": self.stalled(),
             "canReset": self._reset_refusal() is None,
             "prefix": self.config.prefix,
             "dialects": [d for d in DIALECTS if d in self.config.dialects],
@@ -302,10 +307,15 @@ class CollectorAPI:
             raise _BadRequest("order must be asc or desc")
         wait = _seconds(args, "wait")
         deadline = time.monotonic() + wait
+        # A long poll also ends when records can no longer be kept, or can again,
+        # so that the page's warning changes with no new record.
+        stalled = self.stalled()
         while True:
             generation = self.signal.generation
             selection = self._select(flt, after=after, want=limit, oldest=order == "asc")
             if selection.matching or wait <= 0 or time.monotonic() >= deadline:
+                break
+            if self.stalled() != stalled:
                 break
             if not self._wait_for_records(generation, deadline):
                 break
@@ -325,6 +335,7 @@ class CollectorAPI:
             "more": more or truncated,
             "complete": selection.complete,
             "spooled": self.spooled(),
+            "stalled": self.stalled(),
         }
 
     def _wait_for_records(self, generation: int, deadline: float) -> bool:

@@ -229,6 +229,7 @@ def create_app(
         store=middleware.store,
         config=middleware.config,
         spooled=lambda: recorder.spooled,
+        stalled=lambda: recorder.stalled,
         signal=signal,
         allow_reset=allow_reset,
     )
@@ -333,6 +334,8 @@ class CollectorPages:
     :param spooled: Returns how many records wait in the spool for the store
         (``Recorder.spooled``: this process's spool, with the files it adopted
         from processes that are gone); ``None``: nothing is spooled.
+    :param stalled: Returns whether records cannot be kept now, neither by the
+        store nor by the spool (``Recorder.stalled``); ``None``: never.
     :param max_json_bytes: The most bytes one ``/events.json`` answer holds.
     """
 
@@ -345,6 +348,7 @@ class CollectorPages:
         max_json_bytes: int = MAX_JSON_BYTES,
         signal: RecordSignal | None = None,
         allow_reset: bool = False,
+        stalled: Callable[[], bool] | None = None,
     ) -> None:
         if isinstance(max_json_bytes, bool) or not isinstance(max_json_bytes, int):
             raise TypeError("max_json_bytes must be a whole number of bytes")
@@ -361,6 +365,7 @@ class CollectorPages:
             store=store,
             config=config,
             spooled=self.spooled,
+            stalled=stalled if stalled is not None else (lambda: False),
             signal=signal if signal is not None else RecordSignal(),
             allow_reset=allow_reset,
             example_write_key=self.example_write_key,

@@ -230,6 +230,16 @@ class Recorder:
         """
         return len(self._spool)
 
+    @property
+    def stalled(self) -> bool:
+        """Whether neither the store nor the spool took the last write (a full
+        disk, a store that refuses writes): records wait in memory, and pixels
+        not kept within ``keep_timeout`` are refused, until one takes them again.
+
+        Never waits (one attribute read, which the GIL makes whole).
+        """
+        return self._stalled
+
     def record(self, record: PixelRecord) -> bool:
         """Queue ``record`` for the store; with ``durable``, wait until it is committed.
 

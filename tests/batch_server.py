@@ -10,7 +10,8 @@ RudderStack data plane does.
 Switches for the failure tests: ``inject(status, times=, retry_after=, key=, body=)``
 queues answers to give before looking at the request (500s, 429 with
 ``Retry-After``, 400/401), to any request or only to those of one write key, and
-``down()``/``up()`` stop listening and listen again on the same port.
+``down()``/``up()`` stop listening and listen again on the same port, which
+stays bound meanwhile (connections are refused, and no other socket takes it).
 
 The ``batch_server`` fixture gives a fresh running server per test; register it with
 ``pytest_plugins = ["batch_server"]`` in a test module.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import socket
 import threading
 import time
 from collections import Counter
@@ -60,6 +62,7 @@ class BatchServer:
         self._lock = threading.Lock()
         self._injected: list[tuple[int, int | None, str | None, str]] = []
         self._httpd: ThreadingHTTPServer | None = None
+        self._reserved: socket.socket | None = None  # the port, held while down
         self._thread: threading.Thread | None = None
 
     # -- control ------------------------------------------------------------------
@@ -70,7 +73,18 @@ class BatchServer:
 
     def up(self) -> None:
         assert self._httpd is None, "already up"
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", self.port), _handler(self))
+        reserved, self._reserved = self._reserved, None
+        if reserved is None:
+            self._httpd = ThreadingHTTPServer(("127.0.0.1", self.port), _handler(self))
+        else:
+            # Listen on the socket down() kept bound: binding the port again
+            # would race any other socket for it.
+            self._httpd = ThreadingHTTPServer(
+                ("127.0.0.1", self.port), _handler(self), bind_and_activate=False
+            )
+            self._httpd.socket.close()
+            self._httpd.socket = reserved
+            self._httpd.server_activate()
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(
@@ -87,6 +101,22 @@ class BatchServer:
         assert self._thread is not None
         self._thread.join(5)
         self._httpd = self._thread = None
+        # Keep the port: a bound socket that does not listen refuses connections
+        # (down, as wanted), and no other socket can take the port meanwhile.
+        # Closing it left the port free for the whole outage: an outgoing
+        # connection from this machine could get it as its ephemeral port, and
+        # up() then failed with EADDRINUSE (shown by binding a client socket to
+        # the port while down; not seen in 27 stress runs, which found another race).
+        self._reserved = socket.socket()
+        self._reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._reserved.bind(("127.0.0.1", self.port))
+
+    def close(self) -> None:
+        """Stop, and let the port go."""
+        self.down()
+        if self._reserved is not None:
+            self._reserved.close()
+            self._reserved = None
 
     def inject(
         self,
@@ -224,4 +254,4 @@ def batch_server() -> Iterator[BatchServer]:
     server = BatchServer()
     server.up()
     yield server
-    server.down()
+    server.close()

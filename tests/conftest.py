@@ -8,16 +8,44 @@ still has a recorder thread running when it ends.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import weakref
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
 
 from pixel_middleware import recorder as recorder_module
 
 THREAD_PREFIX = "pixel-recorder"
+
+# No per-example deadline: on a shared, loaded machine (and under mutmut's
+# instrumentation) one slow example says nothing about the code, and Hypothesis
+# then fails the test as flaky. pytest-timeout still bounds every test.
+settings.register_profile("pixel", deadline=None)
+# ./dev mutate: the same examples for every mutant, and no example database, so
+# that a mutant is killed or not whatever ran before it.
+settings.register_profile("mutate", deadline=None, derandomize=True, database=None)
+settings.load_profile(os.environ.get("PIXEL_HYPOTHESIS_PROFILE", "pixel"))
+# ./dev mutate runs the property tests once per surviving mutant (about 2,000
+# runs): at most this many examples each there, or the run takes hours on a
+# shared machine. The examples written out with @example always run.
+MUTATE_MAX_EXAMPLES = 30
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    if settings.default.derandomize is not True or settings.default.database is not None:
+        return  # not the mutate profile
+    for item in items:
+        test = getattr(getattr(item, "obj", None), "__func__", getattr(item, "obj", None))
+        # Hypothesis keeps a test's @settings here; it allows no second @settings.
+        chosen = getattr(test, "_hypothesis_internal_use_settings", None)
+        if isinstance(chosen, settings) and chosen.max_examples > MUTATE_MAX_EXAMPLES:
+            test._hypothesis_internal_use_settings = settings(  # type: ignore[union-attr]
+                chosen, max_examples=MUTATE_MAX_EXAMPLES
+            )
 
 
 def recorder_threads() -> list[threading.Thread]:

@@ -9,13 +9,18 @@ from __future__ import annotations
 import base64
 import json
 import threading
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import requests
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
-from pixel_middleware import PixelMiddleware
+from pixel_middleware import PixelMiddleware, PixelRecord
 from pixel_middleware.collector import create_app
+from pixel_middleware.recorder import Recorder
+from pixel_middleware.stores import StoreError
+from pixel_middleware.stores.memory import MemoryStore
 
 
 class QuietHandler(WSGIRequestHandler):
@@ -57,3 +62,18 @@ class LiveCollector:
         self.server.shutdown()
         self.server.server_close()
         self.app.close()
+
+
+class RefusingStore(MemoryStore):
+    """A store that reads but refuses every write, as on a full disk."""
+
+    def write(self, records: Sequence[PixelRecord]) -> None:
+        raise StoreError("no space left on device")
+
+
+def stalled_collector(directory: Path) -> LiveCollector:
+    """A collector that can keep nothing: its store refuses writes, and its spool
+    directory cannot be made because a file holds its name."""
+    spool = directory / "spool"
+    spool.write_text("")
+    return LiveCollector(store=Recorder(RefusingStore(), spool_path=spool, keep_timeout=2))

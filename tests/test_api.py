@@ -20,7 +20,7 @@ from pixel_middleware import PixelRecord, api
 from pixel_middleware.api import MAX_LIMIT, MAX_WAITERS, _fit, _json
 from pixel_middleware.collector import create_app
 from pixel_middleware.stores.memory import MemoryStore
-from tests.live_collector import LiveCollector, segment_query
+from tests.live_collector import LiveCollector, segment_query, stalled_collector
 
 
 @pytest.fixture
@@ -63,6 +63,36 @@ def test_status_shows_the_store_kind_and_its_url_redacted() -> None:
         reset = requests.post(collector.url + "/api/reset", timeout=5)
         assert reset.status_code == 501
         assert reset.json()["error"] == "the redis store cannot be cleared from here"
+    finally:
+        collector.close()
+
+
+def test_status_and_events_say_when_records_cannot_be_kept(tmp_path: Path) -> None:
+    # Issue 8.6: when neither the store nor the spool takes a record, pixels get
+    # an honest 503, and the pages keep answering and say what is wrong.
+    collector = stalled_collector(tmp_path)
+    try:
+        assert collector.get("/api/status").json()["stalled"] is False
+        # A long poll that began before: it ends on the news, with no record.
+        polled: list[requests.Response] = []
+        poll = threading.Thread(
+            target=lambda: polled.append(collector.get("/api/events?after=0&wait=20"))
+        )
+        poll.start()
+        time.sleep(0.2)
+        started = time.monotonic()
+        assert collector.pixel(signup(1)) == 503
+        assert time.monotonic() - started < 2, "refused at once, not after keep_timeout"
+        poll.join(10)
+        assert not poll.is_alive(), "the long poll did not end when records could not be kept"
+        assert time.monotonic() - started < 10
+        ((events,),) = (polled,)
+        assert (events.status_code, events.json()["stalled"]) == (200, True)
+        assert events.json()["records"] == []
+        status = collector.get("/api/status")
+        assert (status.status_code, status.json()["stalled"]) == (200, True)
+        assert collector.get("/").status_code == 200
+        assert collector.get("/events.json").status_code == 200
     finally:
         collector.close()
 

@@ -382,9 +382,27 @@ def test_the_collector_bounds_after_before_any_store_sees_it(after: str, status:
     ],
 )
 def test_parameter_bounds(query: str, status: int, collector: PixelMiddleware) -> None:
-    # The memory store takes any whole number as a position: the bound is ours.
     response = get(collector, "/events.json", query_string=query)
     assert response.status_code == status, response.get_data(as_text=True)
+
+
+class AnyPositionStore(MemoryStore):
+    """Takes any ``after`` (and reads from the start): the bound tested is the collector's."""
+
+    def read(self, *, after: str | None = None, **options: Any) -> list[tuple[str, PixelRecord]]:
+        return super().read(**options)
+
+
+@pytest.mark.parametrize(("size", "status"), [(63, 200), (64, 200), (65, 400)])
+def test_after_is_capped_at_64_characters_before_any_store_sees_it(size: int, status: int) -> None:
+    # The memory store itself refuses positions past 19 digits since it checks
+    # them, so a store that takes anything shows where the collector's own cap is.
+    app = create_app(store=AnyPositionStore())
+    try:
+        response = get(app, "/events.json", query_string="after=" + "1" * size)
+        assert response.status_code == status, response.get_data(as_text=True)
+    finally:
+        app.close()
 
 
 _NAMES = st.one_of(

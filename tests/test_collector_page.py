@@ -9,11 +9,12 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.live_collector import LiveCollector
+from tests.live_collector import LiveCollector, stalled_collector
 
 sync_api = pytest.importorskip("playwright.sync_api")
 
@@ -219,3 +220,22 @@ def test_the_spool_warning_and_the_store_come_from_the_api(
     sync_api.expect(warning).to_contain_text("3 record(s) wait in the spool")
     sync_api.expect(page.page.locator("#store-line")).to_contain_text("Store: memory (memory://)")
     assert page.errors == []
+
+
+def test_the_page_says_when_records_cannot_be_kept(tmp_path: Path, page: Watched) -> None:
+    # A real collector whose store and spool both refuse writes: the page goes
+    # on working and its warning says why pixels are not recorded.
+    collector = stalled_collector(tmp_path)
+    try:
+        page.page.goto(collector.url + "/")
+        warning = page.page.locator("#spool-warning")
+        sync_api.expect(page.page.locator("#store-line")).to_contain_text("Store: memory")
+        assert warning.is_hidden()
+        assert collector.pixel({"writeKey": "wk", "userId": "u", "event": "Lost"}) == 503
+        # The live poll's next answer brings the news, with no reload.
+        sync_api.expect(warning).to_be_visible(timeout=LIVE_SECONDS * 3)
+        sync_api.expect(warning).to_contain_text("Records cannot be kept now")
+        sync_api.expect(warning).to_contain_text("answered 503")
+        assert page.errors == []
+    finally:
+        collector.close()

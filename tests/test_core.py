@@ -42,6 +42,7 @@ from pixel_middleware.core import (
     Route,
     decode_pixel,
     match_route,
+    not_kept_answer,
     split_target,
 )
 
@@ -554,6 +555,14 @@ def test_every_call_has_a_route() -> None:
         (b"https://example.com?d=1", "/", b"d=1"),
         (b"", "", b""),
         (b"*", "*", b""),
+        # Found by mutation testing: an origin-form path holding "://" stays whole;
+        # only the first "://" ends the scheme; and the scheme and "://" must end
+        # within the first 16 bytes (13 letters and "://": absolute; 14: not).
+        (b"/a://b/c", "/a://b/c", b""),
+        (b"http://h/a://b/c://d", "/a://b/c://d", b""),
+        (b"abcdefghijklm://h/p", "/p", b""),
+        (b"http:///v1/pixel/track?d=1", "/v1/pixel/track", b"d=1"),  # no authority
+        (b"abcdefghijklmn://h/p", "abcdefghijklmn://h/p", b""),
     ],
 )
 def test_split_target(target: bytes, path: str, query: bytes) -> None:
@@ -1220,3 +1229,233 @@ def test_gif_parser_catches_a_broken_pixel(offset: int, value: int, what: str) -
     broken[offset] = value
     with pytest.raises((AssertionError, IndexError)):
         assert_transparent_pixel(bytes(broken))
+
+
+# Found by mutation testing: the 503 for a pixel nothing could keep was only
+# checked through real servers, which ./dev mutate does not run.
+NOT_KEPT_TEXT = b"Service Unavailable: the pixel could not be recorded; send it again later.\n"
+
+
+@pytest.mark.parametrize(
+    ("dialect", "response", "body", "content_type"),
+    [
+        ("segment", "seed", EXPECTED_GIF, "image/gif"),
+        ("segment", "gif", EXPECTED_GIF, "image/gif"),
+        ("rudderstack", "gif", EXPECTED_GIF, "image/gif"),
+        ("rudderstack", "seed", NOT_KEPT_TEXT, "text/plain; charset=utf-8"),
+    ],
+)
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_not_kept_answer_is_an_honest_503_in_the_dialects_body(
+    dialect: str, response: str, body: bytes, content_type: str, method: str
+) -> None:
+    config = PixelConfig(rudderstack_response=response)  # type: ignore[arg-type]
+    outcome = not_kept_answer(Route(dialect, "track"), method, config)  # type: ignore[arg-type]
+    assert outcome.status == 503
+    assert outcome.record is None
+    assert outcome.headers == [
+        ("Cache-Control", "no-cache, no-store, must-revalidate"),
+        ("Pragma", "no-cache"),
+        ("Expires", "0"),
+        ("Retry-After", "5"),
+        ("Content-Type", content_type),
+        ("Content-Length", str(len(body))),
+    ]
+    assert outcome.body == (b"" if method == "HEAD" else body)
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        (
+            "/v1/pixel/trak",
+            "There is no such pixel call: the calls are identify, group, alias, page,"
+            " screen, track; the closest is track.",
+        ),
+        (
+            "/v1/pixel/indentify",
+            "There is no such pixel call: the calls are identify, group, alias, page,"
+            " screen, track; the closest is identify.",
+        ),
+        (
+            "/v1/pixel/zzzzzz",
+            "There is no such pixel call: the calls are identify, group, alias, page,"
+            " screen, track.",
+        ),
+        (
+            "/pixel/v1/pag",
+            "There is no such pixel call: the calls are page, track; the closest is page.",
+        ),
+        ("/pixel/v1/qqqq", "There is no such pixel call: the calls are page, track."),
+    ],
+)
+def test_an_unknown_call_is_named_with_the_closest_known_one(path: str, message: str) -> None:
+    record = decode(_query(path, b"writeKey=k"), PixelConfig(unknown_calls="reject")).record
+    assert record is not None
+    assert {"rule": "unknown_call", "message": message} in record["problems"]
+
+
+@pytest.mark.parametrize(
+    ("query", "key"),
+    [
+        (b"anonymousId=a&writeKey=k2&event=" + b"E" * 200, "k2"),
+        (b"writeKey=k1&writeKey=k2&event=" + b"E" * 200, "k1"),
+        (b"event=" + b"E" * 200, None),
+    ],
+)
+def test_a_dot_form_event_too_large_keeps_its_first_write_key(
+    query: bytes, key: str | None
+) -> None:
+    # Found by mutation testing: the write key of an event refused as too large
+    # was never checked (the record names whose pixel was refused).
+    config = PixelConfig(limits=Limits(max_event_bytes=100))
+    record = decode(_query(_TRACK_RS, query), config).record
+    assert record is not None
+    assert "too_large" in rules(record)
+    assert record["writeKey"] == key
+
+
+def test_clock_skew_is_corrected_in_utc_whatever_the_local_time_zone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Found by mutation testing: in local time, a skew spanning a daylight
+    # saving change (New York, 2024-03-10 07:00 UTC) is off by an hour.
+    import time as time_module
+
+    monkeypatch.setenv("TZ", "America/New_York")
+    time_module.tzset()
+    try:
+        query = (
+            _RS_MIN + b"&originalTimestamp=2024-03-10T07:00:00%2B01:00"
+            b"&sentAt=2024-03-10T09:00:00%2B01:00"
+        )
+        now = datetime(2024, 3, 10, 8, 0, 5, tzinfo=UTC)
+        record = decode(_query(_TRACK_RS, query), now=now).record
+    finally:
+        monkeypatch.undo()
+        time_module.tzset()
+    assert record is not None
+    # Sent two hours after it happened, received five seconds after it was sent.
+    assert record["event"]["timestamp"] == "2024-03-10T06:00:05.000Z"
+
+
+@pytest.mark.parametrize(
+    ("query", "integrations"),
+    [
+        (b"", {"All": True}),
+        (b"&integrations.Mixpanel=false", {"All": True, "Mixpanel": "false"}),
+        (b"&integrations.All=no&integrations.Amplitude=1", {"All": "no", "Amplitude": "1"}),
+    ],
+)
+def test_rudderstack_integrations_start_from_all_true_and_parameters_win(
+    query: bytes, integrations: dict[str, Any]
+) -> None:
+    # Found by mutation testing: no case held integrations of its own. Values
+    # stay text: the dot form carries no types.
+    record = decode(_query(_TRACK_RS, _RS_MIN + query)).record
+    assert record is not None
+    assert record["event"]["integrations"] == integrations
+
+
+def test_a_note_without_names_has_its_plain_message() -> None:
+    record = decode(_query("/pixel/v1/page", b"writeKey=k&anonymousId=a&name=")).record
+    assert record is not None
+    assert record["event"]["name"] == "Unknown Page"
+    assert {
+        "rule": "unknown_page_name",
+        "message": "An empty page name was replaced by 'Unknown Page'",
+    } in record["notes"]
+
+
+def _b64(event: dict[str, Any]) -> bytes:
+    return base64.b64encode(json.dumps(event).encode())
+
+
+_ONE = {"userId": "u", "event": "One"}
+_TWO = {"userId": "u", "event": "Two"}
+_DUPLICATE = "Repeated parameters: the first value was kept: "
+_FROM_QUERY = (
+    "write_key_from_query",
+    "The event has no writeKey; the writeKey query parameter was used",
+)
+_BAD_UTF8 = ("invalid_utf8", "Text that was not valid UTF-8 was replaced by U+FFFD")
+_NO_KEY = ("missing_write_key", "No write key: send writeKey in the event or as a query parameter.")
+
+
+@pytest.mark.parametrize(
+    ("query", "write_key", "notes_shown", "problems_shown"),
+    [
+        pytest.param(
+            b"data=" + _b64(_ONE) + b"&data=" + _b64(_TWO),
+            None,
+            [("duplicate_param", _DUPLICATE + '"data"')],
+            [_NO_KEY],
+            id="data-twice",
+        ),
+        pytest.param(b"d%61ta=" + _b64(_ONE), None, [], [_NO_KEY], id="data-spelled-with-escapes"),
+        pytest.param(
+            b"data=" + _b64(_ONE) + b"&d%61ta=" + _b64(_TWO),
+            None,
+            [("duplicate_param", _DUPLICATE + '"data"')],
+            [_NO_KEY],
+            id="data-then-escaped-data",
+        ),
+        pytest.param(
+            b"writeKey=k1&writeKey=k2&data=" + _b64(_ONE),
+            "k1",
+            [("duplicate_param", _DUPLICATE + '"writeKey"'), _FROM_QUERY],
+            [],
+            id="write-key-twice",
+        ),
+        pytest.param(
+            b"writeKey=q&data=" + _b64({**_ONE, "writeKey": "e"}),
+            "e",
+            [
+                (
+                    "write_key_query_ignored",
+                    "The writeKey query parameter differs from the event's and was ignored",
+                )
+            ],
+            [],
+            id="event-key-wins",
+        ),
+        pytest.param(
+            b"writeKey=q&data=" + _b64({**_ONE, "writeKey": 5}),
+            "q",
+            [_FROM_QUERY],
+            [("invalid_field", "writeKey must be a string.")],
+            id="event-key-not-a-string",
+        ),
+        pytest.param(
+            b"%ff=1&data=" + _b64({**_ONE, "writeKey": "e"}),
+            "e",
+            [
+                _BAD_UTF8,
+                ("params_ignored", 'Parameters beside data and writeKey were ignored: "\ufffd"'),
+            ],
+            [],
+            id="bad-utf8-in-a-name",
+        ),
+        pytest.param(
+            b"writeKey=k%ff&data=" + _b64(_ONE),
+            "k\ufffd",
+            [_BAD_UTF8, _FROM_QUERY],
+            [],
+            id="bad-utf8-key",
+        ),
+    ],
+)
+def test_segment_query_parameters_beside_data(
+    query: bytes,
+    write_key: str | None,
+    notes_shown: list[tuple[str, str]],
+    problems_shown: list[tuple[str, str]],
+) -> None:
+    # Found by mutation testing: the shared table reached none of these branches.
+    record = decode(_query("/v1/pixel/track", query)).record
+    assert record is not None
+    assert record["event"] is not None
+    assert record["event"]["event"] == "One"
+    assert record["writeKey"] == write_key
+    assert [(n["rule"], n["message"]) for n in record["notes"]] == notes_shown
+    assert [(p["rule"], p["message"]) for p in record["problems"]] == problems_shown

@@ -102,3 +102,29 @@ def test_properties(params: list[tuple[str, str]]) -> None:
         else:
             assert repr(root) == before
         assert _slots(root) <= 8
+
+
+# Found by mutation testing: the array slots each parameter uses, counted at
+# the limit and one under it, and appending right after a list's last slot.
+@pytest.mark.parametrize(
+    ("keys", "max_slots", "results", "expected"),
+    [
+        # 3 + 4 slots for the two new arrays.
+        (["a.2.3"], 7, ["SET"], {"a": [None, None, [None, None, None, "v"]]}),
+        (["a.2.3"], 6, ["TOO_LARGE"], {}),
+        # Filling a hole takes no slot.
+        (["a.3", "a.1"], 4, ["SET", "SET"], {"a": [None, "v", None, "v"]}),
+        # Growing a list by two takes two.
+        (["a.0", "a.2"], 3, ["SET", "SET"], {"a": ["v", None, "v"]}),
+        (["a.0", "a.2"], 2, ["SET", "TOO_LARGE"], {"a": ["v"]}),
+        # The next slot right after the last.
+        (["a.0", "a.1"], 2, ["SET", "SET"], {"a": ["v", "v"]}),
+    ],
+)
+def test_array_slots_are_counted_exactly(
+    keys: list[str], max_slots: int, results: list[str], expected: dict[str, Any]
+) -> None:
+    root: dict[str, Any] = {}
+    builder = DotPathBuilder(root, max_depth=5, max_slots=max_slots)
+    assert [builder.set(key, "v").name for key in keys] == results
+    assert root == expected

@@ -7,7 +7,10 @@ import json
 import logging
 import socket
 import threading
+import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -868,3 +871,288 @@ def test_a_bad_unknown_calls_or_debug_routes_fails_at_construction() -> None:
         _debug_app(unknown_calls="ignore")
     with pytest.raises(TypeError, match="debug_routes must be True or False"):
         _debug_app(debug_routes="yes")
+
+
+class FrozenClock(datetime):
+    """The middleware's clock, stopped: the record's receivedAt is then known."""
+
+    @classmethod
+    def now(cls, tz: Any = None) -> datetime:  # type: ignore[override]
+        return datetime(2026, 11, 23, 16, 20, 5, 987654, tzinfo=UTC)
+
+
+def test_a_decoder_bug_record_is_exactly_what_the_request_allows(
+    store: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Found by mutation testing: every field of the fallback record, each cut at
+    # its cap, compared with values written out here (not computed by the code).
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise ValueError("e" * 300)
+
+    monkeypatch.setattr("pixel_middleware._adapter.decode_pixel", broken)
+    monkeypatch.setattr("pixel_middleware._adapter.datetime", FrozenClock)
+    app = wrap(hello_app, store, limits=Limits(max_query_bytes=10, max_header_chars=10))
+    response = get(
+        app,
+        "/v1/pixel/track",
+        "data=" + "A" * 20,
+        headers={"User-Agent": "u" * 11, "Referer": "r" * 10},
+        environ_base={"REMOTE_ADDR": "1" * 11},
+    )
+    assert (response.status_code, response.get_data()) == (200, GIF)
+    [record] = records(store)
+    assert uuid.UUID(record["id"]).version == 4
+    assert str(uuid.UUID(record["id"])) == record["id"]
+    assert {k: v for k, v in record.items() if k != "id"} == {
+        "receivedAt": "2026-11-23T16:20:05.987Z",
+        "dialect": "segment",
+        "call": "track",
+        "writeKey": None,
+        "accepted": False,
+        "problems": [
+            {
+                "rule": "internal_error",
+                "message": "the decoder failed (ValueError: " + "e" * 188 + ");"
+                " this is a bug in pixel-middleware, please report it",
+            }
+        ],
+        "notes": [],
+        "event": None,
+        "request": {
+            "method": "GET",
+            "path": "/v1/pixel/",
+            "query": "data=AAAAA",
+            "ip": "1" * 10,
+            "userAgent": "u" * 10,
+            "referer": "r" * 10,
+        },
+    }
+
+
+@head_lint_ok
+def test_a_decoder_bug_answers_head_and_other_methods_as_the_core_does(
+    store: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise ZeroDivisionError("core bug")
+
+    monkeypatch.setattr("pixel_middleware._adapter.decode_pixel", broken)
+    app = wrap(hello_app, store)
+    head = get(app, "/v1/pixel/track", "data=x", "HEAD")
+    assert (head.status_code, head.get_data()) == (200, b"")
+    assert head.headers["Content-Length"] == "43"
+    post = get(app, "/v1/pixel/track", "data=x", "POST")
+    assert post.status_code == 405
+    assert post.headers["Allow"] == "GET, HEAD"
+    assert post.headers["Cache-Control"] == NO_CACHE
+    assert records(store) == [], "only a GET is recorded"
+
+
+# Found by mutation testing (./dev mutate): what the middleware logs, the WSGI
+# keys it may not get, its clock's zone, and close()'s bound.
+
+
+def test_a_raising_recorder_and_callback_are_logged_with_the_pixels_id(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[PixelRecord] = []
+
+    def explode(record: PixelRecord) -> None:
+        seen.append(record)
+        raise RuntimeError("boom")
+
+    recorder = ExplodingRecorder(store)
+    try:
+        app = wrap(hello_app, recorder, on_record=explode)
+        assert get(app, "/v1/pixel/track", "data=" + b64(SEGMENT_OK)).status_code == 200
+    finally:
+        recorder.close()
+    [record] = seen
+    messages = [r.getMessage() for r in caplog.records if r.name == "pixel_middleware.middleware"]
+    assert messages == [
+        f"recording pixel {record['id']} failed",
+        f"on_record callback failed for pixel {record['id']}",
+    ]
+
+
+def test_a_request_without_query_string_is_a_pixel_with_an_empty_query(store: Store) -> None:
+    # PEP 3333: QUERY_STRING "may be empty or absent".
+    from werkzeug.test import EnvironBuilder
+
+    environ = EnvironBuilder(path="/pixel/v1/page").get_environ()
+    del environ["QUERY_STRING"]
+    statuses: list[str] = []
+    body = b"".join(wrap(hello_app, store)(environ, lambda s, h, e=None: statuses.append(s)))
+    # No writeKey or anonymousId: the core's 400, not the fallback's answer.
+    assert statuses == ["400 Bad Request"], body
+    [record] = records(store)
+    assert record["request"]["query"] == ""
+    assert "internal_error" not in rules(record)
+
+
+def test_received_at_is_utc_whatever_the_local_time_zone(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    monkeypatch.setenv("TZ", "Pacific/Kiritimati")  # UTC+14: no clock is that far off
+    time.tzset()
+    try:
+        before = datetime.now(UTC).replace(microsecond=0)
+        get(wrap(hello_app, store), "/v1/pixel/track", "data=" + b64(SEGMENT_OK))
+        after = datetime.now(UTC)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    [record] = records(store)
+    received = datetime.fromisoformat(record["receivedAt"].replace("Z", "+00:00"))
+    assert before <= received <= after
+
+
+class HungStore(FailingStore):
+    """A store whose write waits until released."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def write(self, records: Any) -> None:
+        self.release.wait(30)
+
+
+def test_close_waits_at_most_its_timeout_for_a_hung_store(tmp_path: Any) -> None:
+    store = HungStore()
+    app = PixelMiddleware(hello_app, store=store, durable=False)  # type: ignore[arg-type]
+    try:
+        assert get(app, "/v1/pixel/track", "data=" + b64(SEGMENT_OK)).status_code == 200
+        started = time.monotonic()
+        app.close(timeout=0.3)
+        assert time.monotonic() - started < 5
+    finally:
+        store.release.set()
+        app.recorder.close(timeout=10)
+
+
+def test_by_default_no_proxy_is_trusted(store: Store) -> None:
+    get(
+        wrap(hello_app, store),
+        "/v1/pixel/track",
+        "data=" + b64(SEGMENT_OK),
+        headers={"X-Forwarded-For": "203.0.113.9"},
+        environ_base={"REMOTE_ADDR": "198.51.100.7"},
+    )
+    [record] = records(store)
+    assert record["request"]["ip"] == "198.51.100.7"
+
+
+@pytest.mark.parametrize("option", ["app", "on_record"])
+def test_a_bad_app_or_callback_is_named_by_its_type(option: str, store: Store) -> None:
+    options: dict[str, Any] = {"app": hello_app, "store": store, option: 42}
+    with pytest.raises(TypeError, match=f"PixelMiddleware: {option} must be .* got int"):
+        PixelMiddleware(**options)
+
+
+def test_a_request_without_path_info_passes_on_quietly(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    # PEP 3333: PATH_INFO "may be empty" (an app at the server's root).
+    from werkzeug.test import EnvironBuilder
+
+    environ = EnvironBuilder(path="/").get_environ()
+    del environ["PATH_INFO"]
+    body = b"".join(PixelMiddleware(root_app, store=store)(environ, _ignore))
+    assert body == b"root"
+    assert caplog.records == []
+
+
+def _ignore(status: str, headers: Any, exc_info: Any = None) -> None:
+    pass
+
+
+def root_app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"root"]
+
+
+def test_a_decoder_bug_without_query_string_records_an_empty_query(
+    store: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from werkzeug.test import EnvironBuilder
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise ZeroDivisionError("core bug")
+
+    monkeypatch.setattr("pixel_middleware._adapter.decode_pixel", broken)
+    environ = EnvironBuilder(path="/v1/pixel/track").get_environ()
+    del environ["QUERY_STRING"]
+    assert b"".join(wrap(hello_app, store)(environ, _ignore)) == GIF
+    [record] = records(store)
+    assert record["request"]["query"] == ""
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["decoding the pixel /v1/pixel/track failed; answering the default"]
+
+
+def test_a_route_matcher_bug_is_logged_with_the_path(
+    store: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise ValueError("matcher bug")
+
+    monkeypatch.setattr("pixel_middleware._adapter.match_route", broken)
+    get(wrap(hello_app, store), "/v1/pixel/track")
+    assert [r.getMessage() for r in caplog.records] == [
+        "pixel route matching failed for '/v1/pixel/track'; passing it on"
+    ]
+
+
+def test_a_route_the_core_gives_up_on_goes_to_the_app(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("pixel_middleware._adapter.decode_pixel", lambda *a, **k: None)
+    response = get(wrap(hello_app, store), "/v1/pixel/track", "data=x")
+    assert response.get_data() == b"hello GET /v1/pixel/track"
+
+
+class RefusingRecorder(Recorder):
+    """Keeps nothing, as when neither the store nor the spool takes a record."""
+
+    def record(self, record: PixelRecord) -> bool:
+        return False
+
+
+@pytest.mark.parametrize(
+    ("path", "query", "options", "body"),
+    [
+        ("/v1/pixel/track", "data=" + b64(SEGMENT_OK), {}, GIF),
+        (
+            "/pixel/v1/page",
+            RS_PAGE_OK,
+            {},
+            b"Service Unavailable: the pixel could not be recorded; send it again later.\n",
+        ),
+        ("/pixel/v1/page", RS_PAGE_OK, {"rudderstack_response": "gif"}, GIF),
+    ],
+)
+def test_a_pixel_nothing_kept_gets_the_503(
+    path: str, query: str, options: dict[str, Any], body: bytes, store: Store
+) -> None:
+    recorder = RefusingRecorder(store)
+    try:
+        response = get(wrap(hello_app, recorder, **options), path, query)
+    finally:
+        recorder.close()
+    assert (response.status_code, response.get_data()) == (503, body)
+    assert response.headers["Retry-After"] == "5"
+    assert response.headers["Cache-Control"] == NO_CACHE
+
+
+def test_a_query_decoded_as_utf8_by_a_server_keeps_its_escaped_bytes(store: Store) -> None:
+    # A server that broke PEP 3333 decoded the query as UTF-8, with
+    # surrogateescape for the bytes that were not UTF-8 (here 0xFF).
+    from werkzeug.test import EnvironBuilder
+
+    environ = EnvironBuilder(path="/pixel/v1/page").get_environ()
+    environ["QUERY_STRING"] = "writeKey=k&anonymousId=a&name=\u20ac\udcff"
+    b"".join(wrap(hello_app, store)(environ, _ignore))
+    [record] = records(store)
+    assert record["event"]["name"] == "\u20ac\ufffd"
+    assert "internal_error" not in rules(record)

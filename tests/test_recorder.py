@@ -841,7 +841,7 @@ def test_importing_the_package_installs_no_process_hook() -> None:
         atexit.register, os.register_at_fork = spy_exit, spy_fork
         import pixel_middleware, pixel_middleware.recorder, pixel_middleware.middleware
         import pixel_middleware.stores.sqlite, pixel_middleware.stores.jsonl
-        import pixel_middleware.stores.forward
+        import pixel_middleware.stores.forward, pixel_middleware.stores.postgresql
         print(sorted(set(h for h in hooks if h[1].startswith("pixel_middleware"))))
         from pixel_middleware.recorder import Recorder
         from pixel_middleware.stores.memory import MemoryStore

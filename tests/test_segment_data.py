@@ -195,7 +195,14 @@ def test_scanner_falls_back_to_raw_decode() -> None:
     del decoder.scan_once  # type: ignore[attr-defined]
     scan = _segment_data.json_scanner(decoder)
     assert scan == decoder.raw_decode
-    assert _segment_data.json_scanner(json.JSONDecoder()) != FALLBACK
+
+
+def test_scanner_takes_scan_once_of_the_decoder_it_is_given() -> None:
+    # Found by mutation testing: comparing with another decoder's raw_decode
+    # passed whatever json_scanner returned for this one.
+    decoder = json.JSONDecoder()
+    assert _segment_data.json_scanner(decoder) == decoder.scan_once  # type: ignore[attr-defined]
+    assert _segment_data.json_scanner(decoder) != decoder.raw_decode
 
 
 SCANNED = [

@@ -9,6 +9,8 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -300,3 +302,46 @@ def test_counting_takes_nothing_from_anyone(tmp_path: Path) -> None:
     assert drain(owner) == ["owned", "more"]
     owner.close()
     assert count_spooled(tmp_path) == 0
+
+
+def test_threads_append_at_once_and_every_record_is_kept_once_in_each_threads_order(
+    tmp_path: Path,
+) -> None:
+    # Durable request threads append to the spool themselves, while the
+    # recorder's thread reads and consumes it (issue 13): one operation at a time.
+    spool = Spool(tmp_path / "spool")
+    threads = [
+        threading.Thread(
+            target=lambda t=t: [spool.append([make_record(id=f"t{t}-{n}")]) for n in range(50)]
+        )
+        for t in range(8)
+    ]
+    for thread in threads:
+        thread.start()
+    consumed: list[str] = []
+    deadline = time.monotonic() + 30
+    while any(thread.is_alive() for thread in threads) or len(spool):
+        assert time.monotonic() < deadline, f"{len(spool)} records never came out"
+        batch = spool.peek(7)
+        spool.consume(len(batch))
+        consumed.extend(record["id"] for record in batch)
+    for thread in threads:
+        thread.join(5)
+    assert sorted(consumed) == sorted(f"t{t}-{n}" for t in range(8) for n in range(50))
+    for t in range(8):
+        mine = [int(i.split("-")[1]) for i in consumed if i.startswith(f"t{t}-")]
+        assert mine == list(range(50))
+    assert len(spool) == 0
+    spool.close()
+
+
+def test_len_answers_while_another_thread_holds_the_spool(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.append([make_record(id="r0")])
+    answers: list[int] = []
+    with spool._lock:  # as during an append that hangs on a slow disk
+        reader = threading.Thread(target=lambda: answers.append(len(spool)))
+        reader.start()
+        reader.join(5)
+        assert answers == [1], "len() waited for the spool's lock"
+    spool.close()

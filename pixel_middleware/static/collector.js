@@ -113,21 +113,33 @@
     banner.hidden = !message;
   }
 
-  function showSpooled(spooled) {
+  // From every status and events answer: what waits in the spool, and whether
+  // records cannot be kept at all (neither the store nor the spool takes them).
+  function showSpooled(spooled, stalled) {
     const warning = $("spool-warning");
-    if (!spooled) {
-      warning.hidden = true;
-      return;
+    const parts = [];
+    if (stalled) {
+      parts.push(
+        el("strong", "", "Records cannot be kept now:"),
+        document.createTextNode(
+          " neither the store nor the spool takes writes (a full disk, or a store that" +
+            " refuses them). New pixels are answered 503 instead of being recorded until" +
+            " one of them recovers; the collector's log says why. "
+        )
+      );
     }
-    warning.replaceChildren(
-      el("strong", "", spooled + " record(s) wait in the spool"),
-      document.createTextNode(
-        " on the collector's disk: the store did not take them. They are kept and handed to" +
-          " the store, in order, as soon as it takes writes again; until then they are not" +
-          " listed here."
-      )
-    );
-    warning.hidden = false;
+    if (spooled) {
+      parts.push(
+        el("strong", "", spooled + " record(s) wait in the spool"),
+        document.createTextNode(
+          " on the collector's disk: the store did not take them. They are kept and handed to" +
+            " the store, in order, as soon as it takes writes again; until then they are not" +
+            " listed here."
+        )
+      );
+    }
+    warning.replaceChildren(...parts);
+    warning.hidden = parts.length === 0;
   }
 
   async function getJSON(path, signal) {
@@ -323,7 +335,7 @@
       showError("");
       state.rows = page.records;
       state.cursor = page.next;
-      showSpooled(page.spooled);
+      showSpooled(page.spooled, page.stalled);
       renderAll();
       refreshCounts();
     } catch (error) {
@@ -349,7 +361,7 @@
         );
         if (generation !== state.generation || state.paused) return;
         showError("");
-        showSpooled(page.spooled);
+        showSpooled(page.spooled, page.stalled);
         if (page.records.length) {
           addNewest(page.records);
           countsSoon();
@@ -389,7 +401,7 @@
       $("store-line").textContent =
         "Store: " + status.store + " (" + status.storeUrl + ")" +
         (status.canReset ? "; POST api/reset clears it" : "");
-      showSpooled(status.spooled);
+      showSpooled(status.spooled, status.stalled);
       const examples = $("help-examples");
       examples.replaceChildren();
       for (const pixel of status.testPixels) {

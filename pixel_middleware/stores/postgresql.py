@@ -65,6 +65,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 import psycopg
 from psycopg import sql
 
+from pixel_middleware._process import after_fork_in_child
 from pixel_middleware.core import PixelRecord
 from pixel_middleware.display import event_name
 from pixel_middleware.stores import (
@@ -534,4 +535,5 @@ def _after_fork_in_child() -> None:
         store._writer = store._reader = None
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+# Through the one registry of process-wide hooks (pixel_middleware._process).
+after_fork_in_child(_after_fork_in_child)
