@@ -448,6 +448,13 @@ def decode_pixel(
     if route is None:
         return None
     dialect = _REGISTRY[route.dialect]
+    if (
+        dialect.claims is not None
+        and not dialect.claims(request, route, config.limits)
+        and _custom_route(request.path, method, request.host, config) is None
+    ):
+        # A common path (/i, /e, /batch) without the vendor's markers: the app's.
+        return None
     if route.body:
         records = dialect.decode(request, route, config, now, new_id)
         status, headers, body = dialect.answer(records, route, config)

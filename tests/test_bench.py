@@ -41,7 +41,7 @@ def run_bench(name: str, tmp_path: Path) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("name", "rows"),
     [
-        pytest.param("core", 2, id="core"),
+        pytest.param("core", 3, id="core"),
         pytest.param("wsgi", 4, id="wsgi"),
         pytest.param("http", 10, id="http"),
         pytest.param("asgi", 3, id="asgi"),

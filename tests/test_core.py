@@ -470,7 +470,7 @@ def test_notes_name_parameters_briefly() -> None:
         ({"prefix": "/"}, "not end with '/'"),
         ({"prefix": None}, "prefix must be"),
         ({"dialects": frozenset()}, "non-empty subset"),
-        ({"dialects": frozenset({"snowplow"})}, "non-empty subset of"),
+        ({"dialects": frozenset({"no_such_dialect"})}, "non-empty subset of"),
         ({"dialects": "segment"}, r"frozenset\(\{'segment'\}\), not a string"),
         ({"dialects": 5}, "set of names"),
         ({"write_keys": "abc"}, "not a string"),

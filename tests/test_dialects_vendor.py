@@ -117,6 +117,75 @@ def test_ambiguous_paths_need_the_vendor_host(
     assert (route.dialect if route else None) == dialect
 
 
+@pytest.mark.parametrize(
+    ("query", "snowplow"),
+    [
+        (b"e=pv&tv=js-3.0.0&p=web", True),
+        (b"tv=js-3.0.0&e=", True),  # the markers' names are enough; the checks say the rest
+        (b"e=pv&p=web", False),  # no tv=
+        (b"tv=js-3.0.0", False),  # no e=
+        (b"q=shoes&page=2", False),  # a site's own /i
+        (b"", False),
+        (b"ee=pv&tvv=1", False),  # names that merely start like the markers
+    ],
+)
+def test_snowplow_i_is_snowplows_only_with_its_markers(query: bytes, snowplow: bool) -> None:
+    config = PixelConfig(dialects=frozenset({"snowplow"}))
+    for method in ("GET", "HEAD", "PUT"):
+        outcome = decode_pixel(PixelRequest(method, "/i", query), config=config, now=NOW)
+        assert (outcome is not None) == snowplow, (method, query)
+
+
+def test_a_custom_route_makes_i_snowplows_without_the_markers() -> None:
+    config = PixelConfig(
+        dialects=frozenset({"snowplow"}), custom_paths={"collector.example.com/i": "snowplow:i"}
+    )
+    on_host = PixelRequest("GET", "/i", b"aid=a", host="collector.example.com")
+    outcome = decode_pixel(on_host, config=config, now=NOW)
+    assert outcome is not None
+    assert outcome.record is not None
+    assert outcome.record["dialect"] == "snowplow"
+    assert {p["message"] for p in outcome.record["problems"]} == {
+        "The snowplow hit needs e.",
+        "The snowplow hit needs tv.",
+        "The snowplow hit needs p.",
+    }
+    elsewhere = PixelRequest("GET", "/i", b"aid=a", host="shop.example")
+    assert decode_pixel(elsewhere, config=config, now=NOW) is None
+
+
+@pytest.mark.parametrize(
+    ("body", "rule", "records"),
+    [
+        (b'{"data": []}', "not_an_object", 1),  # no event at all
+        (b'{"data": [{"e": "pv"}, 7]}', "not_an_object", 1),
+        (b'{"schema": "x"}', "bad_batch", 1),
+        (b"[]", "bad_batch", 1),
+        (
+            b'{"data": [{"e": "pv", "tv": "t", "p": "web"}, {"e": "pv", "tv": "t", "p": "web"}]}',
+            None,
+            2,
+        ),
+        (b'{"data": [{"e": "pv"}, {"e": "pv"}, {"e": "pv"}]}', "too_many_events", 1),
+    ],
+)
+def test_snowplow_tp2_bodies_that_cannot_be_read(
+    body: bytes, rule: str | None, records: int
+) -> None:
+    config = PixelConfig(dialects=frozenset({"snowplow"}), limits=Limits(max_batch_events=2))
+    outcome = decode_pixel(
+        PixelRequest("POST", "/com.snowplowanalytics.snowplow/tp2", b"", body=body),
+        config=config,
+        now=NOW,
+    )
+    assert outcome is not None
+    assert outcome.status == 200
+    assert outcome.body == b"ok"
+    assert len(outcome.records) == records
+    found = {p["rule"] for r in outcome.records for p in r["problems"]}
+    assert found == ({rule} if rule else set())
+
+
 def test_prefix_applies_to_third_party_paths() -> None:
     config = PixelConfig(prefix="/px", dialects=frozenset({"ga4"}))
     assert match_route("/px/g/collect", config) is not None
@@ -168,6 +237,7 @@ _PATHS = st.sampled_from(
         ("/matomo.php", None),
         ("/api/px/track", None),
         ("/api/v1/p.gif", None),
+        ("/com.snowplowanalytics.snowplow/tp2", None),
     ]
 )
 _SMALL = Limits(max_query_bytes=300, max_event_bytes=400, max_params=12, max_body_bytes=500)

@@ -8,8 +8,10 @@ each example is the vendor's document cited in docs/dialects.md.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import quote
 
 from cases import UA, Case, segment_data
 
@@ -17,6 +19,7 @@ __all__ = ["VENDOR_CASES", "equals", "vendor_case"]
 
 GA = "www.google-analytics.com"
 FB = "www.facebook.com"
+SNOWPLOW_COLLECTOR = "collector.example.com"
 
 
 def equals(expected: dict[str, Any]) -> Callable[[dict[str, Any] | None], None]:
@@ -66,6 +69,57 @@ def vendor_case(
         expect_calls=calls,
     )
 
+
+# Snowplow's tracker protocol document's self-describing examples: a link click
+# and the web_page entity (docs.snowplow.io, "Snowplow Tracker Protocol").
+_SNOWPLOW_LINK_CLICK = {
+    "schema": "iglu:com.snowplowanalytics.snowplow/unstruct_event/jsonschema/1-0-0",
+    "data": {
+        "schema": "iglu:com.snowplowanalytics.snowplow/link_click/jsonschema/1-0-1",
+        "data": {
+            "targetUrl": "http://www.example.com",
+            "elementClasses": ["foreground"],
+            "elementId": "exampleLink",
+        },
+    },
+}
+_SNOWPLOW_CONTEXTS = {
+    "schema": "iglu:com.snowplowanalytics.snowplow/contexts/jsonschema/1-0-0",
+    "data": [
+        {
+            "schema": "iglu:com.snowplowanalytics.snowplow/web_page/jsonschema/1-0-0",
+            "data": {"id": "a86c42e5-b831-45c8-b706-e214c26b4b3d"},
+        }
+    ],
+}
+_SNOWPLOW_TP2 = json.dumps(
+    {
+        "schema": "iglu:com.snowplowanalytics.snowplow/payload_data/jsonschema/1-0-4",
+        "data": [
+            {
+                "e": "pv",
+                "url": "http://www.example.com/",
+                "page": "Example",
+                "tv": "js-3.0.0",
+                "p": "web",
+                "aid": "demo-app",
+                "duid": "5e2c1a1f-2d8e-4a3a-9b0e-1c7f3d0c9a11",
+                "eid": "d5f48e8e-8b6d-4a4b-8d1c-0c2b0a8f7e31",
+                "dtm": "1711034567890",
+                "stm": "1711034567990",
+            },
+            {
+                "e": "ue",
+                "ue_px": segment_data(_SNOWPLOW_LINK_CLICK),
+                "tv": "js-3.0.0",
+                "p": "web",
+                "aid": "demo-app",
+                "uid": "jon.doe@email.com",
+                "duid": "5e2c1a1f-2d8e-4a3a-9b0e-1c7f3d0c9a11",
+            },
+        ],
+    }
+).encode()
 
 _GA4_PAGE_VIEW = (
     b"/g/collect?v=2&tid=G-XXXXXXXXXX&gtm=45je3a1&_p=1711034567890&cid=1234567890.1711034567"
@@ -228,6 +282,91 @@ VENDOR_CASES: tuple[Case, ...] = (
         calls=("track",),
         rules=frozenset({"missing_vendor_field"}),
         notes=frozenset({"duplicate_param"}),
+    ),
+    # Snowplow: the tracker protocol document's page view, structured event and
+    # self-describing link click (docs.snowplow.io, "Snowplow Tracker Protocol").
+    vendor_case(
+        "snowplow-page-view-with-contexts",
+        "snowplow",
+        b"/i?e=pv&url=http%3A%2F%2Fwww.example.com%2F&page=Example%20page"
+        b"&refr=http%3A%2F%2Fwww.google.com%2F&tv=js-3.0.0&p=web&aid=angry-birds"
+        b"&duid=aeb1691c5a0ee5a6&uid=aeb1691c5a0ee5a6&sid=9a3b1c5f-8e2d-4f6a-b7c8-d9e0f1a2b3c4"
+        b"&cx=" + segment_data(_SNOWPLOW_CONTEXTS).encode(),
+        SNOWPLOW_COLLECTOR,
+        calls=("page",),
+        check=equals(
+            {
+                "type": "page",
+                "name": "Example page",
+                "userId": "aeb1691c5a0ee5a6",
+                "anonymousId": "aeb1691c5a0ee5a6",
+                "properties.url": "http://www.example.com/",
+                "context.page.referrer": "http://www.google.com/",
+                "context.vendor.fields.sid": "9a3b1c5f-8e2d-4f6a-b7c8-d9e0f1a2b3c4",
+                "context.vendor.contexts": _SNOWPLOW_CONTEXTS["data"],
+            }
+        ),
+    ),
+    vendor_case(
+        "snowplow-structured-event",
+        "snowplow",
+        b"/i?e=se&se_ca=Mixes&se_ac=Play&se_la=MRC%2Ffabric-0503-mix&se_va=0.0"
+        b"&tv=js-3.0.0&p=web&aid=angry-birds&duid=aeb1691c5a0ee5a6",
+        SNOWPLOW_COLLECTOR,
+        calls=("track",),
+        check=equals(
+            {
+                "event": "Play",
+                "anonymousId": "aeb1691c5a0ee5a6",
+                "userId": KeyError,
+                "properties": {"category": "Mixes", "label": "MRC/fabric-0503-mix", "value": 0.0},
+            }
+        ),
+    ),
+    vendor_case(
+        "snowplow-self-describing-plain-ue-pr",
+        "snowplow",
+        b"/i?e=ue&tv=js-3.0.0&p=web&ue_pr="
+        + quote(json.dumps(_SNOWPLOW_LINK_CLICK, separators=(",", ":")), safe="").encode(),
+        SNOWPLOW_COLLECTOR,
+        calls=("track",),
+        check=equals(
+            {
+                "event": "link_click",
+                "properties.targetUrl": "http://www.example.com",
+                "properties.elementClasses": ["foreground"],
+            }
+        ),
+    ),
+    # The JavaScript tracker's POST: two events, the second base64url ue_px.
+    vendor_case(
+        "snowplow-tp2-post-two-events",
+        "snowplow",
+        b"/com.snowplowanalytics.snowplow/tp2",
+        SNOWPLOW_COLLECTOR,
+        method="POST",
+        body=_SNOWPLOW_TP2,
+        headers={"Content-Type": "application/json; charset=UTF-8"},
+        calls=("page", "track"),
+        check=equals(
+            {
+                "name": "Example",
+                "messageId": "d5f48e8e-8b6d-4a4b-8d1c-0c2b0a8f7e31",
+                "originalTimestamp": "2024-03-21T15:22:47.890Z",
+                "sentAt": "2024-03-21T15:22:47.990Z",
+            }
+        ),
+    ),
+    vendor_case(
+        "snowplow-tp2-missing-platform",
+        "snowplow",
+        b"/com.snowplowanalytics.snowplow/tp2",
+        SNOWPLOW_COLLECTOR,
+        method="POST",
+        body=b'{"schema":"iglu:com.snowplowanalytics.snowplow/payload_data/jsonschema/1-0-4",'
+        b'"data":[{"e":"pv","tv":"py-1.0.0","url":"http://www.example.com/"}]}',
+        calls=("page",),
+        rules=frozenset({"missing_vendor_field"}),
     ),
     # Matomo: the Tracking HTTP API reference's page view and event
     # (developer.matomo.org/api-reference/tracking-api).

@@ -19,6 +19,7 @@ from pixel_middleware.dialects.matomo import MATOMO
 from pixel_middleware.dialects.meta import META
 from pixel_middleware.dialects.rudderstack import RUDDERSTACK
 from pixel_middleware.dialects.segment import SEGMENT
+from pixel_middleware.dialects.snowplow import SNOWPLOW
 
 __all__ = ["DIALECTS", "Dialect"]
 
@@ -31,6 +32,7 @@ DIALECTS: Mapping[str, Dialect] = MappingProxyType(
             GA4,
             UNIVERSAL_ANALYTICS,
             META,
+            SNOWPLOW,
             MATOMO,
             JITSU,
         )

@@ -310,6 +310,7 @@ def vendor_dialect(
     hosts: dict[str, frozenset[str]] | None = None,
     get_answer: tuple[int, str, bytes] = (200, "image/gif", GIF),
     post_answer: tuple[int, str, bytes] = (200, "image/gif", GIF),
+    claims: Callable[[PixelRequest, Route, Limits], bool] | None = None,
 ) -> Dialect:
     """A third-party :class:`Dialect`: its routes, its reader, the vendor's answers."""
 
@@ -354,6 +355,7 @@ def vendor_dialect(
         paths=paths,
         path_roots=path_roots,
         hosts=hosts or {},
+        claims=claims,
     )
 
 

@@ -899,3 +899,10 @@ class Dialect:
     #: Paths (of ``paths`` or ``path_roots``) that match only on these hosts;
     #: a host starting with ``.`` matches its subdomains.
     hosts: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    #: For paths too common to own outright (Snowplow's ``/i``, PostHog's
+    #: ``/e``): whether this request, on a route of ``paths``, is really this
+    #: dialect's (its query or body carries the vendor's markers, or it came to
+    #: the vendor's host). ``False``: :func:`~pixel_middleware.core.decode_pixel`
+    #: returns ``None`` and the application keeps the request. A custom route
+    #: the user mapped to the dialect is never asked. Never raises.
+    claims: Callable[[PixelRequest, Route, Limits], bool] | None = None
