@@ -8,10 +8,11 @@ other request goes to the wrapped application untouched.
 
 from __future__ import annotations
 
+import io
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pixel_middleware._adapter import DEFAULT_LIMITS, PixelEndpoint, pixel_request
 from pixel_middleware.core import DEFAULT_DIALECTS, Limits, PixelRecord, PixelRequest, Route
@@ -184,7 +185,9 @@ class PixelMiddleware:
             request, failure = pixel_request_from_environ(environ, path), exc
         outcome = endpoint.answer(request, route, failure=failure)
         if outcome is None:
-            # The core changed its mind about the route: the app may know the path.
+            # The core changed its mind about the route: the app may know the
+            # path, and gets the body whole, the bytes read here first.
+            _give_back_body(environ, request.body)
             return self.app(environ, start_response)
         start_response(_status_line(outcome.status), outcome.headers)
         return [outcome.body]
@@ -203,6 +206,7 @@ class PixelMiddleware:
             request, failure = pixel_request_from_environ(environ, path), exc
         outcome = endpoint.decode(request, route, debug=True, failure=failure)
         if outcome is None:
+            _give_back_body(environ, request.body)
             return self.app(environ, start_response)
         status, headers, body = endpoint.debug(outcome, request.method)
         start_response(_status_line(status), headers)
@@ -274,6 +278,43 @@ def pixel_request_from_environ(
         },
         body=b"" if body_limits is None else _read_body(environ, body_limits.max_body_bytes + 1),
     )
+
+
+class _ReplayedInput:
+    """``wsgi.input`` for the app after the middleware read part of the body:
+    the bytes already read, then the rest of the original stream."""
+
+    def __init__(self, head: bytes, rest: Any) -> None:
+        self._head = io.BytesIO(head)
+        self._rest = rest
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            rest: bytes = self._rest.read() if self._rest is not None else b""
+            return self._head.read() + rest
+        data = self._head.read(size)
+        if len(data) < size and self._rest is not None:
+            more: bytes = self._rest.read(size - len(data))
+            data += more
+        return data
+
+    def readline(self, size: int = -1) -> bytes:
+        line = self._head.readline(size)
+        if line.endswith(b"\n") or self._rest is None or (0 <= size <= len(line)):
+            return line
+        more: bytes = self._rest.readline(-1 if size < 0 else size - len(line))
+        return line + more
+
+    def readlines(self, hint: int = -1) -> list[bytes]:
+        return list(iter(self.readline, b""))
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.readline, b"")
+
+
+def _give_back_body(environ: WSGIEnvironment, read: bytes) -> None:
+    if read:
+        environ["wsgi.input"] = _ReplayedInput(read, environ.get("wsgi.input"))
 
 
 def _query_bytes(query: str) -> bytes:

@@ -278,3 +278,28 @@ def test_addon_pixel_routes(tmp_path: Path) -> None:
         ("track", True, "GET"),
         ("track", True, "POST"),
     ]
+
+
+def test_a_post_the_dialect_declines_reaches_the_app_with_its_whole_body() -> None:
+    """Snowplow's /i is its own only with its markers: a plain POST /i is the app's,
+    and the app must get every byte, though the middleware read some to decide."""
+    seen: list[bytes] = []
+
+    def app(environ: Any, start_response: Any) -> list[bytes]:
+        stream = environ["wsgi.input"]
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        first = stream.read(5)
+        seen.append(first + stream.read(length - len(first)))
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"app"]
+
+    middleware = PixelMiddleware(app, store="memory://", dialects=("segment", "snowplow"))
+    body = b"line one\n" + b"x" * 200_000
+    try:
+        with serving(middleware) as url:
+            answer = requests.post(url + "/i", data=body, timeout=10)
+        assert (answer.status_code, answer.content) == (200, b"app")
+    finally:
+        middleware.close()
+    assert seen == [body]
+    assert middleware.store.read() == []
