@@ -495,6 +495,10 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from pixel_middleware.collector import check_read_token, create_app
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # waitress warns "Task queue depth is N" whenever a request waits for a free
+    # thread, which durable commits make an ordinary moment, not a fault: a line
+    # per busy moment would drown the per-pixel lines. Its errors still show.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     # Every option is checked before the store is opened: a mistake on the
     # command line must not leave an empty store file behind.
     try:

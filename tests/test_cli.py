@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import html
 import json
@@ -1105,3 +1106,18 @@ def test_events_har_cannot_follow_and_checks_its_base_url(
     status, _, err = run(capsys, "events", "--format", "har", "--base-url", "ftp://x")
     assert status == 2
     assert "--base-url must be" in err
+
+
+def test_serve_does_not_log_waitress_queue_depth(tmp_path: Path) -> None:
+    # Eight pixels at once on one thread: every one but the first waits in
+    # waitress's queue, which it would log as a warning each time.
+    collector = Collector(tmp_path, "--quiet", "--threads", "1")
+    try:
+        url = collector.url + "pixel/v1/track?writeKey=k&anonymousId=a&event=E"
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(lambda _: requests.get(url, timeout=30).status_code, range(8)))
+        assert statuses == [200] * 8
+    finally:
+        status, err = collector.stop(signal.SIGTERM)
+    assert status == 0
+    assert "Task queue depth" not in err
