@@ -8,8 +8,10 @@ each example is the vendor's document cited in docs/dialects.md.
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -20,6 +22,7 @@ __all__ = ["VENDOR_CASES", "equals", "vendor_case"]
 GA = "www.google-analytics.com"
 FB = "www.facebook.com"
 SNOWPLOW_COLLECTOR = "collector.example.com"
+POSTHOG = "us.i.posthog.com"
 
 
 def equals(expected: dict[str, Any]) -> Callable[[dict[str, Any] | None], None]:
@@ -120,6 +123,76 @@ _SNOWPLOW_TP2 = json.dumps(
         ],
     }
 ).encode()
+
+# PostHog: the capture API's documented bodies (posthog.com/docs/api/capture),
+# with its placeholders filled in, and posthog-js's request formats
+# (github.com/PostHog/posthog-js, src/request.ts: gzip-js, base64, lz64).
+_POSTHOG_SINGLE = {
+    "api_key": "phc_example_project_key",
+    "event": "user signed up",
+    "distinct_id": "user-1234",
+    "properties": {"plan": "pro", "$current_url": "https://example.com/signup"},
+    "timestamp": "2024-03-21T15:22:47.890Z",
+    "uuid": "018f3c2a-7b1e-7c3d-9f00-000000000001",
+}
+_POSTHOG_BATCH = {
+    "api_key": "phc_example_project_key",
+    "historical_migration": False,
+    "batch": [
+        {
+            "event": "file uploaded",
+            "properties": {"distinct_id": "user-1234", "file_size": 1024},
+            "timestamp": "2024-03-21T15:22:47.890Z",
+        },
+        {
+            "event": "$identify",
+            "distinct_id": "user-1234",
+            "properties": {"$anon_distinct_id": "anon-5678"},
+            "$set": {"email": "max@example.com", "name": "Max"},
+        },
+        {
+            "event": "$create_alias",
+            "properties": {"distinct_id": "user-1234", "alias": "max@example.com"},
+        },
+    ],
+}
+_POSTHOG_DEVICE = "018f3c2a-7b1e-7c3d-9f00-1a2b3c4d5e6f"
+# What posthog-js sends: a list of events, the key as properties.token.
+_POSTHOG_JS_EVENTS = [
+    {
+        "event": "$pageview",
+        "properties": {
+            "$current_url": "https://example.com/pricing",
+            "$title": "Pricing",
+            "$referrer": "https://www.google.com/",
+            "$device_id": _POSTHOG_DEVICE,
+            "distinct_id": _POSTHOG_DEVICE,
+            "token": "phc_example_project_key",
+        },
+        "timestamp": "2024-03-21T15:22:47.890Z",
+        "uuid": "018f3c2a-7b1e-7c3d-9f00-000000000002",
+    },
+    {
+        "event": "$groupidentify",
+        "properties": {
+            "distinct_id": "user-1234",
+            "$group_type": "company",
+            "$group_key": "acme",
+            "$group_set": {"name": "Acme Inc."},
+            "token": "phc_example_project_key",
+        },
+    },
+]
+# posthog-js's lz64 payload of a $pageview: made by lz-string's compressToBase64
+# (tests/fixtures/lz64_vectors.json, scripts/make_lz64_vectors.py).
+_LZ64_PAGEVIEW = next(
+    vector["compressed"]
+    for vector in json.loads(
+        (Path(__file__).parent / "fixtures" / "lz64_vectors.json").read_text("utf-8")
+    )["vectors"]
+    if vector["text"].startswith('{"event":"$pageview"')
+)
+_POSTHOG_JS_QUERY = b"ip=1&_=1711034567990&ver=1.160.0"
 
 _GA4_PAGE_VIEW = (
     b"/g/collect?v=2&tid=G-XXXXXXXXXX&gtm=45je3a1&_p=1711034567890&cid=1234567890.1711034567"
@@ -447,6 +520,123 @@ VENDOR_CASES: tuple[Case, ...] = (
         "t.jitsu.com",
         calls=("page",),
         check=equals({"name": "Home", "anonymousId": "anon-7"}),
+    ),
+    vendor_case(
+        "posthog-single-event",
+        "posthog",
+        b"/i/v0/e/",
+        POSTHOG,
+        method="POST",
+        body=json.dumps(_POSTHOG_SINGLE).encode(),
+        headers={"Content-Type": "application/json"},
+        calls=("track",),
+        check=equals(
+            {
+                "event": "user signed up",
+                "userId": "user-1234",
+                "anonymousId": KeyError,
+                "messageId": "018f3c2a-7b1e-7c3d-9f00-000000000001",
+                "originalTimestamp": "2024-03-21T15:22:47.890Z",
+                "properties.plan": "pro",
+                "context.page.url": "https://example.com/signup",
+                "context.vendor.fields.api_key": "phc_example_project_key",
+            }
+        ),
+    ),
+    vendor_case(
+        "posthog-batch-track-identify-alias",
+        "posthog",
+        b"/batch/",
+        POSTHOG,
+        method="POST",
+        body=json.dumps(_POSTHOG_BATCH).encode(),
+        headers={"Content-Type": "application/json"},
+        calls=("track", "identify", "alias"),
+        check=equals(
+            {
+                "event": "file uploaded",
+                "userId": "user-1234",
+                "properties.file_size": 1024,
+                "context.vendor.fields.historical_migration": False,
+            }
+        ),
+    ),
+    # posthog-js's image fallback on a first-party proxy: base64 JSON in data=,
+    # claimed by its key (properties.token).
+    vendor_case(
+        "posthog-pageview-data-base64-first-party",
+        "posthog",
+        b"/e/?data="
+        + segment_data(_POSTHOG_JS_EVENTS[0], urlsafe=False, padded=True).encode()
+        + b"&"
+        + _POSTHOG_JS_QUERY,
+        "ph.example.com",
+        calls=("page",),
+        check=equals(
+            {
+                "type": "page",
+                "name": "Pricing",
+                "anonymousId": _POSTHOG_DEVICE,
+                "userId": KeyError,
+                "properties.url": "https://example.com/pricing",
+                "context.page": {
+                    "url": "https://example.com/pricing",
+                    "title": "Pricing",
+                    "referrer": "https://www.google.com/",
+                },
+            }
+        ),
+    ),
+    vendor_case(
+        "posthog-js-gzip-js-list",
+        "posthog",
+        b"/e/?compression=gzip-js&" + _POSTHOG_JS_QUERY,
+        POSTHOG,
+        method="POST",
+        body=gzip.compress(json.dumps(_POSTHOG_JS_EVENTS).encode(), mtime=0),
+        headers={"Content-Type": "text/plain"},
+        calls=("page", "group"),
+        check=equals({"name": "Pricing", "messageId": "018f3c2a-7b1e-7c3d-9f00-000000000002"}),
+    ),
+    vendor_case(
+        "posthog-js-lz64-form",
+        "posthog",
+        b"/e/?compression=lz64&" + _POSTHOG_JS_QUERY,
+        "eu.i.posthog.com",
+        method="POST",
+        body=b"data=" + quote(_LZ64_PAGEVIEW, safe="").encode(),
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+        calls=("page",),
+        check=equals(
+            {
+                "name": "Pricing",
+                "anonymousId": _POSTHOG_DEVICE,
+                "context.page.url": "https://example.com/pricing",
+            }
+        ),
+    ),
+    vendor_case(
+        "posthog-missing-api-key",
+        "posthog",
+        b"/capture/",
+        POSTHOG,
+        method="POST",
+        body=b'{"event": "user signed up", "distinct_id": "user-1234"}',
+        headers={"Content-Type": "application/json"},
+        calls=("track",),
+        rules=frozenset({"missing_vendor_field"}),
+    ),
+    # /e is a common path: on a host of its own, without a project key, the
+    # request stays the application's (a 404 here), its body whole.
+    vendor_case(
+        "posthog-declines-e-without-a-key",
+        "posthog",
+        b"/e",
+        "shop.example",
+        method="POST",
+        body=b'{"event": "user signed up", "distinct_id": "user-1234"}',
+        headers={"Content-Type": "application/json"},
+        status=404,
     ),
     vendor_case(
         "jitsu-bad-base64",

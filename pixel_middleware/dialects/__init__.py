@@ -17,6 +17,7 @@ from pixel_middleware.dialects.google_analytics import GA4, UNIVERSAL_ANALYTICS
 from pixel_middleware.dialects.jitsu import JITSU
 from pixel_middleware.dialects.matomo import MATOMO
 from pixel_middleware.dialects.meta import META
+from pixel_middleware.dialects.posthog import POSTHOG
 from pixel_middleware.dialects.rudderstack import RUDDERSTACK
 from pixel_middleware.dialects.segment import SEGMENT
 from pixel_middleware.dialects.snowplow import SNOWPLOW
@@ -34,6 +35,7 @@ DIALECTS: Mapping[str, Dialect] = MappingProxyType(
             META,
             SNOWPLOW,
             MATOMO,
+            POSTHOG,
             JITSU,
         )
     }
