@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn, TextIO
+from urllib.parse import urlsplit
 
 from pixel_middleware.collector import READ_TOKEN_ENV_VAR
 from pixel_middleware.core import DEFAULT_DIALECTS, DIALECTS, PixelConfig, PixelRecord, PixelRequest
@@ -975,6 +976,9 @@ def _decode(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         config = PixelConfig(
             # As the collector does: a mistyped call says which calls exist.
             unknown_calls="reject",
+            # Every dialect this package reads, as the addon decodes them in
+            # transit: decode answers "what is this beacon?".
+            dialects=frozenset(DIALECTS),
             prefix=args.prefix,
             write_keys=frozenset(args.write_keys) if args.write_keys else None,
             trusted_proxies=args.trusted_proxies,
@@ -984,13 +988,19 @@ def _decode(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.har is not None:
         return _decode_har(args, parser, config)
     path, query = _split_target(request_target(args.url))
+    # The host tells vendors apart where a path alone does not (/collect, /tr).
+    host = urlsplit(args.url.strip()).hostname if "://" in args.url else None
     outcome = _decode_pixel(
-        PixelRequest("GET", path, query, args.peer, None, args.forwarded_for),
+        PixelRequest("GET", path, query, args.peer, None, args.forwarded_for, host=host),
         config=config,
         now=datetime.now(UTC),
     )
     if outcome is None or outcome.record is None:
-        routes = "/v1/pixel/<call> (Segment) or /pixel/v1/page|track (RudderStack)"
+        routes = (
+            "/v1/pixel/<call> (Segment), /pixel/v1/page|track (RudderStack), or a route of"
+            f" another dialect ({', '.join(d for d in DIALECTS if d not in DEFAULT_DIALECTS)};"
+            " docs/dialects.md)"
+        )
         where = f" under {args.prefix!r}" if args.prefix else ""
         print(
             f"{parser.prog}: not a pixel route: {terminal_text(path)} (expected {routes}{where})",

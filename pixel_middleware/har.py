@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 from pixel_middleware.core import GIF, PixelConfig, PixelRecord, PixelRequest, decode_pixel
 from pixel_middleware.core import split_target as _split_target
@@ -154,6 +155,8 @@ def _decode_entry(
             user_agent=headers.get(_USER_AGENT),
             forwarded_for=headers.get(_FORWARDED_FOR),
             referer=headers.get(_REFERER),
+            # The host tells vendors apart where a path alone does not (/collect).
+            host=urlsplit(url).hostname,
         ),
         config=config,
         now=_started(entry.get("startedDateTime")),

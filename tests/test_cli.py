@@ -1121,3 +1121,43 @@ def test_serve_does_not_log_waitress_queue_depth(tmp_path: Path) -> None:
         status, err = collector.stop(signal.SIGTERM)
     assert status == 0
     assert "Task queue depth" not in err
+
+
+@pytest.mark.parametrize(
+    ("url", "status", "first_line"),
+    [
+        pytest.param(
+            "https://www.google-analytics.com/g/collect?v=2&tid=G-ABC123&cid=555.666&en=page_view",
+            0,
+            "accepted: ga4 page (writeKey G-ABC123)",
+            id="ga4",
+        ),
+        pytest.param(
+            "https://www.facebook.com/tr?id=123&ev=PageView",
+            0,
+            "accepted: meta page (writeKey 123)",
+            id="meta-on-its-host",
+        ),
+        pytest.param(
+            "https://www.google-analytics.com/g/collect?v=2&cid=555.666&en=page_view",
+            1,
+            "rejected: ga4 page (no writeKey)",
+            id="ga4-without-tid",
+        ),
+    ],
+)
+def test_decode_reads_every_dialect(
+    url: str, status: int, first_line: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(capsys, "decode", url)
+    assert code == status
+    assert out.splitlines()[0] == first_line
+
+
+def test_decode_of_a_vendor_path_on_another_host_is_not_a_pixel(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # /tr is Meta's only on Meta's hosts: elsewhere it is someone's own path.
+    code, out, err = run(capsys, "decode", "https://example.com/tr?id=123&ev=PageView")
+    assert (code, out) == (2, "")
+    assert "not a pixel route: /tr" in err

@@ -1459,3 +1459,70 @@ def test_segment_query_parameters_beside_data(
     assert record["writeKey"] == write_key
     assert [(n["rule"], n["message"]) for n in record["notes"]] == notes_shown
     assert [(p["rule"], p["message"]) for p in record["problems"]] == problems_shown
+
+
+# --- Segment's and RudderStack's HTTP API bodies: nothing raises, limits hold -----------
+
+_BODY_LIMITS = Limits(
+    max_event_bytes=400, max_body_bytes=2_000, max_decompressed_bytes=3_000, max_batch_events=5
+)
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+_EVENTS = st.fixed_dictionaries(
+    {},
+    optional={
+        "type": st.sampled_from(["track", "page", "identify", "nope"]),
+        "userId": st.text(max_size=10),
+        "anonymousId": st.text(max_size=10),
+        "event": st.text(max_size=10),
+        "writeKey": st.text(max_size=10),
+        "properties": _JSON_VALUES,
+        "sentAt": st.text(max_size=30),
+    },
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    path=st.sampled_from(
+        ["/v1/track", "/v1/batch", "/v1/b", "/v1/t", "/v1/identify", "/beacon/v1/batch"]
+    ),
+    payload=st.one_of(
+        _EVENTS.map(lambda e: json.dumps(e).encode()),
+        st.lists(_EVENTS, max_size=8).map(lambda b: json.dumps({"batch": b}).encode()),
+        st.binary(max_size=2_500),
+    ),
+    gzipped=st.booleans(),
+    dialects=st.sampled_from([("segment",), ("rudderstack",), ("segment", "rudderstack")]),
+)
+def test_http_api_bodies_never_raise_and_keep_every_limit(
+    path: str, payload: bytes, gzipped: bool, dialects: tuple[str, ...]
+) -> None:
+    config = PixelConfig(dialects=frozenset(dialects), limits=_BODY_LIMITS)
+    body = gzip.compress(payload) if gzipped else payload
+    request = PixelRequest(
+        "POST",
+        path,
+        b"writeKey=k",
+        body=body,
+        content_encoding="gzip" if gzipped else None,
+        authorization="Basic " + base64.b64encode(b"k:").decode(),
+    )
+    route = match_route(path, config, method="POST")
+    outcome = decode_pixel(request, config=config, now=NOW)
+    if route is None:
+        assert outcome is None
+        return
+    assert outcome is not None
+    # An empty batch has nothing to record; a batch over the cap is one rejection.
+    assert len(outcome.records) <= _BODY_LIMITS.max_batch_events
+    for record in outcome.records:
+        json.dumps(record, allow_nan=False)
+        if record["event"] is not None:
+            stored = json.dumps(record["event"], separators=(",", ":"), ensure_ascii=True)
+            assert len(stored) <= _BODY_LIMITS.max_event_bytes
