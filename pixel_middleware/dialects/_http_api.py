@@ -32,6 +32,7 @@ from pixel_middleware.dialects.base import (
     PixelRecord,
     PixelRequest,
     Problem,
+    QueryDecoder,
     Route,
     _note,
     _Notes,
@@ -39,13 +40,14 @@ from pixel_middleware.dialects.base import (
     _usable_key,
     check_event,
     make_record,
+    query_record,
     request_facts,
 )
 
 if TYPE_CHECKING:
     from pixel_middleware.core import PixelConfig
 
-__all__ = ["API_CALLS", "REQUEST_RULES", "basic_auth_user", "body_records"]
+__all__ = ["API_CALLS", "REQUEST_RULES", "basic_auth_user", "body_records", "pixel_or_body"]
 
 #: The calls of the HTTP API, each a route, and batch.
 API_CALLS: tuple[str, ...] = ("identify", "track", "page", "screen", "group", "alias")
@@ -252,3 +254,27 @@ def _apply_batch_defaults(event: dict[str, Any], batch: dict[str, Any]) -> None:
                 event[name] = copy.deepcopy(shared)
             elif isinstance(own, dict):
                 event[name] = {**copy.deepcopy(shared), **own}
+
+
+def pixel_or_body(
+    dialect: DialectName, *, calls: tuple[str, ...], event_from_query: QueryDecoder
+) -> Callable[[PixelRequest, Route, PixelConfig, datetime, Callable[[], str]], list[PixelRecord]]:
+    """The ``decode`` of a dialect with both a pixel (GET) and an HTTP API (POST):
+    a body route's events through :func:`body_records`, a pixel through
+    :func:`~pixel_middleware.dialects.base.query_record`."""
+
+    def decode(
+        request: PixelRequest,
+        route: Route,
+        config: PixelConfig,
+        now: datetime,
+        new_id: Callable[[], str],
+    ) -> list[PixelRecord]:
+        if route.body:
+            return body_records(request, route, config, now, new_id, dialect=dialect)
+        record = query_record(
+            request, route, config, now, new_id, calls=calls, event_from_query=event_from_query
+        )
+        return [record]
+
+    return decode

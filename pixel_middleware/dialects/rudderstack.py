@@ -15,12 +15,10 @@ gateway; docs/dialects.md lists every rule.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from pixel_middleware._query import ParsedQuery
-from pixel_middleware.dialects._http_api import API_CALLS, REQUEST_RULES, body_records
+from pixel_middleware.dialects._http_api import API_CALLS, REQUEST_RULES, pixel_or_body
 from pixel_middleware.dialects.base import (
     _ABSENT,
     _OK_BODY,
@@ -30,7 +28,6 @@ from pixel_middleware.dialects.base import (
     Dialect,
     Limits,
     PixelRecord,
-    PixelRequest,
     Problem,
     Route,
     _dot_form_event,
@@ -39,7 +36,6 @@ from pixel_middleware.dialects.base import (
     fixed_answer,
     gif_answer,
     parsed_query,
-    query_record,
     rejected_header,
     text_answer,
 )
@@ -101,22 +97,6 @@ def _event_from_query(
     )
 
 
-def _decode(
-    request: PixelRequest,
-    route: Route,
-    config: PixelConfig,
-    now: datetime,
-    new_id: Callable[[], str],
-) -> list[PixelRecord]:
-    if route.body:
-        return body_records(request, route, config, now, new_id, dialect="rudderstack")
-    return [
-        query_record(
-            request, route, config, now, new_id, calls=CALLS, event_from_query=_event_from_query
-        )
-    ]
-
-
 def _answer(records: list[PixelRecord], route: Route, config: PixelConfig) -> Answer:
     if route.body:
         # rudder-server answers a well-formed request "OK" and a bad one 400
@@ -151,7 +131,7 @@ RUDDERSTACK = Dialect(
     pixel_root="/pixel/v1/",
     calls=CALLS,
     body_routes=BODY_ROUTES,
-    decode=_decode,
+    decode=pixel_or_body("rudderstack", calls=CALLS, event_from_query=_event_from_query),
     answer=_answer,
     accepted_answer=_accepted_answer,
     not_kept=_not_kept,

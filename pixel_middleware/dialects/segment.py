@@ -14,20 +14,17 @@ documents; docs/dialects.md lists every rule.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from pixel_middleware._query import decode_component, decode_text
 from pixel_middleware._segment_data import decode_data
-from pixel_middleware.dialects._http_api import API_CALLS, REQUEST_RULES, body_records
+from pixel_middleware.dialects._http_api import API_CALLS, REQUEST_RULES, pixel_or_body
 from pixel_middleware.dialects.base import (
     GIF,
     Answer,
     Dialect,
     Limits,
     PixelRecord,
-    PixelRequest,
     Problem,
     Route,
     _dot_form_event,
@@ -39,7 +36,6 @@ from pixel_middleware.dialects.base import (
     fixed_answer,
     gif_answer,
     parsed_query,
-    query_record,
     rejected_header,
 )
 
@@ -141,22 +137,6 @@ def _event_from_query(
     return _segment_event(pieces, call, limits, notes, problems)
 
 
-def _decode(
-    request: PixelRequest,
-    route: Route,
-    config: PixelConfig,
-    now: datetime,
-    new_id: Callable[[], str],
-) -> list[PixelRecord]:
-    if route.body:
-        return body_records(request, route, config, now, new_id, dialect="segment")
-    return [
-        query_record(
-            request, route, config, now, new_id, calls=CALLS, event_from_query=_event_from_query
-        )
-    ]
-
-
 def _answer(records: list[PixelRecord], route: Route, config: PixelConfig) -> Answer:
     if not route.body:
         return gif_answer(records)  # always the GIF, even for a bad pixel
@@ -193,7 +173,7 @@ SEGMENT = Dialect(
     pixel_root="/v1/pixel/",
     calls=CALLS,
     body_routes=BODY_ROUTES,
-    decode=_decode,
+    decode=pixel_or_body("segment", calls=CALLS, event_from_query=_event_from_query),
     answer=_answer,
     accepted_answer=_accepted_answer,
     not_kept=_not_kept,
