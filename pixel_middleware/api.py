@@ -43,7 +43,6 @@ from pixel_middleware.core import (
     PixelConfig,
     PixelRecord,
 )
-from pixel_middleware.display import terminal_text
 from pixel_middleware.encode import encode_pixel_url
 from pixel_middleware.record_filter import (
     FILTER_PARAMS,
@@ -54,7 +53,7 @@ from pixel_middleware.record_filter import (
     parse_filter,
     received_at,
 )
-from pixel_middleware.stores import Store, StoreError, redact_url
+from pixel_middleware.stores import Store, StoreError, redact_url, redacted_error
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -211,11 +210,13 @@ class CollectorAPI:
         except StoreError as exc:
             # The store's message may hold a path or a host: it goes to the log
             # only, with passwords and secret parameters masked.
-            logger.warning("the collector API could not read the store: %s", _log_text(exc))
+            logger.warning("the collector API could not read the store: %s", redacted_error(exc))
             status, value, headers = 503, {"error": "the store could not be read"}, []
         except Exception as exc:
             # No traceback: a store's exception text may carry its URL's secrets.
-            logger.error("the collector API failed: %s: %s", type(exc).__name__, _log_text(exc))
+            logger.error(
+                "the collector API failed: %s: %s", type(exc).__name__, redacted_error(exc)
+            )
             status, value, headers = 500, {"error": "internal error"}, []
         body = _json(value)
         response = Response(body, status=status, content_type="application/json")
@@ -570,8 +571,3 @@ def _fit(records: list[PixelRecord]) -> tuple[list[PixelRecord], bool]:
 def _json(value: object) -> bytes:
     # ASCII only, so that no sender's text can change how the answer is read.
     return json.dumps(value, ensure_ascii=True).encode("ascii")
-
-
-def _log_text(exc: BaseException) -> str:
-    """An exception's text fit for the log: secrets masked, one line, capped."""
-    return terminal_text(redact_url(str(exc)))[:500]

@@ -41,6 +41,7 @@ from pixel_middleware.stores import (
     StoreNotFoundError,
     open_store,
     redact_url,
+    redacted_error,
     store_identity,
     store_schemes,
 )
@@ -682,7 +683,7 @@ def _warn_if_unreachable(store: object) -> None:
             ping()
         except StoreError as exc:
             print(
-                f"warning: {terminal_text(redact_url(str(exc)))}; starting anyway: pixels"
+                f"warning: {redacted_error(exc)}; starting anyway: pixels"
                 " wait in the spool on this disk until the store answers",
                 file=sys.stderr,
                 flush=True,

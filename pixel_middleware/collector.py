@@ -73,10 +73,9 @@ from pixel_middleware.core import (
     PixelConfig,
     PixelRecord,
 )
-from pixel_middleware.display import terminal_text
 from pixel_middleware.middleware import PixelMiddleware
 from pixel_middleware.recorder import Recorder
-from pixel_middleware.stores import Store, StoreError, redact_url
+from pixel_middleware.stores import Store, StoreError, redacted_error
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -140,7 +139,6 @@ _LIMIT = re.compile(r"[0-9]{1,4}")
 # is refused before a store sees it.
 _POSITION = re.compile(r"[0-9A-Za-z.:\-]{1,64}")
 _STORE_DOWN = "could not read the store"
-_MAX_DETAIL = 500
 
 _REFUSED = (
     "Forbidden: the collector's pages show what people sent (IP addresses, user ids,"
@@ -418,16 +416,16 @@ class CollectorPages:
         try:
             return self.store.read(limit=limit, **filters)
         except StoreError as exc:
-            raise StoreError(_safe_detail(exc)) from None
+            raise StoreError(redacted_error(exc)) from None
         except (ValueError, OverflowError, TypeError) as exc:
             # Stores raise these for an `after` they cannot use (OverflowError:
             # a number too large for SQLite or a file offset).
             if filters.get("after") is not None:
                 raise _BadPosition from None
-            logger.error("reading the store failed: %s", _safe_detail(exc))
+            logger.error("reading the store failed: %s", redacted_error(exc))
             raise StoreError("reading the store failed (see the server's log)") from None
         except Exception as exc:
-            logger.error("reading the store failed: %s", _safe_detail(exc))
+            logger.error("reading the store failed: %s", redacted_error(exc))
             raise StoreError("reading the store failed (see the server's log)") from None
 
     def _events_json(self, args: MultiDict[str, str]) -> tuple[int, bytes]:
@@ -521,11 +519,6 @@ def _not_found(environ: WSGIEnvironment, start_response: StartResponse) -> Itera
 
 class _BadPosition(Exception):
     """The store could not use the ``after`` it was given."""
-
-
-def _safe_detail(exc: BaseException) -> str:
-    """A store error's text fit to show or log: secrets masked, one line, capped."""
-    return terminal_text(redact_url(str(exc)))[:_MAX_DETAIL]
 
 
 def _json(value: object) -> bytes:

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pixel_middleware.core import PixelRecord
+from pixel_middleware.display import terminal_text
 
 __all__ = [
     "DEFAULT_STORE_URL",
@@ -53,6 +54,7 @@ __all__ = [
     "StoreNotFoundError",
     "open_store",
     "redact_url",
+    "redacted_error",
     "store_identity",
     "store_schemes",
     "store_url_of_path",
@@ -324,6 +326,13 @@ def store_identity(store: object) -> str:
         if isinstance(value, str) and value:
             return value
     return type(store).__name__
+
+
+def redacted_error(exc: BaseException, limit: int = 500) -> str:
+    """An error's text fit to show or log: secrets masked (:func:`redact_url`),
+    escaped to one line, and cut to ``limit`` characters. A store's error may
+    quote its URL, and a network error what a server said."""
+    return terminal_text(redact_url(str(exc)))[:limit]
 
 
 def _mask_param(match: re.Match[str]) -> str:
