@@ -43,7 +43,10 @@ _SIGNATURES: Final = (
 )
 # Crawlers name themselves "...bot", "...crawler" or "...spider" (Googlebot,
 # bingbot, Slackbot, AhrefsBot); the link unfurlers of chat apps too.
-_BOT = re.compile(r"[a-z]*bot\b|crawler|spider|facebookexternalhit", re.ASCII)
+# "bot" at a word's end is enough to search for: a leading "[a-z]*" matched the
+# same strings but made the search quadratic in a long run of letters (2.5 ms
+# for a 1 KB User-Agent, which any sender can send).
+_BOT = re.compile(r"bot\b|crawler|spider|facebookexternalhit", re.ASCII)
 # Apple Mail Privacy Protection fetches with this bare User-Agent and no Referer
 # (no version, no platform, unlike every browser and mail client).
 _APPLE_MPP_USER_AGENT = "Mozilla/5.0"
