@@ -726,7 +726,8 @@ def make_record(
         # a time that is not one is kept as sent, the sender's word, but said.
         for key in _SENT_TIMES:
             value = event.get(key)
-            if isinstance(value, str) and _parse_time(value) is None:
+            # The times this server set (receivedAt's) need no parsing.
+            if isinstance(value, str) and value != facts.received_at and _parse_time(value) is None:
                 _note(notes, "unparsed_time", key)
     return {
         "id": record_id,
