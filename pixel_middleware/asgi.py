@@ -39,7 +39,7 @@ from pixel_middleware.core import (
 from pixel_middleware.recorder import Recorder
 from pixel_middleware.stores import Store
 
-__all__ = ["KEEP_THREADS", "SHUTDOWN_TIMEOUT", "PixelASGIMiddleware"]
+__all__ = ["DECODE_ON_LOOP_BYTES", "KEEP_THREADS", "SHUTDOWN_TIMEOUT", "PixelASGIMiddleware"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,12 @@ KEEP_THREADS: Final = 16
 
 # The headers the core reads, as ASGI names them (lower-case bytes).
 _READ_HEADERS: Final = {name.encode("ascii"): name for name in REQUEST_HEADERS}
+#: The largest request body decoded on the event loop. Decoding a larger one
+#: (up to ``Limits.max_body_bytes``, 500 KiB by default: milliseconds of JSON)
+#: runs in a worker thread, so the loop keeps serving other requests meanwhile;
+#: below it the hand-over to a thread would cost more than the decode.
+DECODE_ON_LOOP_BYTES: Final = 16 * 1024
+
 _SHUTDOWN_DONE: Final = frozenset({"lifespan.shutdown.complete", "lifespan.shutdown.failed"})
 
 
@@ -205,7 +211,12 @@ class PixelASGIMiddleware:
         request = pixel_request(
             scope["method"], path, scope.get("query_string", b""), _peer(scope), headers, body=body
         )
-        outcome = endpoint.decode(request, route, debug=debug, failure=failure)
+        if _decodes_in_a_thread(body, request.content_encoding):
+            outcome = await asyncio.to_thread(
+                endpoint.decode, request, route, debug=debug, failure=failure
+            )
+        else:
+            outcome = endpoint.decode(request, route, debug=debug, failure=failure)
         if outcome is None:
             # The core changed its mind about the route: the app gets the request,
             # with what was read of its body first.
@@ -219,10 +230,7 @@ class PixelASGIMiddleware:
             {
                 "type": "http.response.start",
                 "status": status,
-                "headers": [
-                    (name.encode("latin-1"), value.encode("latin-1"))
-                    for name, value in answer_headers
-                ],
+                "headers": [_encoded(header) for header in answer_headers],
             }
         )
         await send({"type": "http.response.body", "body": answer_body})
@@ -237,25 +245,31 @@ class PixelASGIMiddleware:
         kept = await self._keep(outcome.records)
         return self._endpoint.settle(outcome, route, request.method, kept=kept)
 
-    async def _keep(self, records: Sequence[PixelRecord]) -> bool:
-        """Whether every record was kept, without blocking the event loop.
+    async def _keep(self, records: Sequence[PixelRecord]) -> list[bool]:
+        """Whether each record was kept, without blocking the event loop.
 
         Each is queued at once when that needs no waiting; the rest (all, when
         durable) are kept in order from one worker thread.
         """
+        kept: list[bool] = []
         waiting: list[PixelRecord] = []
         for record in records:
             try:
-                if self.recorder.offer(record):
-                    continue
+                offered = self.recorder.offer(record)
             except Exception:
                 # offer() is documented never to raise; the thread's record() says why.
                 logger.exception("queueing pixel %s failed", record.get("id"))
-            waiting.append(record)
+                offered = False
+            kept.append(offered)
+            if not offered:
+                waiting.append(record)
         if not waiting:
-            return True
+            return kept
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._threads(), self._endpoint.keep_all, waiting)
+        kept_late = iter(
+            await loop.run_in_executor(self._threads(), self._endpoint.keep_each, waiting)
+        )
+        return [offered or next(kept_late) for offered in kept]
 
     def _threads(self) -> ThreadPoolExecutor:
         with self._pool_lock:
@@ -392,6 +406,37 @@ async def _read_body(receive: Receive, cap: int, taken: list[Message]) -> bytes:
         if not message.get("more_body", False):
             break
     return b"".join(chunks)[:cap]
+
+
+def _decodes_in_a_thread(body: bytes, content_encoding: str | None) -> bool:
+    """Whether decoding a request with ``body`` would hold the event loop too long:
+    a body above :data:`DECODE_ON_LOOP_BYTES`, or any compressed one (a small gzip
+    body may inflate to ``Limits.max_decompressed_bytes``)."""
+    if not body:
+        return False
+    if len(body) > DECODE_ON_LOOP_BYTES:
+        return True
+    return content_encoding is not None and content_encoding.strip().lower() not in (
+        "",
+        "identity",
+    )
+
+
+# Answer headers as ASGI sends them (latin-1 bytes), by their text: the core's
+# answers use a few dozen distinct headers, so each is encoded once. Bounded, for
+# the headers that vary (a debug twin's Content-Length).
+_ENCODED_HEADERS: dict[tuple[str, str], tuple[bytes, bytes]] = {}
+_MAX_ENCODED_HEADERS: Final = 512
+
+
+def _encoded(header: tuple[str, str]) -> tuple[bytes, bytes]:
+    encoded = _ENCODED_HEADERS.get(header)
+    if encoded is None:
+        name, value = header
+        encoded = (name.encode("latin-1"), value.encode("latin-1"))
+        if len(_ENCODED_HEADERS) < _MAX_ENCODED_HEADERS:
+            _ENCODED_HEADERS[header] = encoded
+    return encoded
 
 
 def _replaying(taken: Sequence[Message], receive: Receive) -> Receive:
