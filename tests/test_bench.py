@@ -90,6 +90,42 @@ def test_template_urls_are_distinct_events(make: Any) -> None:
     assert len(seen) == 6
 
 
+def test_the_no_op_apps_answer_a_pixel_as_the_middleware_does(tmp_path: Path) -> None:
+    """The limit is fair: the no-op apps send the middleware's status, headers and body."""
+    import asyncio
+
+    import httpx
+
+    from bench.apps import noop_gif
+    from bench.asgi_apps import noop_gif as noop_gif_asgi
+    from bench.wsgi import call, environ_for
+    from pixel_middleware import PixelASGIMiddleware, PixelMiddleware
+
+    url = segment_template().url(7)
+    middleware = PixelMiddleware(noop_gif, store="memory://")
+    try:
+        ours = call(middleware, environ_for(url))
+    finally:
+        middleware.close()
+    assert ours[0] == "200 OK"
+    assert ours[2].startswith(b"GIF89a")
+    assert call(noop_gif, environ_for(url)) == ours
+
+    async def both() -> list[tuple[int, list[tuple[str, str]], bytes]]:
+        answers = []
+        for app in (PixelASGIMiddleware(noop_gif_asgi, store="memory://"), noop_gif_asgi):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                answer = await client.get(url)
+            answers.append((answer.status_code, answer.headers.multi_items(), answer.content))
+            if isinstance(app, PixelASGIMiddleware):
+                app.close()
+        return answers
+
+    asgi_ours, asgi_noop = asyncio.run(both())
+    assert asgi_noop == asgi_ours
+
+
 def test_wrk_script_counts_what_it_sends() -> None:
     script = wrk_script(segment_template(), run_id=3)
     for hook in ("function setup(", "function request(", "function response(", "function done("):
