@@ -5,12 +5,13 @@ The same options, records and answers as the WSGI
 :class:`pixel_middleware._adapter.PixelEndpoint`), for FastAPI, Starlette, Django's
 ``asgi.py`` and any other ASGI 3 application. Stdlib only.
 
-The event loop never waits on a store: decoding is pure and quick, and the
-records are handed to the recorder from a worker thread, awaited (durable), or
-queued at once when that needs no waiting (``durable=False``, see
-:meth:`~pixel_middleware.recorder.Recorder.offer`). A request body is read
-(``http.request`` messages) only for a route that takes one, and never more
-than the limits allow.
+The event loop never waits on a store, nor on a long decode: a pixel is decoded
+on the loop (pure and quick), a body above :data:`DECODE_ON_LOOP_BYTES` or a
+compressed one in a worker thread; the records are handed to the recorder from
+a worker thread, awaited (durable), or queued at once when that needs no
+waiting (``durable=False``, see :meth:`~pixel_middleware.recorder.Recorder.offer`).
+A request body is read (``http.request`` messages) only for a route that takes
+one, and never more than the limits allow.
 """
 
 from __future__ import annotations
@@ -89,8 +90,9 @@ class PixelASGIMiddleware:
     :param durable: ``True`` answers a pixel once its record is committed (the
         wait runs in a worker thread and is awaited); ``False`` queues it without
         a thread and answers at once.
-    :param on_record: Called with each record once it was handed to the store,
-        on the event loop: keep it quick. Its exceptions are logged, never raised.
+    :param on_record: Called with each record once it was kept (as for
+        ``PixelMiddleware``: not with one answered ``503``), on the event loop:
+        keep it quick. Its exceptions are logged, never raised.
 
     .. code-block:: python
 

@@ -67,8 +67,11 @@ class PixelMiddleware:
     :param durable: ``True`` (the default) answers a pixel only once its record
         is committed; ``False`` queues it and answers at once (faster; a crash
         loses what is queued). Ignored when ``store`` is a Recorder.
-    :param on_record: Called with each record after it is handed to the store,
-        in the request's thread. Its exceptions are logged, never raised.
+    :param on_record: Called with each record once the store kept it (or, with
+        ``durable=False``, queued it), in the request's thread; not with a
+        record that was not kept (its pixel is answered ``503``, and the copy
+        the client sends again is passed on once kept). Its exceptions are
+        logged, never raised.
     :param debug_routes: ``True`` also answers ``/debug<pixel route>`` (e.g.
         ``/debug/v1/pixel/track?data=...``) with the pixel's verdict as JSON,
         recording nothing (:mod:`~pixel_middleware.debug_twin`). Off by
