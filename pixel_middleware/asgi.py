@@ -385,6 +385,8 @@ def _path(scope: Scope) -> str:
     root: str = scope.get("root_path", "")
     if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("", "/"):
         path = path[len(root) :]
+    if path.isascii():
+        return path  # the same text either way; no copies
     return path.encode("utf-8", "surrogateescape").decode("latin-1")
 
 
@@ -462,10 +464,15 @@ def _headers(scope: Scope) -> dict[str, str | None]:
     """The headers the core reads, as WSGI text (latin-1); repeated ones joined by ","."""
     found: dict[str, str | None] = {}
     for name, value in scope.get("headers", ()):
-        key = _READ_HEADERS.get(bytes(name).lower())
+        # ASGI servers send lower-case bytes: looked up as they are, with no copy;
+        # anything else (upper case, a bytearray) is lowered first.
+        if type(name) is bytes and name.islower():
+            key = _READ_HEADERS.get(name)
+        else:
+            key = _READ_HEADERS.get(bytes(name).lower())
         if key is None:
             continue
-        text = bytes(value).decode("latin-1")
+        text = (value if type(value) is bytes else bytes(value)).decode("latin-1")
         earlier = found.get(key)
         found[key] = text if earlier is None else f"{earlier},{text}"
     return found

@@ -628,6 +628,38 @@ def test_pixels_answer_as_the_core_says(store: Store) -> None:
     assert kept[0]["request"]["userAgent"] == "Mail/1"
 
 
+def test_headers_in_any_case_and_as_bytearrays_are_read(store: Store) -> None:
+    """ASGI servers send lower-case bytes; others are lowered (and copied) first."""
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/v1/pixel/track",
+        "query_string": ("data=" + b64({"writeKey": "k1", "event": "E"})).encode(),
+        "headers": [
+            (b"User-Agent", b"Mail/1"),
+            (bytearray(b"referer"), bytearray(b"https://shop.example/")),
+            (b"x-forwarded-for", b"198.51.100.7"),
+            (b"X-Forwarded-For", b"203.0.113.9"),
+            (b"accept", b"image/gif"),
+        ],
+        "client": ("127.0.0.1", 50000),
+    }
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    middleware = PixelASGIMiddleware(Recording(), store=store, trusted_proxies=1)
+    asyncio.run(middleware(scope, receive, send))
+    [record] = records(store)
+    assert record["request"]["userAgent"] == "Mail/1"
+    assert record["request"]["referer"] == "https://shop.example/"
+    # Both X-Forwarded-For headers, joined: the last one the trusted proxy's.
+    assert record["request"]["ip"] == "203.0.113.9"
+
+
 @pytest.mark.parametrize(
     ("trusted", "forwarded", "ip"),
     [
