@@ -126,6 +126,44 @@ def test_the_no_op_apps_answer_a_pixel_as_the_middleware_does(tmp_path: Path) ->
     assert asgi_noop == asgi_ours
 
 
+def test_rounds_wait_until_the_server_answers_not_only_listens() -> None:
+    """As gunicorn: the socket listens at once, the app answers only once loaded."""
+    import http.server
+    import threading
+    import time
+
+    from bench.processes import BenchError
+    from bench.rounds import wait_answering
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Answer)  # listening already
+    loaded = threading.Event()
+
+    def serve_once_loaded() -> None:
+        time.sleep(0.5)  # the workers load the app
+        loaded.set()
+        server.handle_request()
+
+    thread = threading.Thread(target=serve_once_loaded)
+    thread.start()
+    try:
+        wait_answering(server.server_address[1], "slow starter", timeout=10)
+        assert loaded.is_set()
+    finally:
+        thread.join()
+        server.server_close()
+    with pytest.raises(BenchError, match="does not answer HTTP"):
+        wait_answering(server.server_address[1], "gone", timeout=0.3)
+
+
 def test_wrk_script_counts_what_it_sends() -> None:
     script = wrk_script(segment_template(), run_id=3)
     for hook in ("function setup(", "function request(", "function response(", "function done("):
