@@ -248,8 +248,8 @@ class PixelEndpoint:
 
         A record that was not kept is not passed on: its pixel is answered ``503``
         so that the client sends it again, and ``on_record`` hears of that copy
-        once it is kept, so a callback counting or forwarding records sees each
-        pixel once, as the store has it.
+        once it is kept. A callback counting or forwarding records so hears of a
+        pixel once, when its answer says it was kept.
         """
         on_record = self.on_record
         if on_record is not None:
