@@ -1,7 +1,9 @@
 """The WSGI apps the benchmarks compare, importable by gunicorn.
 
 - :func:`noop_gif_app`: answers every request with the GIF and does nothing else;
-  the fastest any pixel endpoint could be on the same server (the limit).
+  the fastest any pixel endpoint could be on the same server (the limit). Its
+  answer is the middleware's to an accepted Segment pixel, header for header, so
+  that both put the same bytes on the wire.
 - :func:`site_app`: a tiny Flask site (one page, a small HTML answer): the
   realistic "bare app" that pass-through overhead is measured against.
 - :func:`middleware_app`: that site wrapped in :class:`PixelMiddleware`, store from
@@ -28,16 +30,15 @@ from typing import TYPE_CHECKING, Any
 
 from flask import Flask, Response, request
 
-from pixel_middleware.core import GIF
+from pixel_middleware.core import GIF, PixelConfig, Route, default_answer
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
-GIF_HEADERS = [
-    ("Content-Type", "image/gif"),
-    ("Content-Length", str(len(GIF))),
-    ("Cache-Control", "no-cache, no-store, must-revalidate"),
-]
+# The middleware's own answer to an accepted Segment pixel (the no-cache headers,
+# Content-Type, Content-Length), from the definition it uses.
+GIF_HEADERS = default_answer(Route("segment", "track"), "GET", PixelConfig()).headers
+NO_CACHE = dict(GIF_HEADERS)["Cache-Control"]
 
 PAGE = (
     "<!doctype html><html><head><title>Shop</title></head>"
@@ -114,7 +115,7 @@ def handwritten_app(path: str | None = None, synchronous: str | None = None) -> 
             (call, event.get("messageId"), json.dumps(event)),
         )
         conn.commit()
-        return Response(GIF, headers={"Cache-Control": GIF_HEADERS[2][1]}, mimetype="image/gif")
+        return Response(GIF, headers={"Cache-Control": NO_CACHE}, mimetype="image/gif")
 
     return app
 

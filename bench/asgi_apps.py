@@ -1,7 +1,8 @@
 """The ASGI apps the ``asgi`` benchmark compares, importable by uvicorn as factories.
 
 - :func:`noop_gif_app`: answers every request with the GIF and does nothing else;
-  the fastest any pixel endpoint could be on the same server (the limit).
+  the fastest any pixel endpoint could be on the same server (the limit), with
+  the middleware's own headers (:data:`bench.apps.GIF_HEADERS`).
 - :func:`middleware_app`: :class:`PixelASGIMiddleware` in front of that no-op app,
   store from ``BENCH_STORE`` (durable, as it ships).
 
@@ -13,12 +14,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from pixel_middleware.core import GIF
+from pixel_middleware.core import GIF, PixelConfig, Route, default_answer
 
+# The middleware's answer to an accepted Segment pixel, as ASGI sends it.
 GIF_HEADERS = [
-    (b"content-type", b"image/gif"),
-    (b"content-length", str(len(GIF)).encode()),
-    (b"cache-control", b"no-cache, no-store, must-revalidate"),
+    (name.encode("latin-1"), value.encode("latin-1"))
+    for name, value in default_answer(Route("segment", "track"), "GET", PixelConfig()).headers
 ]
 
 

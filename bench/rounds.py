@@ -7,8 +7,10 @@ else the machine is doing falls on all of them alike.
 
 from __future__ import annotations
 
+import http.client
 import os
 import statistics
+import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -125,6 +127,7 @@ def run_rounds(
         for server in servers.values():
             assert server.server is not None
             server.server.wait_ready()
+            wait_answering(server.server.port, server.name)
         for server in servers.values():
             run_id += 1
             server.load(settings, template, run_id, warmup)
@@ -138,6 +141,29 @@ def run_rounds(
     finally:
         for server in servers.values():
             server.stop()
+
+
+def wait_answering(port: int, name: str, *, timeout: float = 60.0) -> None:
+    """Wait until the server on ``port`` answers HTTP (any status, ``GET /``).
+
+    gunicorn says "Listening" before its workers have loaded the app; on a busy
+    machine that took longer than a quick run's warm-up, whose load then got no
+    answer at all. ``/`` is no pixel route, so the probe leaves no record behind
+    (the kept-vs-sent check counts only what the load sent).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            conn.request("GET", "/")
+            conn.getresponse().read()
+            return
+        except (OSError, http.client.HTTPException) as exc:
+            if time.monotonic() >= deadline:
+                raise BenchError(f"{name} does not answer HTTP on port {port}: {exc}") from exc
+            time.sleep(0.1)
+        finally:
+            conn.close()
 
 
 def session_cpu_seconds(session: int) -> float:

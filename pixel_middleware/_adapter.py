@@ -235,26 +235,34 @@ class PixelEndpoint:
             self.logger.exception("recording pixel %s failed", record.get("id"))
             return True
 
-    def keep_all(self, records: Sequence[PixelRecord]) -> bool:
+    def keep_each(self, records: Sequence[PixelRecord]) -> list[bool]:
         """Hand every record to the recorder, in order, even after one could not be
-        kept (each that can be, is); whether all were kept."""
-        kept = [self.keep(record) for record in records]
-        return all(kept)
+        kept (each that can be, is); whether each was kept."""
+        return [self.keep(record) for record in records]
 
     def settle(
-        self, outcome: PixelOutcome, route: Route, method: str, *, kept: bool
+        self, outcome: PixelOutcome, route: Route, method: str, *, kept: Sequence[bool]
     ) -> PixelOutcome:
-        """Tell ``on_record`` of each record; the answer to send once they were (or
-        were not all) kept: ``503`` if any was not."""
-        if self.on_record is not None:
-            for record in outcome.records:
+        """Tell ``on_record`` of each record that was kept (``kept``: whether each of
+        ``outcome.records`` was); the answer to send: ``503`` if any was not.
+
+        A record that was not kept is not passed on: its pixel is answered ``503``
+        so that the client sends it again, and ``on_record`` hears of that copy
+        once it is kept. A callback counting or forwarding records so hears of a
+        pixel once, when its answer says it was kept.
+        """
+        on_record = self.on_record
+        if on_record is not None:
+            for record, was_kept in zip(outcome.records, kept, strict=True):
+                if not was_kept:
+                    continue
                 try:
-                    self.on_record(record)
+                    on_record(record)
                 except Exception:
                     self.logger.exception(
                         "on_record callback failed for pixel %s", record.get("id")
                     )
-        if outcome.records and not kept:
+        if outcome.records and not all(kept):
             return not_kept_answer(route, method, self.config)
         return outcome
 
@@ -264,9 +272,15 @@ class PixelEndpoint:
         """Decode, keep (waiting in this thread) and settle: the whole of a request
         (``failure`` as for :meth:`decode`)."""
         outcome = self.decode(request, route, failure=failure)
-        if outcome is None or not outcome.records:
+        if outcome is None:
+            return None
+        records = outcome.records
+        if not records:
             return outcome
-        kept = self.keep_all(outcome.records)
+        # One record (every pixel): no list comprehension, no callback loop.
+        kept = [self.keep(records[0])] if len(records) == 1 else self.keep_each(records)
+        if self.on_record is None and all(kept):
+            return outcome
         return self.settle(outcome, route, request.method, kept=kept)
 
     def close(self, timeout: float | None = None) -> None:

@@ -5,12 +5,13 @@ The same options, records and answers as the WSGI
 :class:`pixel_middleware._adapter.PixelEndpoint`), for FastAPI, Starlette, Django's
 ``asgi.py`` and any other ASGI 3 application. Stdlib only.
 
-The event loop never waits on a store: decoding is pure and quick, and the
-records are handed to the recorder from a worker thread, awaited (durable), or
-queued at once when that needs no waiting (``durable=False``, see
-:meth:`~pixel_middleware.recorder.Recorder.offer`). A request body is read
-(``http.request`` messages) only for a route that takes one, and never more
-than the limits allow.
+The event loop never waits on a store, nor on a long decode: a pixel is decoded
+on the loop (pure and quick), a body above :data:`DECODE_ON_LOOP_BYTES` or a
+compressed one in a worker thread; the records are handed to the recorder from
+a worker thread, awaited (durable), or queued at once when that needs no
+waiting (``durable=False``, see :meth:`~pixel_middleware.recorder.Recorder.offer`).
+A request body is read (``http.request`` messages) only for a route that takes
+one, and never more than the limits allow.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from pixel_middleware.core import (
 from pixel_middleware.recorder import Recorder
 from pixel_middleware.stores import Store
 
-__all__ = ["KEEP_THREADS", "SHUTDOWN_TIMEOUT", "PixelASGIMiddleware"]
+__all__ = ["DECODE_ON_LOOP_BYTES", "KEEP_THREADS", "SHUTDOWN_TIMEOUT", "PixelASGIMiddleware"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,12 @@ KEEP_THREADS: Final = 16
 
 # The headers the core reads, as ASGI names them (lower-case bytes).
 _READ_HEADERS: Final = {name.encode("ascii"): name for name in REQUEST_HEADERS}
+#: The largest request body decoded on the event loop. Decoding a larger one
+#: (up to ``Limits.max_body_bytes``, 500 KiB by default: milliseconds of JSON)
+#: runs in a worker thread, so the loop keeps serving other requests meanwhile;
+#: below it the hand-over to a thread would cost more than the decode.
+DECODE_ON_LOOP_BYTES: Final = 16 * 1024
+
 _SHUTDOWN_DONE: Final = frozenset({"lifespan.shutdown.complete", "lifespan.shutdown.failed"})
 
 
@@ -83,8 +90,9 @@ class PixelASGIMiddleware:
     :param durable: ``True`` answers a pixel once its record is committed (the
         wait runs in a worker thread and is awaited); ``False`` queues it without
         a thread and answers at once.
-    :param on_record: Called with each record once it was handed to the store,
-        on the event loop: keep it quick. Its exceptions are logged, never raised.
+    :param on_record: Called with each record once it was kept (as for
+        ``PixelMiddleware``: not with one answered ``503``), on the event loop:
+        keep it quick. Its exceptions are logged, never raised.
 
     .. code-block:: python
 
@@ -205,7 +213,12 @@ class PixelASGIMiddleware:
         request = pixel_request(
             scope["method"], path, scope.get("query_string", b""), _peer(scope), headers, body=body
         )
-        outcome = endpoint.decode(request, route, debug=debug, failure=failure)
+        if _decodes_in_a_thread(body, request.content_encoding):
+            outcome = await asyncio.to_thread(
+                endpoint.decode, request, route, debug=debug, failure=failure
+            )
+        else:
+            outcome = endpoint.decode(request, route, debug=debug, failure=failure)
         if outcome is None:
             # The core changed its mind about the route: the app gets the request,
             # with what was read of its body first.
@@ -219,10 +232,7 @@ class PixelASGIMiddleware:
             {
                 "type": "http.response.start",
                 "status": status,
-                "headers": [
-                    (name.encode("latin-1"), value.encode("latin-1"))
-                    for name, value in answer_headers
-                ],
+                "headers": [_encoded(header) for header in answer_headers],
             }
         )
         await send({"type": "http.response.body", "body": answer_body})
@@ -237,25 +247,31 @@ class PixelASGIMiddleware:
         kept = await self._keep(outcome.records)
         return self._endpoint.settle(outcome, route, request.method, kept=kept)
 
-    async def _keep(self, records: Sequence[PixelRecord]) -> bool:
-        """Whether every record was kept, without blocking the event loop.
+    async def _keep(self, records: Sequence[PixelRecord]) -> list[bool]:
+        """Whether each record was kept, without blocking the event loop.
 
         Each is queued at once when that needs no waiting; the rest (all, when
         durable) are kept in order from one worker thread.
         """
+        kept: list[bool] = []
         waiting: list[PixelRecord] = []
         for record in records:
             try:
-                if self.recorder.offer(record):
-                    continue
+                offered = self.recorder.offer(record)
             except Exception:
                 # offer() is documented never to raise; the thread's record() says why.
                 logger.exception("queueing pixel %s failed", record.get("id"))
-            waiting.append(record)
+                offered = False
+            kept.append(offered)
+            if not offered:
+                waiting.append(record)
         if not waiting:
-            return True
+            return kept
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._threads(), self._endpoint.keep_all, waiting)
+        kept_late = iter(
+            await loop.run_in_executor(self._threads(), self._endpoint.keep_each, waiting)
+        )
+        return [offered or next(kept_late) for offered in kept]
 
     def _threads(self) -> ThreadPoolExecutor:
         with self._pool_lock:
@@ -369,6 +385,8 @@ def _path(scope: Scope) -> str:
     root: str = scope.get("root_path", "")
     if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("", "/"):
         path = path[len(root) :]
+    if path.isascii():
+        return path  # the same text either way; no copies
     return path.encode("utf-8", "surrogateescape").decode("latin-1")
 
 
@@ -394,6 +412,37 @@ async def _read_body(receive: Receive, cap: int, taken: list[Message]) -> bytes:
     return b"".join(chunks)[:cap]
 
 
+def _decodes_in_a_thread(body: bytes, content_encoding: str | None) -> bool:
+    """Whether decoding a request with ``body`` would hold the event loop too long:
+    a body above :data:`DECODE_ON_LOOP_BYTES`, or any compressed one (a small gzip
+    body may inflate to ``Limits.max_decompressed_bytes``)."""
+    if not body:
+        return False
+    if len(body) > DECODE_ON_LOOP_BYTES:
+        return True
+    return content_encoding is not None and content_encoding.strip().lower() not in (
+        "",
+        "identity",
+    )
+
+
+# Answer headers as ASGI sends them (latin-1 bytes), by their text: the core's
+# answers use a few dozen distinct headers, so each is encoded once. Bounded, for
+# the headers that vary (a debug twin's Content-Length).
+_ENCODED_HEADERS: dict[tuple[str, str], tuple[bytes, bytes]] = {}
+_MAX_ENCODED_HEADERS: Final = 512
+
+
+def _encoded(header: tuple[str, str]) -> tuple[bytes, bytes]:
+    encoded = _ENCODED_HEADERS.get(header)
+    if encoded is None:
+        name, value = header
+        encoded = (name.encode("latin-1"), value.encode("latin-1"))
+        if len(_ENCODED_HEADERS) < _MAX_ENCODED_HEADERS:
+            _ENCODED_HEADERS[header] = encoded
+    return encoded
+
+
 def _replaying(taken: Sequence[Message], receive: Receive) -> Receive:
     """A ``receive`` that gives the messages already taken, then the rest of ``receive``'s."""
     pending = list(taken)
@@ -415,10 +464,15 @@ def _headers(scope: Scope) -> dict[str, str | None]:
     """The headers the core reads, as WSGI text (latin-1); repeated ones joined by ","."""
     found: dict[str, str | None] = {}
     for name, value in scope.get("headers", ()):
-        key = _READ_HEADERS.get(bytes(name).lower())
+        # ASGI servers send lower-case bytes: looked up as they are, with no copy;
+        # anything else (upper case, a bytearray) is lowered first.
+        if type(name) is bytes and name.islower():
+            key = _READ_HEADERS.get(name)
+        else:
+            key = _READ_HEADERS.get(bytes(name).lower())
         if key is None:
             continue
-        text = bytes(value).decode("latin-1")
+        text = (value if type(value) is bytes else bytes(value)).decode("latin-1")
         earlier = found.get(key)
         found[key] = text if earlier is None else f"{earlier},{text}"
     return found

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Literal
 
-from pixel_middleware._adapter import DEFAULT_LIMITS, PixelEndpoint, pixel_request
+from pixel_middleware._adapter import DEFAULT_LIMITS, PixelEndpoint
 from pixel_middleware.core import DEFAULT_DIALECTS, Limits, PixelRecord, PixelRequest, Route
 from pixel_middleware.recorder import Recorder
 from pixel_middleware.stores import Store
@@ -67,8 +67,11 @@ class PixelMiddleware:
     :param durable: ``True`` (the default) answers a pixel only once its record
         is committed; ``False`` queues it and answers at once (faster; a crash
         loses what is queued). Ignored when ``store`` is a Recorder.
-    :param on_record: Called with each record after it is handed to the store,
-        in the request's thread. Its exceptions are logged, never raised.
+    :param on_record: Called with each record once the store kept it (or, with
+        ``durable=False``, queued it), in the request's thread; not with a
+        record that was not kept (its pixel is answered ``503``, and the copy
+        the client sends again is passed on once kept). Its exceptions are
+        logged, never raised.
     :param debug_routes: ``True`` also answers ``/debug<pixel route>`` (e.g.
         ``/debug/v1/pixel/track?data=...``) with the pixel's verdict as JSON,
         recording nothing (:mod:`~pixel_middleware.debug_twin`). Off by
@@ -159,13 +162,14 @@ class PixelMiddleware:
         method: str = environ.get("REQUEST_METHOD", "GET")
         host: str | None = environ.get("HTTP_HOST")
         endpoint = self._endpoint
-        twin = endpoint.debug_route(path, method=method, host=host)
-        if twin is not None:
-            return self._answer_debug(environ, start_response, *twin)
+        if endpoint.debug_routes:
+            twin = endpoint.debug_route(path, method=method, host=host)
+            if twin is not None:
+                return self._answer_debug(environ, start_response, *twin)
         route = endpoint.route(path, method=method, host=host)
         if route is None:
             return self.app(environ, start_response)
-        return self._answer_pixel(environ, start_response, route, path)
+        return self._answer_pixel(environ, start_response, route, path, method, host)
 
     def _answer_pixel(
         self,
@@ -173,23 +177,27 @@ class PixelMiddleware:
         start_response: StartResponse,
         route: Route,
         path: str,
+        method: str,
+        host: str | None,
     ) -> Iterable[bytes]:
         endpoint = self._endpoint
         failure: Exception | None = None
-        try:
-            request = pixel_request_from_environ(
-                environ, path, body_limits=endpoint.body_limits(route)
-            )
-        except Exception as exc:
-            # The body could not be read: answered as a decoder failure is.
-            request, failure = pixel_request_from_environ(environ, path), exc
+        body = b""
+        if route.body:
+            try:
+                body = _read_body(environ, endpoint.config.limits.max_body_bytes + 1)
+            except Exception as exc:
+                # The body could not be read: answered as a decoder failure is.
+                failure = exc
+        request = _pixel_request(environ, method, path, host, body)
         outcome = endpoint.answer(request, route, failure=failure)
         if outcome is None:
             # The core changed its mind about the route: the app may know the
             # path, and gets the body whole, the bytes read here first.
-            _give_back_body(environ, request.body)
+            _give_back_body(environ, body)
             return self.app(environ, start_response)
-        start_response(_status_line(outcome.status), outcome.headers)
+        status = outcome.status
+        start_response(_STATUS_LINES.get(status) or _status_line(status), outcome.headers)
         return [outcome.body]
 
     def _answer_debug(
@@ -263,20 +271,34 @@ def pixel_request_from_environ(
     large"); ``None`` reads none (never for a request that is not a pixel: the
     app gets its body untouched).
     """
-    return pixel_request(
+    return _pixel_request(
+        environ,
         environ.get("REQUEST_METHOD", "GET"),
         path,
-        _query_bytes(environ.get("QUERY_STRING", "")),
-        environ.get("REMOTE_ADDR"),
-        {
-            "user-agent": environ.get("HTTP_USER_AGENT"),
-            "x-forwarded-for": environ.get("HTTP_X_FORWARDED_FOR"),
-            "referer": environ.get("HTTP_REFERER"),
-            "content-encoding": environ.get("HTTP_CONTENT_ENCODING"),
-            "authorization": environ.get("HTTP_AUTHORIZATION"),
-            "host": environ.get("HTTP_HOST"),
-        },
-        body=b"" if body_limits is None else _read_body(environ, body_limits.max_body_bytes + 1),
+        environ.get("HTTP_HOST"),
+        b"" if body_limits is None else _read_body(environ, body_limits.max_body_bytes + 1),
+    )
+
+
+def _pixel_request(
+    environ: WSGIEnvironment, method: str, path: str, host: str | None, body: bytes
+) -> PixelRequest:
+    """:func:`~pixel_middleware._adapter.pixel_request` for WSGI, the headers read
+    straight from ``environ`` (no mapping of them built per pixel): the fields
+    as :func:`~pixel_middleware._adapter.pixel_request` passes them."""
+    get = environ.get
+    return PixelRequest(
+        method,
+        path,
+        _query_bytes(get("QUERY_STRING", "")),
+        get("REMOTE_ADDR"),
+        get("HTTP_USER_AGENT"),
+        get("HTTP_X_FORWARDED_FOR"),
+        get("HTTP_REFERER"),
+        body=body,
+        content_encoding=get("HTTP_CONTENT_ENCODING"),
+        authorization=get("HTTP_AUTHORIZATION"),
+        host=host,
     )
 
 

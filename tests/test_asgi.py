@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import json
 import os
 import re
@@ -29,7 +30,9 @@ import pytest
 import uvicorn
 from websockets.sync.client import connect as websocket_connect
 
+import pixel_middleware._adapter
 from pixel_middleware import GIF, Limits, PixelASGIMiddleware, PixelMiddleware, PixelRecord
+from pixel_middleware.asgi import DECODE_ON_LOOP_BYTES
 from pixel_middleware.recorder import Recorder
 from pixel_middleware.stores import Store, open_store
 
@@ -625,6 +628,38 @@ def test_pixels_answer_as_the_core_says(store: Store) -> None:
     assert kept[0]["request"]["userAgent"] == "Mail/1"
 
 
+def test_headers_in_any_case_and_as_bytearrays_are_read(store: Store) -> None:
+    """ASGI servers send lower-case bytes; others are lowered (and copied) first."""
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/v1/pixel/track",
+        "query_string": ("data=" + b64({"writeKey": "k1", "event": "E"})).encode(),
+        "headers": [
+            (b"User-Agent", b"Mail/1"),
+            (bytearray(b"referer"), bytearray(b"https://shop.example/")),
+            (b"x-forwarded-for", b"198.51.100.7"),
+            (b"X-Forwarded-For", b"203.0.113.9"),
+            (b"accept", b"image/gif"),
+        ],
+        "client": ("127.0.0.1", 50000),
+    }
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    middleware = PixelASGIMiddleware(Recording(), store=store, trusted_proxies=1)
+    asyncio.run(middleware(scope, receive, send))
+    [record] = records(store)
+    assert record["request"]["userAgent"] == "Mail/1"
+    assert record["request"]["referer"] == "https://shop.example/"
+    # Both X-Forwarded-For headers, joined: the last one the trusted proxy's.
+    assert record["request"]["ip"] == "203.0.113.9"
+
+
 @pytest.mark.parametrize(
     ("trusted", "forwarded", "ip"),
     [
@@ -655,7 +690,8 @@ def test_a_pixel_not_kept_gets_503_with_retry_after(store: Store) -> None:
     assert answer.headers["Retry-After"] == "5"
 
 
-def test_a_batch_not_kept_gets_503_and_every_record_is_handed_on(store: Store) -> None:
+def test_a_batch_not_kept_gets_503_and_no_record_is_handed_on(store: Store) -> None:
+    # on_record hears only of kept records: the client sends these again (503).
     seen: list[PixelRecord] = []
     recorder = Recorder(store)
     middleware = PixelASGIMiddleware(Recording(), store=recorder, on_record=seen.append)
@@ -665,8 +701,129 @@ def test_a_batch_not_kept_gets_503_and_every_record_is_handed_on(store: Store) -
         middleware, "/v1/batch", method="POST", json={"writeKey": "k", "batch": batch}
     )
     assert (answer.status_code, answer.headers["Retry-After"]) == (503, "5")
-    assert [r["event"]["event"] for r in seen] == ["E0", "E1", "E2"]
+    assert seen == []
     assert records(store) == []
+
+
+class RefusingE1(Recorder):
+    """Keeps every record but the one of event "E1", as a store failing for a moment."""
+
+    def record(self, record: PixelRecord) -> bool:
+        return not _is_e1(record) and super().record(record)
+
+    def offer(self, record: PixelRecord) -> bool:
+        # Not durable: E0 and E2 are queued on the loop, E1 goes to record() in a thread.
+        return not _is_e1(record) and super().offer(record)
+
+
+def _is_e1(record: PixelRecord) -> bool:
+    return record["event"] is not None and record["event"].get("event") == "E1"
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_on_record_hears_of_the_kept_records_of_a_batch_and_only_those(
+    durable: bool, store: Store
+) -> None:
+    seen: list[PixelRecord] = []
+    recorder = RefusingE1(store, durable=durable)
+    middleware = PixelASGIMiddleware(Recording(), store=recorder, on_record=seen.append)
+    batch = [{"type": "track", "userId": "u", "event": f"E{i}"} for i in range(3)]
+    try:
+        answer = asgi_get(
+            middleware, "/v1/batch", method="POST", json={"writeKey": "k", "batch": batch}
+        )
+        recorder.flush(5)
+        assert (answer.status_code, answer.headers["Retry-After"]) == (503, "5")
+        assert [r["event"]["event"] for r in seen] == ["E0", "E2"]
+        assert seen == records(store)
+    finally:
+        recorder.close()
+
+
+def gzip_batch(events: int) -> bytes:
+    """A gzip batch that inflates to about 450 KB (near Limits.max_decompressed_bytes)."""
+    batch = [
+        {"type": "track", "userId": f"u{i}", "event": "E", "properties": {"pad": "x" * 400}}
+        for i in range(events)
+    ]
+    return gzip.compress(json.dumps({"writeKey": "k", "batch": batch}).encode())
+
+
+def test_a_large_gzip_body_decodes_while_the_loop_answers_other_pixels(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The big body's decode waits until the loop has answered a pixel sent after
+    it started: on the loop itself it would wait in vain (and hold every request)."""
+    real_decode = pixel_middleware._adapter.decode_pixel
+    decode_started = threading.Event()
+    pixel_answered = threading.Event()
+    waited_in_vain: list[bool] = []
+
+    def decode_waiting_for_the_pixel(request: Any, **kw: Any) -> Any:
+        if request.body:
+            decode_started.set()
+            waited_in_vain.append(not pixel_answered.wait(5))
+        return real_decode(request, **kw)
+
+    monkeypatch.setattr("pixel_middleware._adapter.decode_pixel", decode_waiting_for_the_pixel)
+    middleware = PixelASGIMiddleware(Recording(), store=store)
+    body = gzip_batch(1000)
+    assert len(body) < DECODE_ON_LOOP_BYTES, "small on the wire, large once inflated"
+
+    async def go() -> tuple[httpx.Response, httpx.Response]:
+        transport = httpx.ASGITransport(app=middleware, client=("192.0.2.1", 1234))
+        async with httpx.AsyncClient(transport=transport, base_url="http://pixels.test") as c:
+            big = asyncio.create_task(
+                c.post("/v1/batch", content=body, headers={"Content-Encoding": "gzip"})
+            )
+            await asyncio.to_thread(decode_started.wait, 5)
+            pixel = await c.get("/v1/pixel/track", params={"data": b64({"event": "P"})})
+            pixel_answered.set()
+            return await big, pixel
+
+    try:
+        big, pixel = asyncio.run(go())
+    finally:
+        middleware.close()
+    assert waited_in_vain == [False]
+    assert (big.status_code, pixel.status_code, pixel.content) == (200, 200, GIF)
+    assert len(records(store)) == 1001
+
+
+@pytest.mark.parametrize(
+    ("size", "encoding", "in_a_thread"),
+    [
+        pytest.param(DECODE_ON_LOOP_BYTES, None, False, id="at-the-limit"),
+        pytest.param(DECODE_ON_LOOP_BYTES + 1, None, True, id="one-over"),
+        pytest.param(DECODE_ON_LOOP_BYTES + 1, " Identity", True, id="one-over-identity"),
+        pytest.param(DECODE_ON_LOOP_BYTES, " Identity", False, id="identity-at-the-limit"),
+        pytest.param(DECODE_ON_LOOP_BYTES, "gzip", True, id="gzip"),
+        pytest.param(DECODE_ON_LOOP_BYTES, "br", True, id="unknown-encoding"),
+    ],
+)
+def test_bodies_above_the_limit_or_compressed_decode_in_a_thread(
+    size: int, encoding: str | None, in_a_thread: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_decode = pixel_middleware._adapter.decode_pixel
+    decoded_on: list[bool] = []
+
+    def noting_the_thread(request: Any, **kw: Any) -> Any:
+        decoded_on.append(threading.current_thread() is not threading.main_thread())
+        return real_decode(request, **kw)
+
+    monkeypatch.setattr("pixel_middleware._adapter.decode_pixel", noting_the_thread)
+    head = b'{"writeKey":"k","userId":"u","event":"E","pad":"'
+    body = head + b"x" * (size - len(head) - 2) + b'"}'
+    assert len(body) == size
+    headers = {} if encoding is None else {"Content-Encoding": encoding}
+    middleware = PixelASGIMiddleware(Recording(), store="memory://")
+    try:
+        asgi_get(middleware, "/v1/track", method="POST", content=body, headers=headers)
+        # A GET pixel has no body: decoded on the loop, no hand-over.
+        asgi_get(middleware, "/v1/pixel/track", params={"data": b64({"event": "P"})})
+    finally:
+        middleware.close()
+    assert decoded_on == [in_a_thread, False]
 
 
 def test_a_body_is_read_to_one_byte_over_the_limit_and_no_further(store: Store) -> None:

@@ -90,6 +90,80 @@ def test_template_urls_are_distinct_events(make: Any) -> None:
     assert len(seen) == 6
 
 
+def test_the_no_op_apps_answer_a_pixel_as_the_middleware_does(tmp_path: Path) -> None:
+    """The limit is fair: the no-op apps send the middleware's status, headers and body."""
+    import asyncio
+
+    import httpx
+
+    from bench.apps import noop_gif
+    from bench.asgi_apps import noop_gif as noop_gif_asgi
+    from bench.wsgi import call, environ_for
+    from pixel_middleware import PixelASGIMiddleware, PixelMiddleware
+
+    url = segment_template().url(7)
+    middleware = PixelMiddleware(noop_gif, store="memory://")
+    try:
+        ours = call(middleware, environ_for(url))
+    finally:
+        middleware.close()
+    assert ours[0] == "200 OK"
+    assert ours[2].startswith(b"GIF89a")
+    assert call(noop_gif, environ_for(url)) == ours
+
+    async def both() -> list[tuple[int, list[tuple[str, str]], bytes]]:
+        answers = []
+        for app in (PixelASGIMiddleware(noop_gif_asgi, store="memory://"), noop_gif_asgi):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                answer = await client.get(url)
+            answers.append((answer.status_code, answer.headers.multi_items(), answer.content))
+            if isinstance(app, PixelASGIMiddleware):
+                app.close()
+        return answers
+
+    asgi_ours, asgi_noop = asyncio.run(both())
+    assert asgi_noop == asgi_ours
+
+
+def test_rounds_wait_until_the_server_answers_not_only_listens() -> None:
+    """As gunicorn: the socket listens at once, the app answers only once loaded."""
+    import http.server
+    import threading
+    import time
+
+    from bench.processes import BenchError
+    from bench.rounds import wait_answering
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Answer)  # listening already
+    loaded = threading.Event()
+
+    def serve_once_loaded() -> None:
+        time.sleep(0.5)  # the workers load the app
+        loaded.set()
+        server.handle_request()
+
+    thread = threading.Thread(target=serve_once_loaded)
+    thread.start()
+    try:
+        wait_answering(server.server_address[1], "slow starter", timeout=10)
+        assert loaded.is_set()
+    finally:
+        thread.join()
+        server.server_close()
+    with pytest.raises(BenchError, match="does not answer HTTP"):
+        wait_answering(server.server_address[1], "gone", timeout=0.3)
+
+
 def test_wrk_script_counts_what_it_sends() -> None:
     script = wrk_script(segment_template(), run_id=3)
     for hook in ("function setup(", "function request(", "function response(", "function done("):

@@ -1147,6 +1147,41 @@ def test_a_pixel_nothing_kept_gets_the_503(
     assert response.headers["Cache-Control"] == NO_CACHE
 
 
+def test_on_record_hears_nothing_of_a_pixel_not_kept(store: Store) -> None:
+    seen: list[PixelRecord] = []
+    recorder = RefusingRecorder(store)
+    try:
+        app = wrap(hello_app, recorder, on_record=seen.append)
+        response = get(app, "/v1/pixel/track", "data=" + b64(SEGMENT_OK))
+    finally:
+        recorder.close()
+    assert (response.status_code, response.get_data()) == (503, GIF)
+    assert seen == []
+
+
+class RefusingE1(Recorder):
+    """Keeps every record but the one of event "E1", as a store failing for a moment."""
+
+    def record(self, record: PixelRecord) -> bool:
+        if record["event"] is not None and record["event"].get("event") == "E1":
+            return False
+        return super().record(record)
+
+
+def test_on_record_hears_of_the_kept_records_of_a_batch_and_only_those(store: Store) -> None:
+    seen: list[PixelRecord] = []
+    recorder = RefusingE1(store)
+    batch = [{"type": "track", "userId": "u", "event": f"E{i}"} for i in range(3)]
+    try:
+        app = wrap(hello_app, recorder, on_record=seen.append)
+        response = Client(app).post("/v1/batch", json={"writeKey": "k1", "batch": batch})
+    finally:
+        recorder.close()
+    assert (response.status_code, response.headers["Retry-After"]) == (503, "5")
+    assert [r["event"]["event"] for r in seen] == ["E0", "E2"]
+    assert seen == records(store)
+
+
 def test_a_query_decoded_as_utf8_by_a_server_keeps_its_escaped_bytes(store: Store) -> None:
     # A server that broke PEP 3333 decoded the query as UTF-8, with
     # surrogateescape for the bytes that were not UTF-8 (here 0xFF).
