@@ -59,39 +59,66 @@ __all__ = ["SQLiteStore"]
 
 Synchronous = Literal["normal", "full"]
 
-# user_version of a database with this schema, for migrations to come.
-SCHEMA_VERSION = 1
+# user_version of a database with this schema. 1: the record beside copies of
+# id, receivedAt, messageId and writeKey, and seq AUTOINCREMENT (migrated to 2
+# in place when a writer opens it; readers read it as it is).
+SCHEMA_VERSION = 2
 
-# The record itself is kept whole as JSON; the columns beside it are copies of
-# the fields one filters on, indexed so that "the newest N rejected track
-# calls" (`events --rejected --call track --limit N`) and "everything after seq
-# X" (`--follow`) read only the rows they return. receivedAt, messageId and
-# writeKey have columns but no index, as nothing here queries them: every index
-# adds a page to each commit's WAL write (dropping the receivedAt and writeKey
-# ones gave 10% more pixels/s over HTTP), and a random messageId sends each
-# insert to a random page (nearly twice the cost of a write). Add one
-# (CREATE INDEX ... ON pixel_records (messageId)) to look messages up often.
-# AUTOINCREMENT: a seq is never reused, even after the newest rows are deleted,
-# so a follower's cursor never skips a new row.
+# The record is kept whole as one JSON text; beside it only what reads filter
+# and sort on: the verdict and the call, indexed with the position, so that
+# every filter read() takes reads only the rows it returns, at any size:
+# (accepted, seq) for the verdict; (call, accepted, seq) for a call with a
+# verdict, and for a call alone as two ranges (accepted 0 and 1, each in seq
+# order) merged by read(). A third index for the pair would cost each commit
+# about a fifth more. Every other column or index made each commit dearer (a
+# random messageId sends each insert to a random page) and nothing queried
+# it: the layout of schema 1, four more columns and AUTOINCREMENT, cost
+# 1.2-1.3x as much per commit.
+#
+# No AUTOINCREMENT (it rewrites a row of sqlite_sequence, one more page, in
+# every commit), yet a position is never reused: `clear()` notes the newest
+# seq it deleted in pixel_records_cleared, and an insert into an empty table
+# continues from there (the subquery of _INSERT), so a follower's cursor never
+# skips a row written after a reset.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pixel_records (
-    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
-    id         TEXT NOT NULL,
-    receivedAt TEXT NOT NULL,
-    accepted   INTEGER NOT NULL,
-    call       TEXT NOT NULL,
-    messageId  TEXT,
-    writeKey   TEXT,
-    record     TEXT NOT NULL
+    seq      INTEGER PRIMARY KEY,
+    accepted INTEGER NOT NULL,
+    call     TEXT NOT NULL,
+    record   TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS pixel_records_accepted ON pixel_records (accepted, seq);
-CREATE INDEX IF NOT EXISTS pixel_records_call ON pixel_records (call, seq);
+CREATE INDEX IF NOT EXISTS pixel_records_call ON pixel_records (call, accepted, seq);
+CREATE TABLE IF NOT EXISTS pixel_records_cleared (seq INTEGER NOT NULL);
 """
 
+# max(seq) of an INTEGER PRIMARY KEY is one step to the b-tree's last entry;
+# the cleared floor is read only when the table is empty (coalesce stops at
+# its first value that is not NULL).
 _INSERT = (
-    "INSERT INTO pixel_records (id, receivedAt, accepted, call, messageId, writeKey, record)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO pixel_records (seq, accepted, call, record) VALUES ("
+    "(SELECT coalesce(max(seq), (SELECT max(seq) FROM pixel_records_cleared), 0) + 1"
+    " FROM pixel_records), ?, ?, ?)"
 )
+
+# Schema 1 to 2, in the transaction that sets user_version: the rows are
+# copied with their positions, and the newest position schema 1 ever gave
+# (sqlite_sequence, which outlives a clear) becomes the floor.
+_MIGRATE_FROM_1 = """
+CREATE TABLE pixel_records_v2 (
+    seq      INTEGER PRIMARY KEY,
+    accepted INTEGER NOT NULL,
+    call     TEXT NOT NULL,
+    record   TEXT NOT NULL
+);
+INSERT INTO pixel_records_v2 (seq, accepted, call, record)
+    SELECT seq, accepted, call, record FROM pixel_records ORDER BY seq;
+CREATE TABLE IF NOT EXISTS pixel_records_cleared (seq INTEGER NOT NULL);
+INSERT INTO pixel_records_cleared (seq)
+    SELECT seq FROM sqlite_sequence WHERE name = 'pixel_records';
+DROP TABLE pixel_records;
+ALTER TABLE pixel_records_v2 RENAME TO pixel_records
+"""
 
 # Connections left behind by a fork: closing them in the child could disturb the
 # parent's locks (SQLite: "do not carry an open connection across fork"), so the
@@ -238,6 +265,26 @@ class SQLiteStore:
         limit: int | None = None,
     ) -> list[tuple[str, PixelRecord]]:
         _check_limit(limit)
+        position = None if after is None else _parse_position(after)
+        if call is not None and accepted is None:
+            # Both verdicts of the call, each a range of the index read in
+            # order, merged here: each query stops after `limit` rows.
+            rows = [
+                *self._select(accepted=False, call=call, after=position, limit=limit),
+                *self._select(accepted=True, call=call, after=position, limit=limit),
+            ]
+            rows.sort()
+            if limit is not None:
+                rows = rows[-limit:] if position is None else rows[:limit]
+        else:
+            rows = self._select(accepted=accepted, call=call, after=position, limit=limit)
+        return [(str(seq), _json.loads(text)) for seq, text in rows]
+
+    def _select(
+        self, *, accepted: bool | None, call: str | None, after: int | None, limit: int | None
+    ) -> list[tuple[int, str]]:
+        """Rows (seq, record text) oldest first: with ``limit``, the newest ones
+        (or, ``after`` a position, the oldest ones after it)."""
         where: list[str] = []
         params: list[Any] = []
         if accepted is not None:
@@ -248,7 +295,7 @@ class SQLiteStore:
             params.append(call)
         if after is not None:
             where.append("seq > ?")
-            params.append(_parse_position(after))
+            params.append(after)
         sql = "SELECT seq, record FROM pixel_records"
         if where:
             sql += " WHERE " + " AND ".join(where)
@@ -266,12 +313,12 @@ class SQLiteStore:
             sql += " ORDER BY seq"
         with self._lock:
             try:
-                rows = self._connection().execute(sql, params).fetchall()
+                rows: list[tuple[int, str]] = self._connection().execute(sql, params).fetchall()
             except sqlite3.Error as exc:
                 raise StoreError(f"reading {self.path} failed: {exc}") from exc
         if newest:
             rows.reverse()
-        return [(str(seq), _json.loads(text)) for seq, text in rows]
+        return rows
 
     def close(self) -> None:
         """Close the connection; idempotent. Writes and reads after it fail."""
@@ -392,7 +439,11 @@ class SQLiteStore:
                             f" {mode!r}); is it on a network file system?"
                         )
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
-                if version != SCHEMA_VERSION:
+                # A reader reads schema 1 as it is (its queries need only seq,
+                # accepted, call and record, which both have): rewriting a
+                # large file is a writer's business, and a reader may not be
+                # allowed to write at all.
+                if version != SCHEMA_VERSION and not (version == 1 and not self.create):
                     self._create_schema(conn, version)
                 return
             except sqlite3.OperationalError as exc:
@@ -408,10 +459,13 @@ class SQLiteStore:
             )
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            # Another process may have created or migrated it meanwhile.
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 1:
+                _run_script(conn, _MIGRATE_FROM_1)
+            if version in (0, 1):
+                _run_script(conn, _SCHEMA)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -421,8 +475,9 @@ class SQLiteStore:
     def clear(self) -> None:
         """Delete every record (the collector's ``POST /api/reset``), as one transaction.
 
-        Sequence numbers are never reused (AUTOINCREMENT): a reader holding a
-        position reads only what is written after the reset.
+        Sequence numbers are never reused (the newest one deleted is kept as
+        the floor of the next): a reader holding a position reads only what is
+        written after the reset.
         """
         with self._lock:
             try:
@@ -432,6 +487,14 @@ class SQLiteStore:
                 try:
                     conn.execute("BEGIN IMMEDIATE")
                     try:
+                        conn.execute(
+                            "INSERT INTO pixel_records_cleared (seq)"
+                            " SELECT max(seq) FROM pixel_records HAVING max(seq) IS NOT NULL"
+                        )
+                        conn.execute(
+                            "DELETE FROM pixel_records_cleared"
+                            " WHERE seq < (SELECT max(seq) FROM pixel_records_cleared)"
+                        )
                         conn.execute("DELETE FROM pixel_records")
                         conn.execute("COMMIT")
                     except BaseException:
@@ -444,6 +507,14 @@ class SQLiteStore:
                 raise StoreError(f"clearing {self.path} failed: {exc}") from exc
 
 
+def _run_script(conn: sqlite3.Connection, script: str) -> None:
+    # One statement at a time: executescript() would COMMIT the transaction
+    # the caller holds.
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
 def _busy(exc: sqlite3.Error) -> bool:
     """Whether ``exc`` says another connection holds the database (not that it is read-only)."""
     name = getattr(exc, "sqlite_errorname", "") or ""
@@ -451,19 +522,22 @@ def _busy(exc: sqlite3.Error) -> bool:
 
 
 def _row(record: PixelRecord) -> tuple[Any, ...]:
-    event = record["event"]
-    message_id = event.get("messageId") if isinstance(event, dict) else None
+    # Every field a record must have is read here, so that a record missing
+    # one fails its write (RecordError) rather than being stored and failing
+    # each later read.
+    for name in _REQUIRED:
+        if name not in record:
+            raise KeyError(name)
     return (
-        record["id"],
-        record["receivedAt"],
         1 if record["accepted"] else 0,
         record["call"],
-        message_id if isinstance(message_id, str) else None,
-        record["writeKey"],
         # A lone surrogate (which UTF-8 cannot carry) is escaped rather than
         # failing the write (see _json.dumps).
         _json.dumps(record),
     )
+
+
+_REQUIRED = ("id", "receivedAt", "writeKey")
 
 
 def _after_fork_in_child() -> None:
