@@ -78,7 +78,7 @@ SCHEMA_VERSION = 2
 # No AUTOINCREMENT (it rewrites a row of sqlite_sequence, one more page, in
 # every commit), yet a position is never reused: `clear()` notes the newest
 # seq it deleted in pixel_records_cleared, and an insert into an empty table
-# continues from there (the subquery of _INSERT), so a follower's cursor never
+# continues from there (_NEWEST), so a follower's cursor never
 # skips a row written after a reset.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pixel_records (
@@ -92,14 +92,15 @@ CREATE INDEX IF NOT EXISTS pixel_records_call ON pixel_records (call, accepted, 
 CREATE TABLE IF NOT EXISTS pixel_records_cleared (seq INTEGER NOT NULL);
 """
 
-# max(seq) of an INTEGER PRIMARY KEY is one step to the b-tree's last entry;
-# the cleared floor is read only when the table is empty (coalesce stops at
-# its first value that is not NULL).
-_INSERT = (
-    "INSERT INTO pixel_records (seq, accepted, call, record) VALUES ("
-    "(SELECT coalesce(max(seq), (SELECT max(seq) FROM pixel_records_cleared), 0) + 1"
-    " FROM pixel_records), ?, ?, ?)"
+# Positions are given by write() itself, under the write lock: the newest seq,
+# or the cleared floor when the table is empty, read once a commit (max(seq) of
+# an INTEGER PRIMARY KEY is one step to the b-tree's last entry; coalesce
+# reads the floor only when it must).
+_NEWEST = (
+    "SELECT coalesce(max(seq), (SELECT max(seq) FROM pixel_records_cleared), 0)"
+    " FROM pixel_records"
 )
+_INSERT = "INSERT INTO pixel_records (seq, accepted, call, record) VALUES (?, ?, ?, ?)"
 
 # Schema 1 to 2, in the transaction that sets user_version: the rows are
 # copied with their positions, and the newest position schema 1 ever gave
@@ -239,7 +240,11 @@ class SQLiteStore:
                     # INSERT and could fail there without waiting.
                     conn.execute("BEGIN IMMEDIATE")
                     try:
-                        conn.executemany(_INSERT, rows)
+                        newest: int = conn.execute(_NEWEST).fetchone()[0]
+                        conn.executemany(
+                            _INSERT,
+                            [(seq, *row) for seq, row in enumerate(rows, newest + 1)],
+                        )
                         conn.execute("COMMIT")
                     except BaseException:
                         if conn.in_transaction:
