@@ -4,7 +4,6 @@ Run by hand, not by ``./dev bench`` (the large file takes minutes and gigabytes)
 
     .venv/bin/python -m bench.sqlite_layout commits             # schema 1 against 2
     .venv/bin/python -m bench.sqlite_layout reads --records 10000000 --dir /var/tmp/pixels
-    .venv/bin/python -m bench.sqlite_layout migrate --records 1000000 --dir /var/tmp/pixels
 
 ``commits``: two files side by side in one process, one with the layout of schema
 1 (the record beside copies of id, receivedAt, messageId and writeKey, seq
@@ -25,9 +24,6 @@ are built before the clock starts: the record's JSON is the same for both.
 included): the median of 5 runs each, after one warming run. Calls and verdicts
 are spread as a site might see them: 2% rejected; 70% track, 25% page, 4%
 identify, and 1% group, alias and screen.
-
-``migrate``: makes a file of schema 1 with ``--records`` records the same way,
-then times the first writer's open of it, which migrates it to schema 2.
 """
 
 from __future__ import annotations
@@ -205,38 +201,6 @@ def build(path: Path, count: int) -> None:
     conn.close()
 
 
-def migrate(count: int, directory: Path) -> None:
-    from pixel_middleware.stores.sqlite import SQLiteStore
-
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"schema1-{count}.sqlite3"
-    for leftover in directory.glob(path.name + "*"):
-        leftover.unlink()
-    base = sample_record()
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = OFF")
-    conn.executescript(SCHEMA_1)
-    conn.execute("PRAGMA user_version = 1")
-    chunk = 100_000
-    for first in range(0, count, chunk):
-        rows = [row_1(record) for record in varied(first, min(chunk, count - first), base)]
-        conn.execute("BEGIN")
-        conn.executemany(INSERT_1, rows)
-        conn.execute("COMMIT")
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    conn.close()
-    size = path.stat().st_size
-    start = time.perf_counter()
-    SQLiteStore(path).close()
-    seconds = time.perf_counter() - start
-    print(
-        f"schema 1 file of {count:,} records ({size / 1e9:.2f} GB) migrated in {seconds:.1f} s;"
-        f" now {path.stat().st_size / 1e9:.2f} GB"
-    )
-    path.unlink()
-
-
 def timed(action: Callable[[], object], runs: int = 5) -> tuple[float, object]:
     result = action()  # warms the page cache
     seconds = []
@@ -326,14 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     reads_parser = commands.add_parser("reads", help="reads from a large file")
     reads_parser.add_argument("--records", type=int, default=10_000_000)
     reads_parser.add_argument("--dir", type=Path, required=True)
-    migrate_parser = commands.add_parser("migrate", help="time a migration from schema 1")
-    migrate_parser.add_argument("--records", type=int, default=1_000_000)
-    migrate_parser.add_argument("--dir", type=Path, required=True)
     args = parser.parse_args(argv)
     if args.command == "commits":
         commits(args.rounds)
-    elif args.command == "migrate":
-        migrate(args.records, args.dir)
     else:
         reads(args.records, args.dir)
     return 0

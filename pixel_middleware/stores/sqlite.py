@@ -61,9 +61,14 @@ __all__ = ["SQLiteStore"]
 
 Synchronous = Literal["normal", "full"]
 
-# user_version of a database with this schema. 1: the record beside copies of
-# id, receivedAt, messageId and writeKey, and seq AUTOINCREMENT (migrated to 2
-# in place when a writer opens it; readers read it as it is).
+# user_version of a database with this schema. A file of schema 1 (the record
+# beside copies of id, receivedAt, messageId and writeKey; seq AUTOINCREMENT)
+# is read and written as it is, never migrated: rewriting the table in one
+# transaction took 171 s for a million records (1.4 GB, on a loaded 2-core
+# machine), with every writer waiting and the file doubled, to save under a
+# tenth of each commit; and older versions keep working with the file during
+# an upgrade. Its reads are the same queries (a call alone as one query, on
+# its (call, seq) index).
 SCHEMA_VERSION = 2
 
 # The record is kept whole as one JSON text; beside it only what reads filter
@@ -75,7 +80,7 @@ SCHEMA_VERSION = 2
 # about a fifth more. Every other column or index made each commit dearer (a
 # random messageId sends each insert to a random page) and nothing queried
 # it: the layout of schema 1, four more columns and AUTOINCREMENT, cost
-# 1.2-1.3x as much per commit.
+# 1.07-1.10x the CPU per commit (bench/sqlite_layout.py commits).
 #
 # No AUTOINCREMENT (it rewrites a row of sqlite_sequence, one more page, in
 # every commit), yet a position is never reused: `clear()` notes the newest
@@ -99,29 +104,15 @@ CREATE TABLE IF NOT EXISTS pixel_records_cleared (seq INTEGER NOT NULL);
 # an INTEGER PRIMARY KEY is one step to the b-tree's last entry; coalesce
 # reads the floor only when it must).
 _NEWEST = (
-    "SELECT coalesce(max(seq), (SELECT max(seq) FROM pixel_records_cleared), 0)"
-    " FROM pixel_records"
+    "SELECT coalesce(max(seq), (SELECT max(seq) FROM pixel_records_cleared), 0) FROM pixel_records"
 )
 _INSERT = "INSERT INTO pixel_records (seq, accepted, call, record) VALUES (?, ?, ?, ?)"
 
-# Schema 1 to 2, in the transaction that sets user_version: the rows are
-# copied with their positions, and the newest position schema 1 ever gave
-# (sqlite_sequence, which outlives a clear) becomes the floor.
-_MIGRATE_FROM_1 = """
-CREATE TABLE pixel_records_v2 (
-    seq      INTEGER PRIMARY KEY,
-    accepted INTEGER NOT NULL,
-    call     TEXT NOT NULL,
-    record   TEXT NOT NULL
-);
-INSERT INTO pixel_records_v2 (seq, accepted, call, record)
-    SELECT seq, accepted, call, record FROM pixel_records ORDER BY seq;
-CREATE TABLE IF NOT EXISTS pixel_records_cleared (seq INTEGER NOT NULL);
-INSERT INTO pixel_records_cleared (seq)
-    SELECT seq FROM sqlite_sequence WHERE name = 'pixel_records';
-DROP TABLE pixel_records;
-ALTER TABLE pixel_records_v2 RENAME TO pixel_records
-"""
+# How schema 1 inserted a record (its reads are the same as schema 2's).
+_INSERT_1 = (
+    "INSERT INTO pixel_records (id, receivedAt, accepted, call, messageId, writeKey, record)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
 
 # Connections left behind by a fork: closing them in the child could disturb the
 # parent's locks (SQLite: "do not carry an open connection across fork"), so the
@@ -182,6 +173,7 @@ class SQLiteStore:
         self._writer_lock: int | None = None  # this process's descriptor of the lock file
         self._writer_lock_pid = 0
         self._closed = False
+        self._schema = SCHEMA_VERSION  # of the file, once a connection is made
         if create:
             # Private (0600) from the start: SQLite gives its -wal and -shm
             # files the database file's mode, so they are private too.
@@ -227,7 +219,9 @@ class SQLiteStore:
         if not records:
             return
         try:
-            rows = [_row(record) for record in records]
+            # The file's schema is known from the constructor's connection on.
+            row = _row_1 if self._schema == 1 else _row
+            rows = [row(record) for record in records]
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise RecordError(f"a record cannot be stored: {exc!r}") from exc
         with self._lock:
@@ -242,11 +236,14 @@ class SQLiteStore:
                     # INSERT and could fail there without waiting.
                     conn.execute("BEGIN IMMEDIATE")
                     try:
-                        newest: int = conn.execute(_NEWEST).fetchone()[0]
-                        conn.executemany(
-                            _INSERT,
-                            [(seq, *row) for seq, row in enumerate(rows, newest + 1)],
-                        )
+                        if self._schema == 1:
+                            conn.executemany(_INSERT_1, rows)
+                        else:
+                            newest: int = conn.execute(_NEWEST).fetchone()[0]
+                            conn.executemany(
+                                _INSERT,
+                                [(seq, *values) for seq, values in enumerate(rows, newest + 1)],
+                            )
                         conn.execute("COMMIT")
                     except BaseException:
                         if conn.in_transaction:
@@ -273,7 +270,7 @@ class SQLiteStore:
     ) -> list[tuple[str, PixelRecord]]:
         _check_limit(limit)
         position = None if after is None else _parse_position(after)
-        if call is not None and accepted is None:
+        if call is not None and accepted is None and self._schema != 1:
             # Both verdicts of the call, each a range of the index read in
             # order, merged here: each query stops after `limit` rows.
             rows = [
@@ -449,19 +446,17 @@ class SQLiteStore:
                             f" {mode!r}); is it on a network file system?"
                         )
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
-                # A reader reads schema 1 as it is (its queries need only seq,
-                # accepted, call and record, which both have): rewriting a
-                # large file is a writer's business, and a reader may not be
-                # allowed to write at all.
-                if version != SCHEMA_VERSION and not (version == 1 and not self.create):
-                    self._create_schema(conn, version)
+                if version not in (1, SCHEMA_VERSION):
+                    version = self._create_schema(conn, version)
+                self._schema = version
                 return
             except sqlite3.OperationalError as exc:
                 if "locked" not in str(exc) or time.monotonic() >= deadline:
                     raise
                 time.sleep(0.01)
 
-    def _create_schema(self, conn: sqlite3.Connection, version: int) -> None:
+    def _create_schema(self, conn: sqlite3.Connection, version: int) -> int:
+        """Create the schema in a new file; the file's schema version."""
         if version > SCHEMA_VERSION:
             raise StoreError(
                 f"{self.path} was written by a newer pixel-middleware (schema {version});"
@@ -469,18 +464,18 @@ class SQLiteStore:
             )
         conn.execute("BEGIN IMMEDIATE")
         try:
-            # Another process may have created or migrated it meanwhile.
+            # Another process may have created it meanwhile.
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version == 1:
-                _run_script(conn, _MIGRATE_FROM_1)
-            if version in (0, 1):
+            if version == 0:
                 _run_script(conn, _SCHEMA)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                version = SCHEMA_VERSION
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+        return int(version)
 
     def clear(self) -> None:
         """Delete every record (the collector's ``POST /api/reset``), as one transaction.
@@ -497,14 +492,16 @@ class SQLiteStore:
                 try:
                     conn.execute("BEGIN IMMEDIATE")
                     try:
-                        conn.execute(
-                            "INSERT INTO pixel_records_cleared (seq)"
-                            " SELECT max(seq) FROM pixel_records HAVING max(seq) IS NOT NULL"
-                        )
-                        conn.execute(
-                            "DELETE FROM pixel_records_cleared"
-                            " WHERE seq < (SELECT max(seq) FROM pixel_records_cleared)"
-                        )
+                        if self._schema != 1:  # schema 1: AUTOINCREMENT keeps them
+                            conn.execute(
+                                "INSERT INTO pixel_records_cleared (seq)"
+                                " SELECT max(seq) FROM pixel_records"
+                                " HAVING max(seq) IS NOT NULL"
+                            )
+                            conn.execute(
+                                "DELETE FROM pixel_records_cleared"
+                                " WHERE seq < (SELECT max(seq) FROM pixel_records_cleared)"
+                            )
                         conn.execute("DELETE FROM pixel_records")
                         conn.execute("COMMIT")
                     except BaseException:
@@ -571,6 +568,21 @@ def _row(record: PixelRecord) -> tuple[Any, ...]:
 
 
 _REQUIRED = ("id", "receivedAt", "writeKey")
+
+
+def _row_1(record: PixelRecord) -> tuple[Any, ...]:
+    """The row of schema 1 (a file written by pixel-middleware before schema 2)."""
+    event = record["event"]
+    message_id = event.get("messageId") if isinstance(event, dict) else None
+    return (
+        record["id"],
+        record["receivedAt"],
+        1 if record["accepted"] else 0,
+        record["call"],
+        message_id if isinstance(message_id, str) else None,
+        record["writeKey"],
+        _json.dumps(record),
+    )
 
 
 def _after_fork_in_child() -> None:
