@@ -355,11 +355,14 @@ class CollectorAPI:
     ) -> _Selection:
         """The records matching ``flt`` after ``after``: at least ``want`` + 1 if there are.
 
-        ``oldest``: the oldest matches are wanted, so everything after
-        ``after`` is read (a store reads only its newest records by count).
-        Otherwise pages of growing size are read from the newest end until
-        enough match, the store has no more, or ``since`` is passed.
+        ``oldest`` after a position: pages read forward from it (see
+        :meth:`_select_forward`). ``oldest`` from the start: everything is read
+        (a store reads only its newest records by count). Otherwise pages of
+        growing size are read from the newest end until enough match, the store
+        has no more, or ``since`` is passed.
         """
+        if oldest and after is not None:
+            return self._select_forward(flt, after=after, want=want)
         page = max(_FIRST_PAGE, 2 * want)
         store_args = flt.store_arguments()
         while True:
@@ -373,6 +376,32 @@ class CollectorAPI:
                 return _Selection(matching, rows, True)
             if not oldest and limit == MAX_SCAN:
                 return _Selection(matching, rows, False)
+            page *= 4
+
+    def _select_forward(self, flt: RecordFilter, *, after: str, want: int) -> _Selection:
+        """The oldest records matching ``flt`` after ``after``, read forward in pages.
+
+        Stops at ``want`` + 1 matches, at the store's end, or after
+        :data:`MAX_SCAN` records (then incomplete: ``next`` goes on from the last
+        one read). It once read everything after ``after`` before choosing the
+        first matches: millions of records for a position far back in a large
+        store.
+        """
+        page = max(_FIRST_PAGE, 2 * want)
+        store_args = flt.store_arguments()
+        matching: list[tuple[str, PixelRecord]] = []
+        scanned: list[tuple[str, PixelRecord]] = []
+        cursor = after
+        while True:
+            limit = min(page, MAX_SCAN - len(scanned))
+            rows = self._read(store_args, after=cursor, limit=limit)
+            scanned.extend(rows)
+            matching.extend(row for row in rows if flt.matches(row[1]))
+            if len(rows) < limit or len(matching) > want:
+                return _Selection(matching, scanned, True)
+            if len(scanned) >= MAX_SCAN:
+                return _Selection(matching, scanned, False)
+            cursor = rows[-1][0]
             page *= 4
 
     def _read(

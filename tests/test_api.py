@@ -20,7 +20,9 @@ from pixel_middleware import PixelRecord, api
 from pixel_middleware.api import MAX_LIMIT, MAX_WAITERS, _fit, _json
 from pixel_middleware.collector import create_app
 from pixel_middleware.stores.memory import MemoryStore
+from pixel_middleware.stores.sqlite import SQLiteStore
 from tests.live_collector import LiveCollector, segment_query, stalled_collector
+from tests.records import make_record
 
 
 @pytest.fixture
@@ -168,6 +170,40 @@ def test_paging_forward_with_after_returns_the_oldest_and_skips_nothing(
     assert (again["records"], again["next"]) == ([], after)
     live.pixel(signup(99, properties={"k": "yes"}))
     assert names(live.get(f"/api/events?after={after}&properties.k=yes").json()) == ["u99"]
+
+
+class CountingSQLiteStore(SQLiteStore):
+    """A real SQLite store that counts the records its reads return."""
+
+    rows_read = 0
+
+    def read(self, **filters: Any) -> list[tuple[str, PixelRecord]]:
+        rows = super().read(**filters)
+        self.rows_read += len(rows)
+        return rows
+
+
+def test_paging_forward_reads_from_the_position_not_to_the_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = CountingSQLiteStore(tmp_path / "events.db")
+    store.write([make_record(id=f"r{n}") for n in range(3000)])
+    positions = [position for position, _ in store.read()]
+    client = Client(create_app(store=store, public_reads=True))
+    store.rows_read = 0
+    answer = client.get(f"/api/events?after={positions[9]}&limit=5").json
+    assert [r["id"] for r in answer["records"]] == [f"r{n}" for n in range(10, 15)]
+    assert (answer["next"], answer["more"], answer["complete"]) == (positions[14], True, True)
+    assert store.rows_read <= api._FIRST_PAGE  # not the 2,990 records after it
+    # No match: at most MAX_SCAN records are read, then it says where it stopped.
+    monkeypatch.setattr(api, "MAX_SCAN", 1000)
+    for start, read, complete in ((2000, 999, True), (1998, 1000, False)):
+        store.rows_read = 0
+        answer = client.get(f"/api/events?after={positions[start]}&userId=nobody").json
+        assert (answer["records"], answer["complete"]) == ([], complete)
+        assert answer["next"] == positions[start + read]
+        assert store.rows_read == read
+    store.close()
 
 
 def test_since_keeps_the_records_received_at_or_after_it(live: LiveCollector) -> None:

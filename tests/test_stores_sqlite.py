@@ -6,6 +6,7 @@ The behaviour every store shares is in test_stores.py.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import sqlite3
 import subprocess
@@ -124,16 +125,7 @@ def test_wal_mode_schema_and_synchronous(tmp_path: Path) -> None:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         columns = [row[1] for row in conn.execute("PRAGMA table_info(pixel_records)")]
-        assert columns == [
-            "seq",
-            "id",
-            "receivedAt",
-            "accepted",
-            "call",
-            "messageId",
-            "writeKey",
-            "record",
-        ]
+        assert columns == ["seq", "accepted", "call", "record"]
     conn.close()
 
 
@@ -149,43 +141,217 @@ def test_the_columns_beside_the_record_copy_its_fields(tmp_path: Path) -> None:
     path = tmp_path / "events.db"
     store = SQLiteStore(path)
     record = make_record(call="page", accepted=False, writeKey=None)
-    store.write([record, make_record(event=None)])
+    store.write([record, make_record()])
     store.close()
     with sqlite3.connect(path) as conn:
-        rows = conn.execute(
-            "SELECT id, receivedAt, accepted, call, messageId, writeKey FROM pixel_records"
-        ).fetchall()
+        rows = conn.execute("SELECT seq, accepted, call, record FROM pixel_records").fetchall()
     conn.close()
-    assert rows[0] == (
-        record["id"],
-        record["receivedAt"],
-        0,
-        "page",
-        record["event"]["messageId"],  # type: ignore[index]
-        None,
-    )
-    assert rows[1][4] is None  # no event, no messageId
+    assert rows[0][:3] == (1, 0, "page")
+    assert rows[1][:3] == (2, 1, "track")
+    assert json.loads(rows[0][3]) == record
+
+
+# Every combination of filters read() takes, as (accepted, call, after, limit).
+READ_FILTERS = [
+    (accepted, call, after, limit)
+    for accepted in (None, True, False)
+    for call in (None, "identify")
+    for after in (None, "5")
+    for limit in (None, 50)
+]
+
+
+def query_plans(path: Path, **filters: Any) -> list[str]:
+    """The plan of each query SQLiteStore.read(**filters) runs, as EXPLAIN QUERY PLAN says."""
+    store = SQLiteStore(path, create=False)
+    statements: list[str] = []
+    with store._lock:
+        store._connection().set_trace_callback(statements.append)
+    store.read(**filters)
+    store.close()
+    selects = [sql for sql in statements if sql.startswith("SELECT seq, record")]
+    assert selects
+    plans = []
+    with sqlite3.connect(path) as conn:
+        for sql in selects:
+            # The traced text has its parameters in place; plan it as it ran.
+            plan = conn.execute(f"EXPLAIN QUERY PLAN {sql}").fetchall()
+            plans.append(" | ".join(row[3] for row in plan))
+    conn.close()
+    return plans
 
 
 @pytest.mark.parametrize(
-    ("query", "index"),
-    [
-        pytest.param("accepted = 0 ORDER BY seq DESC", "pixel_records_accepted", id="rejected"),
-        pytest.param("call = 'page' ORDER BY seq DESC", "pixel_records_call", id="call"),
-        pytest.param("seq > 5 ORDER BY seq", "INTEGER PRIMARY KEY", id="follow"),
-    ],
+    ("accepted", "call", "after", "limit"),
+    [pytest.param(*f, id="-".join(map(str, f))) for f in READ_FILTERS],
 )
-def test_the_queries_of_the_cli_use_an_index(tmp_path: Path, query: str, index: str) -> None:
+def test_every_read_filter_is_answered_by_an_index_in_position_order(
+    tmp_path: Path, accepted: bool | None, call: str | None, after: str | None, limit: int | None
+) -> None:
+    """What stays fast at 10 million records (bench/sqlite_layout.py measures it there):
+    no filter that read() takes makes SQLite scan the table or sort a result."""
     path = tmp_path / "events.db"
-    SQLiteStore(path).close()
+    store = SQLiteStore(path)
+    store.write([make_record(call=c, accepted=a) for c in ("track", "identify") for a in (1, 0)])
+    store.close()
+    plans = query_plans(path, accepted=accepted, call=call, after=after, limit=limit)
+    assert len(plans) == (2 if call is not None and accepted is None else 1)
+    for plan in plans:
+        assert "TEMP B-TREE" not in plan, plan  # read in position order, never sorted
+        if call is not None:
+            assert plan.startswith("SEARCH pixel_records USING INDEX pixel_records_call"), plan
+            assert "(call=? AND accepted=?" in plan, plan
+        elif accepted is not None:
+            assert plan.startswith("SEARCH pixel_records USING INDEX pixel_records_accepted"), plan
+        elif after is not None:
+            assert plan == "SEARCH pixel_records USING INTEGER PRIMARY KEY (rowid>?)", plan
+        else:
+            # Everything, or the newest `limit` read backwards: the table in order.
+            assert plan == "SCAN pixel_records", plan
+
+
+def test_a_call_alone_reads_both_verdicts_in_position_order(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "events.db")
+    verdicts = [True, False, False, True, True, False, True]
+    store.write([make_record(id=f"t{i}", accepted=v) for i, v in enumerate(verdicts)])
+    store.write([make_record(id="p", call="page")])
+    tracks = [f"t{i}" for i in range(len(verdicts))]
+    positions = [position for position, _ in store.read(call="track")]
+    assert [r["id"] for _, r in store.read(call="track")] == tracks
+    for limit in (1, 3, len(tracks) - 1, len(tracks), len(tracks) + 1):
+        assert [r["id"] for _, r in store.read(call="track", limit=limit)] == tracks[-limit:]
+        for start in (0, 2, len(tracks) - 1):
+            got = store.read(call="track", after=positions[start], limit=limit)
+            assert [r["id"] for _, r in got] == tracks[start + 1 :][:limit]
+    store.close()
+
+
+def test_a_position_is_never_given_again_after_a_clear(tmp_path: Path) -> None:
+    path = tmp_path / "events.db"
+    store = SQLiteStore(path)
+    store.write([make_record(id=f"r{i}") for i in range(3)])
+    last = store.read()[-1][0]
+    store.clear()
+    store.clear()  # twice: the floor stays
+    other = SQLiteStore(path)  # another writer, as another process would be
+    other.write([make_record(id="after-reset")])
+    assert store.read(after=last) == other.read()
+    assert [position for position, _ in other.read()] == [str(int(last) + 1)]
+    store.clear()
+    store.write([make_record(id="again")])
+    assert [position for position, _ in store.read()] == [str(int(last) + 2)]
+    other.close()
+    store.close()
     with sqlite3.connect(path) as conn:
-        plan = " ".join(
-            row[3]
-            for row in conn.execute(f"EXPLAIN QUERY PLAN SELECT * FROM pixel_records WHERE {query}")
-        )
+        assert conn.execute("SELECT count(*) FROM pixel_records_cleared").fetchone() == (1,)
     conn.close()
-    assert index in plan
-    assert "TEMP B-TREE" not in plan  # no sort of the whole result
+
+
+# Schema 1, verbatim from pixel_middleware/stores/sqlite.py before schema 2, and
+# how it inserted a record: a file as that version wrote it.
+SCHEMA_1 = """
+CREATE TABLE IF NOT EXISTS pixel_records (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    id         TEXT NOT NULL,
+    receivedAt TEXT NOT NULL,
+    accepted   INTEGER NOT NULL,
+    call       TEXT NOT NULL,
+    messageId  TEXT,
+    writeKey   TEXT,
+    record     TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS pixel_records_accepted ON pixel_records (accepted, seq);
+CREATE INDEX IF NOT EXISTS pixel_records_call ON pixel_records (call, seq);
+"""
+INSERT_1 = (
+    "INSERT INTO pixel_records (id, receivedAt, accepted, call, messageId, writeKey, record)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def write_schema_1(path: Path, records: list[Any], *, cleared: int = 0) -> None:
+    """A schema 1 file holding ``records``, written after ``cleared`` were written and cleared."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.executescript(SCHEMA_1)
+    conn.execute("PRAGMA user_version = 1")
+    if cleared:
+        write_schema_1_rows(conn, [make_record() for _ in range(cleared)])
+        conn.execute("DELETE FROM pixel_records")  # what clear() did
+    write_schema_1_rows(conn, records)
+    conn.close()
+    os.chmod(path, 0o600)
+
+
+def write_schema_1_rows(conn: sqlite3.Connection, records: list[Any]) -> None:
+    conn.executemany(
+        INSERT_1,
+        [
+            (
+                r["id"],
+                r["receivedAt"],
+                1 if r["accepted"] else 0,
+                r["call"],
+                r["event"]["messageId"],
+                r["writeKey"],
+                json.dumps(r),
+            )
+            for r in records
+        ],
+    )
+
+
+def test_a_schema_1_file_is_read_and_written_as_it_is(tmp_path: Path) -> None:
+    path = tmp_path / "events.db"
+    old = [
+        make_record(id=f"old{i}", accepted=i % 3 != 0, call=("track", "page")[i % 2])
+        for i in range(7)
+    ]
+    write_schema_1(path, old)
+    reader = SQLiteStore(path, create=False)
+    store = SQLiteStore(path)
+    for opened in (reader, store):
+        assert opened.read() == [(str(i + 1), r) for i, r in enumerate(old)]
+        assert opened.read(call="page", accepted=True, limit=1) == [("6", old[5])]
+        expected = [(str(i + 1), r) for i, r in enumerate(old) if r["call"] == "track"]
+        assert opened.read(call="track") == expected
+        assert opened.read(call="track", limit=2) == expected[-2:]
+        assert opened.read(call="track", after="1", limit=2) == expected[1:3]
+    new = make_record(id="new", call="page", accepted=False)
+    store.write([new])
+    assert reader.read(after="7") == [("8", new)]
+    store.clear()
+    store.write([make_record(id="after-clear")])
+    assert [(p, r["id"]) for p, r in reader.read()] == [("9", "after-clear")]
+    reader.close()
+    store.close()
+    with sqlite3.connect(path) as conn:
+        # Left as schema 1, so that the version before keeps working with it.
+        assert conn.execute("PRAGMA user_version").fetchone() == (1,)
+        row = conn.execute(
+            "SELECT id, receivedAt, accepted, call, messageId, writeKey, record FROM pixel_records"
+        ).fetchone()
+        record = json.loads(row[6])
+        assert row[:6] == (
+            "after-clear",
+            record["receivedAt"],
+            1,
+            "track",
+            record["event"]["messageId"],
+            "test-write-key",
+        )
+        write_schema_1_rows(conn, [make_record(id="by-the-version-before")])
+    conn.close()
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_cleared_schema_1_file_gives_no_position_twice(tmp_path: Path) -> None:
+    path = tmp_path / "events.db"
+    write_schema_1(path, [], cleared=4)  # positions 1 to 4 were given, then cleared
+    store = SQLiteStore(path)
+    store.write([make_record(id="new")])
+    assert [(p, r["id"]) for p, r in store.read()] == [("5", "new")]
+    store.close()
 
 
 def test_a_record_missing_a_field_is_a_record_error(tmp_path: Path) -> None:

@@ -29,13 +29,15 @@ Positions are the rows' sequence numbers (``seq``), as decimal strings.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import gc
 import os
 import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal, cast
 from urllib.parse import quote
 
@@ -59,36 +61,55 @@ __all__ = ["SQLiteStore"]
 
 Synchronous = Literal["normal", "full"]
 
-# user_version of a database with this schema, for migrations to come.
-SCHEMA_VERSION = 1
+# user_version of a database with this schema. A file of schema 1 (the record
+# beside copies of id, receivedAt, messageId and writeKey; seq AUTOINCREMENT)
+# is read and written as it is, never migrated: rewriting the table in one
+# transaction took 171 s for a million records (1.4 GB, on a loaded 2-core
+# machine), with every writer waiting and the file doubled, to save under a
+# tenth of each commit; and older versions keep working with the file during
+# an upgrade. Its reads are the same queries (a call alone as one query, on
+# its (call, seq) index).
+SCHEMA_VERSION = 2
 
-# The record itself is kept whole as JSON; the columns beside it are copies of
-# the fields one filters on, indexed so that "the newest N rejected track
-# calls" (`events --rejected --call track --limit N`) and "everything after seq
-# X" (`--follow`) read only the rows they return. receivedAt, messageId and
-# writeKey have columns but no index, as nothing here queries them: every index
-# adds a page to each commit's WAL write (dropping the receivedAt and writeKey
-# ones gave 10% more pixels/s over HTTP), and a random messageId sends each
-# insert to a random page (nearly twice the cost of a write). Add one
-# (CREATE INDEX ... ON pixel_records (messageId)) to look messages up often.
-# AUTOINCREMENT: a seq is never reused, even after the newest rows are deleted,
-# so a follower's cursor never skips a new row.
+# The record is kept whole as one JSON text; beside it only what reads filter
+# and sort on: the verdict and the call, indexed with the position, so that
+# every filter read() takes reads only the rows it returns, at any size:
+# (accepted, seq) for the verdict; (call, accepted, seq) for a call with a
+# verdict, and for a call alone as two ranges (accepted 0 and 1, each in seq
+# order) merged by read(). A third index for the pair would cost each commit
+# about a fifth more. Every other column or index made each commit dearer (a
+# random messageId sends each insert to a random page) and nothing queried
+# it: the layout of schema 1, four more columns and AUTOINCREMENT, cost
+# 1.07-1.10x the CPU per commit (bench/sqlite_layout.py commits).
+#
+# No AUTOINCREMENT (it rewrites a row of sqlite_sequence, one more page, in
+# every commit), yet a position is never reused: `clear()` notes the newest
+# seq it deleted in pixel_records_cleared, and an insert into an empty table
+# continues from there (_NEWEST), so a follower's cursor never
+# skips a row written after a reset.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pixel_records (
-    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
-    id         TEXT NOT NULL,
-    receivedAt TEXT NOT NULL,
-    accepted   INTEGER NOT NULL,
-    call       TEXT NOT NULL,
-    messageId  TEXT,
-    writeKey   TEXT,
-    record     TEXT NOT NULL
+    seq      INTEGER PRIMARY KEY,
+    accepted INTEGER NOT NULL,
+    call     TEXT NOT NULL,
+    record   TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS pixel_records_accepted ON pixel_records (accepted, seq);
-CREATE INDEX IF NOT EXISTS pixel_records_call ON pixel_records (call, seq);
+CREATE INDEX IF NOT EXISTS pixel_records_call ON pixel_records (call, accepted, seq);
+CREATE TABLE IF NOT EXISTS pixel_records_cleared (seq INTEGER NOT NULL);
 """
 
-_INSERT = (
+# Positions are given by write() itself, under the write lock: the newest seq,
+# or the cleared floor when the table is empty, read once a commit (max(seq) of
+# an INTEGER PRIMARY KEY is one step to the b-tree's last entry; coalesce
+# reads the floor only when it must).
+_NEWEST = (
+    "SELECT coalesce(max(seq), (SELECT max(seq) FROM pixel_records_cleared), 0) FROM pixel_records"
+)
+_INSERT = "INSERT INTO pixel_records (seq, accepted, call, record) VALUES (?, ?, ?, ?)"
+
+# How schema 1 inserted a record (its reads are the same as schema 2's).
+_INSERT_1 = (
     "INSERT INTO pixel_records (id, receivedAt, accepted, call, messageId, writeKey, record)"
     " VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
@@ -152,6 +173,7 @@ class SQLiteStore:
         self._writer_lock: int | None = None  # this process's descriptor of the lock file
         self._writer_lock_pid = 0
         self._closed = False
+        self._schema = SCHEMA_VERSION  # of the file, once a connection is made
         if create:
             # Private (0600) from the start: SQLite gives its -wal and -shm
             # files the database file's mode, so they are private too.
@@ -197,7 +219,9 @@ class SQLiteStore:
         if not records:
             return
         try:
-            rows = [_row(record) for record in records]
+            # The file's schema is known from the constructor's connection on.
+            row = _row_1 if self._schema == 1 else _row
+            rows = [row(record) for record in records]
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise RecordError(f"a record cannot be stored: {exc!r}") from exc
         with self._lock:
@@ -212,7 +236,14 @@ class SQLiteStore:
                     # INSERT and could fail there without waiting.
                     conn.execute("BEGIN IMMEDIATE")
                     try:
-                        conn.executemany(_INSERT, rows)
+                        if self._schema == 1:
+                            conn.executemany(_INSERT_1, rows)
+                        else:
+                            newest: int = conn.execute(_NEWEST).fetchone()[0]
+                            conn.executemany(
+                                _INSERT,
+                                [(seq, *values) for seq, values in enumerate(rows, newest + 1)],
+                            )
                         conn.execute("COMMIT")
                     except BaseException:
                         if conn.in_transaction:
@@ -238,6 +269,29 @@ class SQLiteStore:
         limit: int | None = None,
     ) -> list[tuple[str, PixelRecord]]:
         _check_limit(limit)
+        position = None if after is None else _parse_position(after)
+        if call is not None and accepted is None and self._schema != 1:
+            # Both verdicts of the call, each a range of the index read in
+            # order, merged here: each query stops after `limit` rows.
+            rows = [
+                *self._select(accepted=False, call=call, after=position, limit=limit),
+                *self._select(accepted=True, call=call, after=position, limit=limit),
+            ]
+            rows.sort()
+            if limit is not None:
+                rows = rows[-limit:] if position is None else rows[:limit]
+        else:
+            rows = self._select(accepted=accepted, call=call, after=position, limit=limit)
+        if len(rows) < _GC_PAUSE_ROWS:
+            return [(str(seq), _json.loads(text)) for seq, text in rows]
+        with _gc_paused():
+            return [(str(seq), _json.loads(text)) for seq, text in rows]
+
+    def _select(
+        self, *, accepted: bool | None, call: str | None, after: int | None, limit: int | None
+    ) -> list[tuple[int, str]]:
+        """Rows (seq, record text) oldest first: with ``limit``, the newest ones
+        (or, ``after`` a position, the oldest ones after it)."""
         where: list[str] = []
         params: list[Any] = []
         if accepted is not None:
@@ -248,7 +302,7 @@ class SQLiteStore:
             params.append(call)
         if after is not None:
             where.append("seq > ?")
-            params.append(_parse_position(after))
+            params.append(after)
         sql = "SELECT seq, record FROM pixel_records"
         if where:
             sql += " WHERE " + " AND ".join(where)
@@ -266,12 +320,12 @@ class SQLiteStore:
             sql += " ORDER BY seq"
         with self._lock:
             try:
-                rows = self._connection().execute(sql, params).fetchall()
+                rows: list[tuple[int, str]] = self._connection().execute(sql, params).fetchall()
             except sqlite3.Error as exc:
                 raise StoreError(f"reading {self.path} failed: {exc}") from exc
         if newest:
             rows.reverse()
-        return [(str(seq), _json.loads(text)) for seq, text in rows]
+        return rows
 
     def close(self) -> None:
         """Close the connection; idempotent. Writes and reads after it fail."""
@@ -392,15 +446,17 @@ class SQLiteStore:
                             f" {mode!r}); is it on a network file system?"
                         )
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
-                if version != SCHEMA_VERSION:
-                    self._create_schema(conn, version)
+                if version not in (1, SCHEMA_VERSION):
+                    version = self._create_schema(conn, version)
+                self._schema = version
                 return
             except sqlite3.OperationalError as exc:
                 if "locked" not in str(exc) or time.monotonic() >= deadline:
                     raise
                 time.sleep(0.01)
 
-    def _create_schema(self, conn: sqlite3.Connection, version: int) -> None:
+    def _create_schema(self, conn: sqlite3.Connection, version: int) -> int:
+        """Create the schema in a new file; the file's schema version."""
         if version > SCHEMA_VERSION:
             raise StoreError(
                 f"{self.path} was written by a newer pixel-middleware (schema {version});"
@@ -408,21 +464,25 @@ class SQLiteStore:
             )
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            # Another process may have created it meanwhile.
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                _run_script(conn, _SCHEMA)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                version = SCHEMA_VERSION
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+        return int(version)
 
     def clear(self) -> None:
         """Delete every record (the collector's ``POST /api/reset``), as one transaction.
 
-        Sequence numbers are never reused (AUTOINCREMENT): a reader holding a
-        position reads only what is written after the reset.
+        Sequence numbers are never reused (the newest one deleted is kept as
+        the floor of the next): a reader holding a position reads only what is
+        written after the reset.
         """
         with self._lock:
             try:
@@ -432,6 +492,16 @@ class SQLiteStore:
                 try:
                     conn.execute("BEGIN IMMEDIATE")
                     try:
+                        if self._schema != 1:  # schema 1: AUTOINCREMENT keeps them
+                            conn.execute(
+                                "INSERT INTO pixel_records_cleared (seq)"
+                                " SELECT max(seq) FROM pixel_records"
+                                " HAVING max(seq) IS NOT NULL"
+                            )
+                            conn.execute(
+                                "DELETE FROM pixel_records_cleared"
+                                " WHERE seq < (SELECT max(seq) FROM pixel_records_cleared)"
+                            )
                         conn.execute("DELETE FROM pixel_records")
                         conn.execute("COMMIT")
                     except BaseException:
@@ -444,6 +514,37 @@ class SQLiteStore:
                 raise StoreError(f"clearing {self.path} failed: {exc}") from exc
 
 
+# Reads of this many records or more decode them with the collector paused.
+_GC_PAUSE_ROWS = 1000
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off while many records are decoded.
+
+    A record decodes into a few dozen dicts and lists, none in a cycle, and
+    every few hundred of them set off a collection that walks what was decoded
+    before: reading the newest 100,000 records (the collector API's counts, any
+    filter the store cannot answer) spent half its time or more in collections.
+    The collector is left as it was found (an application may keep it off).
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _run_script(conn: sqlite3.Connection, script: str) -> None:
+    # One statement at a time: executescript() would COMMIT the transaction
+    # the caller holds.
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
 def _busy(exc: sqlite3.Error) -> bool:
     """Whether ``exc`` says another connection holds the database (not that it is read-only)."""
     name = getattr(exc, "sqlite_errorname", "") or ""
@@ -451,6 +552,26 @@ def _busy(exc: sqlite3.Error) -> bool:
 
 
 def _row(record: PixelRecord) -> tuple[Any, ...]:
+    # Every field a record must have is read here, so that a record missing
+    # one fails its write (RecordError) rather than being stored and failing
+    # each later read.
+    for name in _REQUIRED:
+        if name not in record:
+            raise KeyError(name)
+    return (
+        1 if record["accepted"] else 0,
+        record["call"],
+        # A lone surrogate (which UTF-8 cannot carry) is escaped rather than
+        # failing the write (see _json.dumps).
+        _json.dumps(record),
+    )
+
+
+_REQUIRED = ("id", "receivedAt", "writeKey")
+
+
+def _row_1(record: PixelRecord) -> tuple[Any, ...]:
+    """The row of schema 1 (a file written by pixel-middleware before schema 2)."""
     event = record["event"]
     message_id = event.get("messageId") if isinstance(event, dict) else None
     return (
@@ -460,8 +581,6 @@ def _row(record: PixelRecord) -> tuple[Any, ...]:
         record["call"],
         message_id if isinstance(message_id, str) else None,
         record["writeKey"],
-        # A lone surrogate (which UTF-8 cannot carry) is escaped rather than
-        # failing the write (see _json.dumps).
         _json.dumps(record),
     )
 
