@@ -47,6 +47,13 @@ _SIGNATURES: Final = (
 # same strings but made the search quadratic in a long run of letters (2.5 ms
 # for a 1 KB User-Agent, which any sender can send).
 _BOT = re.compile(r"bot\b|crawler|spider|facebookexternalhit", re.ASCII)
+# The signatures one by one, in their order: one flat loop per pixel.
+_NEEDLES: Final = tuple((needle, kind) for kind, needles in _SIGNATURES for needle in needles)
+# _BOT searched for in parts: its plain words as substrings (a fast C search),
+# and "bot\b" only where "bot" occurs. The one regular expression tried every
+# alternative at every position of the User-Agent, for the same matches.
+_BOT_WORDS: Final = ("crawler", "spider", "facebookexternalhit")
+_BOT_END = re.compile(r"bot\b", re.ASCII)
 # Apple Mail Privacy Protection fetches with this bare User-Agent and no Referer
 # (no version, no platform, unlike every browser and mail client).
 _APPLE_MPP_USER_AGENT = "Mozilla/5.0"
@@ -59,12 +66,15 @@ def machine_open_kind(user_agent: str | None, referer: str | None) -> str | None
     if user_agent.strip() == _APPLE_MPP_USER_AGENT:
         return None if referer else "apple_mail_privacy"
     lowered = user_agent.lower()
-    for kind, needles in _SIGNATURES:
-        for needle in needles:
-            if needle in lowered:
-                return kind
-    if _BOT.search(lowered):
+    for needle, kind in _NEEDLES:
+        if needle in lowered:
+            return kind
+    # Whether _BOT.search(lowered) matches.
+    if "bot" in lowered and _BOT_END.search(lowered):
         return "bot"
+    for word in _BOT_WORDS:
+        if word in lowered:
+            return "bot"
     return None
 
 
