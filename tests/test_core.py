@@ -7,8 +7,11 @@ import dataclasses
 import gzip
 import itertools
 import json
+import subprocess
+import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -290,6 +293,56 @@ def test_default_ids_are_uuid4() -> None:
         parsed = uuid.UUID(text)
         assert (str(parsed), parsed.version, parsed.variant) == (text, 4, uuid.RFC_4122)
     assert record["id"] != record["event"]["messageId"]
+
+
+def test_default_ids_are_unique_across_threads() -> None:
+    # Ids come from one shared supply of random bytes, refilled as threads drain it.
+    def draw() -> list[str]:
+        return [base._uuid4() for _ in range(3_000)]
+
+    with ThreadPoolExecutor(8) as pool:
+        drawn = [text for batch in pool.map(lambda _: draw(), range(8)) for text in batch]
+    assert len(set(drawn)) == len(drawn) == 24_000
+
+
+def test_a_forked_child_makes_other_default_ids_than_its_parent() -> None:
+    # As in a pre-forking server that decoded a pixel before forking: the
+    # parent's unused random bytes must not become the child's ids too.
+    script = """if True:
+        import os, sys
+        from pixel_middleware.dialects.base import _uuid4
+        _uuid4()
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.write(write, " ".join(_uuid4() for _ in range(5)).encode())
+            os._exit(0)
+        os.close(write)
+        _, status = os.waitpid(pid, 0)
+        print(status, " ".join(_uuid4() for _ in range(5)), os.read(read, 4096).decode())
+        """
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    status, *ids = done.stdout.split()
+    assert status == "0"
+    assert len(ids) == len(set(ids)) == 10, ids
+
+
+@settings(max_examples=300)
+@given(
+    st.text(st.sampled_from("0123456789-+:.TZ tW"), max_size=40)
+    | st.datetimes(timezones=st.just(None) | st.timezones()).map(lambda moment: moment.isoformat())
+)
+@example("0001-01-01T00:00:00+01:00")  # before year 1 in UTC: an overflow
+@example("9999-12-31T23:59:59-01:00")  # after year 9999 in UTC
+@example("2026-11-23T16:20:05.123Z")
+def test_is_time_says_whether_a_time_parses(text: str) -> None:
+    assert base._is_time(text) is (base._parse_time(text) is not None)
+    # sentAt equal to originalTimestamp: nothing to correct, receivedAt if it is a time.
+    event = {"originalTimestamp": text, "sentAt": text}
+    expected = text if base._parse_time(text) is None else NOW_TEXT
+    assert base._timestamp(event, NOW, NOW_TEXT) == expected
 
 
 def test_same_request_same_record_bar_ids() -> None:
