@@ -59,12 +59,37 @@ _BOT_END = re.compile(r"bot\b", re.ASCII)
 _APPLE_MPP_USER_AGENT = "Mozilla/5.0"
 
 
+# Pixels come from few distinct User-Agents (browsers, a handful of mail
+# proxies): the kinds of those seen last, at most this many, forgotten all at
+# once when full. Only short ones, so the memory stays small whatever is sent.
+_SEEN_MAX: Final = 1_024
+_SEEN_MAX_CHARS: Final = 256
+_seen: dict[str, str | None] = {}
+_UNSEEN: Final[Any] = object()
+# What _user_agent_kind says of Apple Mail Privacy Protection's bare
+# User-Agent: the Referer decides.
+_APPLE: Final = "apple_mail_privacy_or_not"
+
+
 def machine_open_kind(user_agent: str | None, referer: str | None) -> str | None:
     """The kind of machine that fetched the pixel, or ``None`` (a person, as far as we know)."""
     if not user_agent:
         return None
-    if user_agent.strip() == _APPLE_MPP_USER_AGENT:
+    kind = _seen.get(user_agent, _UNSEEN)
+    if kind is _UNSEEN:
+        kind = _user_agent_kind(user_agent)
+        if len(user_agent) <= _SEEN_MAX_CHARS:
+            if len(_seen) >= _SEEN_MAX:
+                _seen.clear()
+            _seen[user_agent] = kind
+    if kind == _APPLE:
         return None if referer else "apple_mail_privacy"
+    return kind  # type: ignore[no-any-return]
+
+
+def _user_agent_kind(user_agent: str) -> str | None:
+    if user_agent.strip() == _APPLE_MPP_USER_AGENT:
+        return _APPLE
     lowered = user_agent.lower()
     for needle, kind in _NEEDLES:
         if needle in lowered:

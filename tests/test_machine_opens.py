@@ -171,4 +171,18 @@ _UA_PIECES = st.sampled_from(
 @example("Mozilla/5.0 (compatible; Googlebot/2.1)", None)
 @example("facebooKexternalhit/1.1", None)
 def test_the_kind_is_the_same_as_first_written(user_agent: str | None, referer: str | None) -> None:
-    assert machine_open_kind(user_agent, referer) == _kind_as_first_written(user_agent, referer)
+    # Seen for the first time, then again (remembered), then with other Referers.
+    for each in (referer, referer, None, "https://mail.example/"):
+        assert machine_open_kind(user_agent, each) == _kind_as_first_written(user_agent, each)
+
+
+def test_the_user_agents_remembered_stay_few_and_short() -> None:
+    seen = machine_opens._seen
+    limit, longest = machine_opens._SEEN_MAX, machine_opens._SEEN_MAX_CHARS
+    for n in range(3 * limit):
+        assert machine_open_kind(f"Agent/{n}", None) is None
+        assert len(seen) <= limit
+    machine_open_kind("b" * (longest - 3) + "bot", None)  # exactly as long as kept
+    assert seen["b" * (longest - 3) + "bot"] == "bot"
+    assert machine_open_kind("b" * (longest - 2) + "bot", None) == "bot"  # one over
+    assert "b" * (longest - 2) + "bot" not in seen
