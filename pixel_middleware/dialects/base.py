@@ -915,6 +915,11 @@ Answer = tuple[int, list[tuple[str, str]], bytes]
 
 def rejected_header(records: list[PixelRecord]) -> tuple[str, str] | None:
     """``X-Pixel-Rejected`` with every rule id of ``records`` (never request data)."""
+    for record in records:
+        if record["problems"]:
+            break
+    else:
+        return None  # nearly always: no generator and no dict to make
     rules = dict.fromkeys(p["rule"] for record in records for p in record["problems"])
     # Like Jitsu's X-Jitsu-Error, but only rule ids: never request data.
     return ("X-Pixel-Rejected", ", ".join(rules)) if rules else None
