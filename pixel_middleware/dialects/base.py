@@ -524,6 +524,13 @@ def _dot_form_event(
             # AMP sends its cookie JSON-quoted; rudder-server strips ^"(.*)"$.
             value = value[1:-1]
             _note(notes, "quotes_stripped")
+        if key and "." not in key:
+            # builder.set's first case, without the call: a top-level key.
+            if key in root:
+                _note(notes, "conflicting_param", key)
+            else:
+                root[key] = value
+            continue
         result = builder.set(key, value)
         if result is SetResult.SET:
             continue
