@@ -143,7 +143,8 @@ def test_decode_text() -> None:
 )
 @example(query=b"a=%2&6=b")  # an escape cut by "&" stays as it is
 @example(query=b"k%C3=%A9&x=%41")  # invalid UTF-8 at the end of a key
-@example(query=b"a%3Db=c&d=%26")  # escaped separators: each piece decoded alone
+@example(query=b"a%3Db=c&d=e%3Df")  # an escaped "=" stays in its key or value
+@example(query=b"a%3Db=c&d=%26")  # an escaped "&": each piece decoded alone
 def test_parse_query_decoding_the_whole_query_at_once_matches_the_oracle(query: bytes) -> None:
     parsed = parse_query(query, 10_000)
     assert parsed is not None
