@@ -345,6 +345,21 @@ def test_is_time_says_whether_a_time_parses(text: str) -> None:
     assert base._timestamp(event, NOW, NOW_TEXT) == expected
 
 
+@settings(max_examples=300)
+@given(st.datetimes(timezones=st.none() | st.timezones()))
+@example(datetime(1, 1, 1, 0, 30, tzinfo=timezone(timedelta(hours=1))))  # before year 1 in UTC
+def test_utc_naive_is_the_utc_time_without_its_zone(moment: datetime) -> None:
+    try:
+        expected = moment if moment.tzinfo is None else moment.astimezone(UTC)
+    except OverflowError:
+        with pytest.raises(OverflowError):
+            base._utc_naive(moment)
+        return
+    naive = base._utc_naive(moment)
+    assert naive.tzinfo is None
+    assert naive == expected.replace(tzinfo=None)
+
+
 def test_same_request_same_record_bar_ids() -> None:
     request = case_request(CASES[0])
     counter = itertools.count()
