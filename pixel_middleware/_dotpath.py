@@ -9,12 +9,16 @@ parameter to claim a path wins** (see docs/dialects.md, "Conflicts").
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 from typing import Any
 
 __all__ = ["DotPathBuilder", "SetResult"]
 
 _MISSING: Any = object()
+# A segment after the first made only of ASCII digits (str.isdigit() and
+# str.isascii()): the only kind that can make an array.
+_INDEX_SEGMENT = re.compile(r"\.[0-9]+(?:\.|\Z)")
 
 
 class SetResult(Enum):
@@ -68,6 +72,10 @@ class DotPathBuilder:
         count = len(segments)
         if count > self.max_depth:
             return SetResult.TOO_DEEP
+        if _INDEX_SEGMENT.search(key) is None:
+            # No segment past the first is a number (nearly always): one C
+            # search instead of a test of each segment.
+            return self._set_in_objects(segments, value)
         indexes: list[int | None] | None = None
         for position in range(1, count):
             segment = segments[position]

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-__all__ = ["HAVE_MSGSPEC", "dumps", "dumps_bytes", "fast_loads", "loads"]
+__all__ = ["HAVE_MSGSPEC", "dumps", "dumps_bytes", "fast_encode", "fast_loads", "loads"]
 
 msgspec: ModuleType | None
 try:
@@ -64,9 +64,15 @@ def _has_non_finite(value: Any) -> bool:
 #: msgspec's decoder (``ValueError`` or ``RecursionError`` for what it refuses),
 #: or ``None`` without msgspec; :func:`loads` is the safe way to call it.
 fast_loads: Callable[[str | bytes], Any] | None
+#: msgspec's encoder, raw: compact UTF-8 JSON, NaN written as ``null``, and
+#: ``TypeError``, ``ValueError`` or ``RecursionError`` for what it refuses; or
+#: ``None`` without msgspec. :func:`dumps_bytes` is the safe way to call it;
+#: this is for measuring a value cheaply (the core's stored-size bound).
+fast_encode: Callable[[Any], bytes] | None
 
 if msgspec is not None:
     _encode: Callable[[Any], bytes] = msgspec.json.Encoder().encode
+    fast_encode = _encode
     fast_loads = msgspec.json.Decoder().decode
 
     def dumps_bytes(value: Any) -> bytes:
@@ -100,6 +106,7 @@ if msgspec is not None:
 
     _decode = fast_loads
 else:
+    fast_encode = None
     fast_loads = None
     dumps = _stdlib_dumps
     dumps_bytes = _stdlib_dumps_bytes

@@ -194,6 +194,16 @@ def decode_data(
         # only padding that was there and wrong is worth a note.
         if unpadded != encoded and len(padded) != len(encoded):
             notes.append("padding_restored")
+        if scan is None and _FAST_LOADS is not None:
+            # msgspec reads the bytes themselves, checking their UTF-8 (which a
+            # JSON text only has inside strings), so no str is made of them.
+            # What it refuses goes the way of raw JSON below.
+            try:
+                value_read = _FAST_LOADS(raw)
+            except (ValueError, RecursionError):
+                pass
+            else:
+                return _checked(value_read, raw, None, max_depth, notes)
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -219,10 +229,30 @@ def decode_data(
             return None, "bad_json", notes
         if end != len(text) and text[end:].strip(_JSON_WHITESPACE):
             return None, "bad_json", notes
+    return _checked(decoded, None, text, max_depth, notes)
+
+
+def _checked(
+    decoded: Any, raw: bytes | None, text: str | None, max_depth: int, notes: list[str]
+) -> DataResult:
+    """The depth limit and the surrogate repair, given the JSON text as ``raw``
+    UTF-8 or as ``text``: they only count and look for ASCII, the same in both."""
     if isinstance(decoded, (dict, list)):
-        # Cheap pre-check: fewer openers than the limit cannot nest past it.
-        if text.count("{") + text.count("[") > max_depth and exceeds_depth(decoded, max_depth):
+        # Cheap pre-checks: fewer openers than the limit cannot nest past it,
+        # and only a \u escape can be a lone surrogate. (On bytes, a memchr.)
+        if raw is not None:
+            openers = raw.count(b"{") + raw.count(b"[")
+            escaped = b"\\u" in raw
+        else:
+            assert text is not None
+            openers = text.count("{") + text.count("[")
+            escaped = "\\u" in text
+        if openers > max_depth and exceeds_depth(decoded, max_depth):
             return None, "too_deep", notes
-        if "\\u" in text and _SURROGATE_ESCAPE.search(text) and repair_surrogates(decoded):
-            notes.append("invalid_utf8")
+        if escaped:
+            if text is None:
+                assert raw is not None
+                text = raw.decode("utf-8")  # msgspec read it: valid UTF-8
+            if _SURROGATE_ESCAPE.search(text) and repair_surrogates(decoded):
+                notes.append("invalid_utf8")
     return decoded, None, notes

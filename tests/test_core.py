@@ -7,11 +7,15 @@ import dataclasses
 import gzip
 import itertools
 import json
+import subprocess
+import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 from cases import (
@@ -45,6 +49,7 @@ from pixel_middleware.core import (
     not_kept_answer,
     split_target,
 )
+from pixel_middleware.dialects import base
 
 NOW = datetime(2026, 11, 23, 16, 20, 5, 123456, tzinfo=UTC)
 NOW_TEXT = "2026-11-23T16:20:05.123Z"
@@ -288,6 +293,71 @@ def test_default_ids_are_uuid4() -> None:
         parsed = uuid.UUID(text)
         assert (str(parsed), parsed.version, parsed.variant) == (text, 4, uuid.RFC_4122)
     assert record["id"] != record["event"]["messageId"]
+
+
+def test_default_ids_are_unique_across_threads() -> None:
+    # Ids come from one shared supply of random bytes, refilled as threads drain it.
+    def draw() -> list[str]:
+        return [base._uuid4() for _ in range(3_000)]
+
+    with ThreadPoolExecutor(8) as pool:
+        drawn = [text for batch in pool.map(lambda _: draw(), range(8)) for text in batch]
+    assert len(set(drawn)) == len(drawn) == 24_000
+
+
+def test_a_forked_child_makes_other_default_ids_than_its_parent() -> None:
+    # As in a pre-forking server that decoded a pixel before forking: the
+    # parent's unused random bytes must not become the child's ids too.
+    script = """if True:
+        import os, sys
+        from pixel_middleware.dialects.base import _uuid4
+        _uuid4()
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.write(write, " ".join(_uuid4() for _ in range(5)).encode())
+            os._exit(0)
+        os.close(write)
+        _, status = os.waitpid(pid, 0)
+        print(status, " ".join(_uuid4() for _ in range(5)), os.read(read, 4096).decode())
+        """
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    status, *ids = done.stdout.split()
+    assert status == "0"
+    assert len(ids) == len(set(ids)) == 10, ids
+
+
+@settings(max_examples=300)
+@given(
+    st.text(st.sampled_from("0123456789-+:.TZ tW"), max_size=40)
+    | st.datetimes(timezones=st.just(None) | st.timezones()).map(lambda moment: moment.isoformat())
+)
+@example("0001-01-01T00:00:00+01:00")  # before year 1 in UTC: an overflow
+@example("9999-12-31T23:59:59-01:00")  # after year 9999 in UTC
+@example("2026-11-23T16:20:05.123Z")
+def test_is_time_says_whether_a_time_parses(text: str) -> None:
+    assert base._is_time(text) is (base._parse_time(text) is not None)
+    # sentAt equal to originalTimestamp: nothing to correct, receivedAt if it is a time.
+    event = {"originalTimestamp": text, "sentAt": text}
+    expected = text if base._parse_time(text) is None else NOW_TEXT
+    assert base._timestamp(event, NOW, NOW_TEXT) == expected
+
+
+@settings(max_examples=300)
+@given(st.datetimes(timezones=st.none() | st.timezones()))
+@example(datetime(1, 1, 1, 0, 30, tzinfo=timezone(timedelta(hours=1))))  # before year 1 in UTC
+def test_utc_naive_is_the_utc_time_without_its_zone(moment: datetime) -> None:
+    try:
+        expected = moment if moment.tzinfo is None else moment.astimezone(UTC)
+    except OverflowError:
+        with pytest.raises(OverflowError):
+            base._utc_naive(moment)
+        return
+    naive = base._utc_naive(moment)
+    assert naive.tzinfo is None
+    assert naive == expected.replace(tzinfo=None)
 
 
 def test_same_request_same_record_bar_ids() -> None:
@@ -1084,6 +1154,148 @@ def test_stored_event_size_counts_non_ascii_as_escapes() -> None:
     over = decode(_query("/v1/pixel/track", b"data=" + _base64(data.encode())), config)
     assert over.record is not None
     assert (rules(over.record), over.record["event"]) == ({"too_large"}, None)
+
+
+# --- the stored size: a cheap bound, the exact size only near the limit ----------------
+
+# What makes the stores' text (compact, ASCII-only) longer than msgspec's UTF-8:
+# DEL and non-ASCII written as escapes, controls, astral characters; and floats,
+# which the two write differently (1e+16 and 1e16; 1e-05 and 0.00001).
+_SIZE_TEXT = st.text(
+    st.characters(codec="utf-8") | st.sampled_from('\x7f\x00\x1f\u2028\u00e9\U0001f600"\\'),
+    max_size=30,
+)
+_SIZE_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**200), max_value=2**200)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | _SIZE_TEXT
+    | st.text(st.characters(codec=None), max_size=5),  # lone surrogates: msgspec refuses them
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(_SIZE_TEXT, children, max_size=5)
+    ),
+    max_leaves=30,
+)
+
+
+def _stores_text_size(event: dict[str, Any]) -> int:
+    """The stored event's size as the limit defines it, computed here independently."""
+    return len(json.dumps(event, separators=(",", ":"), ensure_ascii=True))
+
+
+@settings(max_examples=500)
+@given(st.dictionaries(_SIZE_TEXT, _SIZE_VALUES, max_size=6))
+@example({"f": 1e15, "g": 1e16, "h": 1e-5, "t": 5e-324, "n": -1.2345678901234567e-300})
+@example({"del": "\x7f" * 40, "astral": "\U0001f600" * 5, "nul": "\x00", "big": 2**200})
+def test_the_stored_size_bound_is_an_upper_bound(event: dict[str, Any]) -> None:
+    msgspec = pytest.importorskip("msgspec")
+    exact = _stores_text_size(event)
+    limits = {exact - 1, exact, exact + 1}
+    try:
+        fast = len(msgspec.json.encode(event))
+    except (TypeError, ValueError):
+        pass  # msgspec refuses it (a lone surrogate): only the exact size can decide
+    else:
+        bound = base._STORED_SIZE_FACTOR * fast
+        assert exact <= bound
+        limits |= {bound - 1, bound, bound + 1}
+    for limit in sorted(limit for limit in limits if limit > 0):
+        assert base._larger_than(event, limit) is (exact > limit), limit
+
+
+def test_the_stored_size_bound_at_its_edges() -> None:
+    pytest.importorskip("msgspec")
+    # DEL is 1 byte in msgspec's text and 6 characters (\u007f) in the stores':
+    # the widest gap there is, so the bound is closest to the exact size here.
+    event = {"k": "\x7f" * 500}
+    exact = _stores_text_size(event)  # 8 + 6 * 500
+    assert exact == 3_008
+    bound = base._STORED_SIZE_FACTOR * (8 + 500)
+    expected = {
+        exact - 1: True,
+        exact: False,
+        exact + 1: False,
+        bound - 1: False,
+        bound: False,
+        bound + 1: False,
+    }
+    assert {limit: base._larger_than(event, limit) for limit in expected} == expected
+
+
+def test_the_exact_stored_size_is_computed_only_near_the_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pytest.importorskip("msgspec")
+    request = _query("/v1/pixel/track", b"data=" + _base64(_event_json("x" * 100)))
+    stored = decode(request, new_id=lambda: FIXED_ID).record
+    assert stored is not None
+    assert stored["event"] is not None
+    fast = len(json.dumps(stored["event"], separators=(",", ":"), ensure_ascii=False))
+    bound = base._STORED_SIZE_FACTOR * fast  # msgspec writes the same text for ASCII
+    exact_sizes: list[int] = []
+
+    def counted(event: dict[str, Any]) -> int:
+        exact_sizes.append(_stores_text_size(event))
+        return exact_sizes[-1]
+
+    monkeypatch.setattr(base, "_stored_size", counted)
+    for limit, exact_computed in ((bound, False), (bound - 1, True), (32_000, False)):
+        exact_sizes.clear()
+        config = PixelConfig(limits=Limits(max_event_bytes=limit))
+        record = decode(request, config, new_id=lambda: FIXED_ID).record
+        assert record == stored, limit
+        assert exact_sizes == ([fast] if exact_computed else []), limit
+
+
+_SIZE_USER_AGENTS = st.sampled_from(
+    [None, "Mozilla/5.0", "curl/8", "\x7f" * 30, "Bot \xc3\xa9\xf0\x9f\x98\x80", "x" * 1_500]
+)
+
+
+@st.composite
+def _varied_pixels(draw: st.DrawFn) -> tuple[PixelRequest, PixelConfig]:
+    """Pixels of every dialect and limits near their stored sizes, so both paths decide."""
+    kind = draw(st.sampled_from(["segment", "segment-raw", "rudderstack", "ga4"]))
+    limit = draw(st.integers(min_value=50, max_value=4_000))
+    headers = {"peer": PEER, "user_agent": draw(_SIZE_USER_AGENTS)}
+    if kind.startswith("segment"):
+        event = draw(st.dictionaries(_SIZE_TEXT, _SIZE_VALUES, max_size=6))
+        event.update(draw(st.fixed_dictionaries({}, optional={"writeKey": _SIZE_TEXT})))
+        event.update(draw(st.fixed_dictionaries({}, optional={"userId": _SIZE_VALUES})))
+        text = json.dumps(event, ensure_ascii=draw(st.booleans())).encode("utf-8", "surrogatepass")
+        data = (
+            text.replace(b"%", b"%25").replace(b"&", b"%26")
+            if kind == "segment-raw"
+            else _base64(text)
+        )
+        call = draw(st.sampled_from(["track", "page", "identify"]))
+        return _query(f"/v1/pixel/{call}", b"data=" + data, **headers), PixelConfig(
+            limits=Limits(max_event_bytes=limit)
+        )
+    params = draw(st.dictionaries(_SIZE_TEXT, _SIZE_TEXT, max_size=8))
+    query = urlencode(params).encode()
+    if kind == "rudderstack":
+        path, dialects = "/pixel/v1/track", frozenset({"rudderstack"})
+        query += b"&writeKey=k&anonymousId=a&event=E"
+    else:
+        path, dialects = "/g/collect", frozenset({"ga4"})
+        query += b"&v=2&tid=G-X&cid=1.2&en=page_view"
+    config = PixelConfig(dialects=dialects, limits=Limits(max_event_bytes=limit))
+    return _query(path, query, **headers), config
+
+
+@settings(max_examples=400)
+@given(_varied_pixels())
+def test_the_cheap_bound_and_the_exact_size_make_the_same_records(
+    pixel: tuple[PixelRequest, PixelConfig],
+) -> None:
+    request, config = pixel
+    fast = decode(request, config, new_id=lambda: FIXED_ID)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(base, "_fast_encode", None)  # the exact size alone, as before
+        exact = decode(request, config, new_id=lambda: FIXED_ID)
+    assert fast == exact
 
 
 # --- the GIF, checked against bytes written out here and parsed independently ---------

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from pixel_middleware import _dotpath
 from pixel_middleware._dotpath import DotPathBuilder, SetResult
 
 SET = SetResult.SET
@@ -128,3 +129,16 @@ def test_array_slots_are_counted_exactly(
     builder = DotPathBuilder(root, max_depth=5, max_slots=max_slots)
     assert [builder.set(key, "v").name for key in keys] == results
     assert root == expected
+
+
+@settings(max_examples=500)
+@given(st.lists(st.text(st.sampled_from("0129a.\u0663\n "), min_size=1, max_size=4), max_size=5))
+@example(["a", "12\n"])
+@example(["7", "x"])
+@example(["a", "\u0663"])  # an Arabic-Indic digit: isdigit(), but no index
+def test_the_index_search_finds_exactly_the_numeric_segments(segments: list[str]) -> None:
+    key = ".".join(segments)
+    pieces = key.split(".")
+    numeric = any(piece.isdigit() and piece.isascii() for piece in pieces[1:])
+    if "" not in pieces:
+        assert (_dotpath._INDEX_SEGMENT.search(key) is not None) is numeric

@@ -11,8 +11,11 @@ from pathlib import Path
 import pytest
 import requests
 from cases import UA, segment_data
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from test_cli import Collector, run
 
+from pixel_middleware import machine_opens
 from pixel_middleware.core import GIF, PixelConfig, PixelRequest, decode_pixel
 from pixel_middleware.machine_opens import MACHINE_KINDS, machine_kind_of, machine_open_kind
 from pixel_middleware.record_filter import count_records
@@ -132,3 +135,54 @@ def test_serve_counts_machine_opens_and_events_prints_them(
     assert status == 0
     assert len(out.splitlines()) == 3
     assert "machine opens: 2 of 3" in err
+
+
+def _kind_as_first_written(user_agent: str | None, referer: str | None) -> str | None:
+    """machine_open_kind as it was before it was made faster: nested loops, one pattern."""
+    if not user_agent:
+        return None
+    if user_agent.strip() == "Mozilla/5.0":
+        return None if referer else "apple_mail_privacy"
+    lowered = user_agent.lower()
+    for kind, needles in machine_opens._SIGNATURES:
+        for needle in needles:
+            if needle in lowered:
+                return kind
+    return "bot" if machine_opens._BOT.search(lowered) else None
+
+
+# Pieces of every signature, word boundaries, case and Unicode that lower-cases
+# to ASCII (the Kelvin sign to "k").
+_UA_PIECES = st.sampled_from(
+    [
+        "bot", "Bot", "BOT", "robot", "bots", "bot_", "bot-", "boté", "crawl", "crawler",
+        "spider", "facebook", "externalhit", "facebooKexternalhit", "\u212a", "ggpht.com",
+        "googleimageproxy", "YahooMailProxy", "Mimecast", "SafeLinks", "phantomjs",
+        "HeadlessChrome", "Mozilla/5.0", " ", "/", ".", "1", "é", "\u0130",
+    ]
+)  # fmt: skip
+
+
+@settings(max_examples=500)
+@given(
+    st.none() | st.lists(_UA_PIECES | st.text(max_size=4), max_size=8).map("".join),
+    st.none() | st.just("") | st.just("https://mail.example/"),
+)
+@example("Mozilla/5.0 (compatible; Googlebot/2.1)", None)
+@example("facebooKexternalhit/1.1", None)
+def test_the_kind_is_the_same_as_first_written(user_agent: str | None, referer: str | None) -> None:
+    # Seen for the first time, then again (remembered), then with other Referers.
+    for each in (referer, referer, None, "https://mail.example/"):
+        assert machine_open_kind(user_agent, each) == _kind_as_first_written(user_agent, each)
+
+
+def test_the_user_agents_remembered_stay_few_and_short() -> None:
+    seen = machine_opens._seen
+    limit, longest = machine_opens._SEEN_MAX, machine_opens._SEEN_MAX_CHARS
+    for n in range(3 * limit):
+        assert machine_open_kind(f"Agent/{n}", None) is None
+        assert len(seen) <= limit
+    machine_open_kind("b" * (longest - 3) + "bot", None)  # exactly as long as kept
+    assert seen["b" * (longest - 3) + "bot"] == "bot"
+    assert machine_open_kind("b" * (longest - 2) + "bot", None) == "bot"  # one over
+    assert "b" * (longest - 2) + "bot" not in seen

@@ -12,6 +12,7 @@ from pixel_middleware import _query
 from pixel_middleware._query import (
     decode_component,
     decode_text,
+    parse_pieces,
     parse_query,
     percent_decode,
     split_query,
@@ -128,3 +129,37 @@ def test_parse_query_matches_the_obvious_implementation(query: bytes) -> None:
 def test_decode_text() -> None:
     assert decode_text(b"caf\xc3\xa9") == ("café", False)
     assert decode_text(b"caf\xe9") == ("caf\ufffd", True)
+
+
+@settings(max_examples=500)
+@given(
+    query=st.lists(
+        escapy
+        | st.sampled_from(
+            [b"=", b"&", b"a", b"%26", b"%3D", b"%3d", b"%2", b"6", b"%C3", b"%A9", b"\xff", b"+"]
+        ),
+        max_size=10,
+    ).map(b"".join)
+)
+@example(query=b"a=%2&6=b")  # an escape cut by "&" stays as it is
+@example(query=b"k%C3=%A9&x=%41")  # invalid UTF-8 at the end of a key
+@example(query=b"a%3Db=c&d=e%3Df")  # an escaped "=" stays in its key or value
+@example(query=b"a%3Db=c&d=%26")  # an escaped "&": each piece decoded alone
+def test_parse_query_decoding_the_whole_query_at_once_matches_the_oracle(query: bytes) -> None:
+    parsed = parse_query(query, 10_000)
+    assert parsed is not None
+    params, size, _ = parsed
+    assert params == _oracle(query)
+    assert size == sum(
+        len(unquote_to_bytes(part.replace(b"+", b" ")))
+        for piece in query.split(b"&")
+        if piece
+        for part in piece.partition(b"=")[::2]
+    )
+    # The same as each piece parsed alone (a single piece is decoded by parts).
+    alone = [parse_pieces([piece]) for piece in query.split(b"&") if piece]
+    assert parsed == (
+        [pair for each in alone for pair in each[0]],
+        sum(each[1] for each in alone),
+        any(each[2] for each in alone),
+    )

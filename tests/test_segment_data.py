@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from pixel_middleware import _segment_data
@@ -251,3 +251,27 @@ def test_fallback_scanner_gives_the_same_results(raw: bytes, encoding: str) -> N
 def test_fallback_scanner_agrees_on_any_text(text: str) -> None:
     raw = text.encode("utf-8", "surrogatepass")
     assert decode_data(raw, 10_000, 8, scan=FALLBACK) == decode_data(raw, 10_000, 8)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    raw=st.text(alphabet='{}[]",:0123456789.eE+- \\untrlfasNIy\ud800\xe9', max_size=40).map(
+        lambda text: text.encode("utf-8", "surrogatepass")
+    )
+    | st.binary(max_size=40).map(lambda junk: b'{"a": "' + junk + b'"}')
+    | st.recursive(
+        st.none() | st.booleans() | st.floats(allow_nan=False) | st.integers() | st.text(),
+        lambda children: (
+            st.lists(children, max_size=3)
+            | st.dictionaries(st.text(max_size=5), children, max_size=3)
+        ),
+        max_leaves=10,
+    ).map(lambda value: json.dumps(value, ensure_ascii=False).encode("utf-8", "surrogatepass")),
+    prefix=st.sampled_from([b"", b" ", b"\xef\xbb\xbf", b"\n\t"]),
+)
+@example(raw=b'{"k\xff": 1}', prefix=b"")  # invalid UTF-8 in a key
+@example(raw=b'{"a": "\\ud800", "b": ' + b"[" * 9 + b"]" * 9 + b"}", prefix=b"")
+def test_base64_read_from_bytes_agrees_with_the_fallback_scanner(raw: bytes, prefix: bytes) -> None:
+    # The fast path hands the decoded bytes to msgspec; the fallback reads their text.
+    value = base64.urlsafe_b64encode(prefix + raw).rstrip(b"=")
+    assert decode_data(value, 10_000, 8, scan=FALLBACK) == decode_data(value, 10_000, 8)

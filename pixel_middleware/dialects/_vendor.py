@@ -43,10 +43,10 @@ from pixel_middleware.dialects.base import (
     Problem,
     Route,
     _enrich,
+    _larger_than,
     _note,
     _Notes,
     _problem,
-    _stored_size,
     fixed_answer,
     make_record,
     rejected_header,
@@ -261,7 +261,7 @@ def _records(
             hit_notes,
             problems,
         )
-        if _stored_size(event) > limits.max_event_bytes:
+        if _larger_than(event, limits.max_event_bytes):
             problems.append(_problem("too_large"))
             event = None
         records.append(record(hit.call, hit.write_key, event, problems, hit_notes))
