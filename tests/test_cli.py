@@ -1019,6 +1019,18 @@ def _running(pid: int) -> bool:
     return stat[stat.rfind(")") + 2] != "Z"
 
 
+def test_serve_stops_on_a_sigterm_sent_while_its_workers_start(tmp_path: Path) -> None:
+    # The start line comes before the workers run: a service manager's stop at
+    # that moment must still stop every worker, not leave serve waiting on one.
+    for attempt in range(3):
+        collector = Collector(tmp_path, "--workers", "2", "--quiet")
+        try:
+            status, err = collector.stop(signal.SIGTERM)
+        finally:
+            collector.kill()
+        assert status == 0, (attempt, err)
+
+
 def _children(pid: int) -> list[int]:
     text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
     return [int(child) for child in text.split()]
