@@ -10,8 +10,10 @@ Under ``gunicorn -w 2 -k gthread --threads 4 --worker-connections 8``:
 
 And as a user gets them from the package:
 
-- ``pixel-middleware serve`` as shipped, durable SQLite store;
-- the hand-written view on serve's own server (waitress, serve's thread count).
+- ``pixel-middleware serve`` as shipped (granian, its default workers and
+  threads), durable SQLite store;
+- the hand-written view on serve's own server: granian's WSGI interface with
+  serve's worker and thread counts.
 
 ``--worker-connections 8`` (wrk's 16 connections over 2 workers) keeps the
 kernel from handing most connections to one worker in some rounds, which made
@@ -31,10 +33,11 @@ from pathlib import Path
 
 from bench.apps import handwritten_message_ids
 from bench.payloads import segment_template
-from bench.processes import BenchError
+from bench.processes import BenchError, free_port
 from bench.results import Row, at_least, median_ratio
 from bench.rounds import CONNECTIONS, ServerUnderLoad, kept_row, run_rounds, store_message_ids
 from bench.settings import Settings
+from pixel_middleware.cli import DEFAULT_WORKERS
 
 NAME = "http"
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,8 +49,10 @@ SERVE_VS_NOOP = at_least(2.0)
 SERVE_VS_HANDWRITTEN = at_least(5.0)
 GUNICORN_READY = r"Listening at: http://127\.0\.0\.1:(\d+)"
 SERVE_READY = r"Collecting pixels on http://127\.0\.0\.1:(\d+)/"
-WAITRESS_READY = r"Serving on http://127\.0\.0\.1:(\d+)"
+SERVE_WORKERS = DEFAULT_WORKERS  # serve's default --workers
 SERVE_THREADS = 8  # serve's default --threads
+# granian says nothing of its port before it is bound: the last worker's start.
+GRANIAN_READY = rf"Started worker-{SERVE_WORKERS}"
 
 
 def gunicorn_argv(app: str) -> list[str]:
@@ -97,6 +102,7 @@ def run(settings: Settings) -> list[Row]:
     serve_path = settings.workdir / "http-serve.sqlite3"
     serve_hand_path = settings.workdir / "http-serve-handwritten.sqlite3"
     bin_dir = Path(sys.executable).parent
+    granian_port = free_port()
     servers = {
         "limit": gunicorn("no-op GIF app", "bench.apps:noop_gif_app()"),
         "ours": gunicorn("PixelMiddleware", "bench.apps:middleware_app()", BENCH_STORE=store_url),
@@ -113,7 +119,6 @@ def run(settings: Settings) -> list[Row]:
                 "serve",
                 "--port=0",
                 f"--store=sqlite:///{serve_path}",
-                f"--threads={SERVE_THREADS}",
                 "--quiet",
             ],
             SERVE_READY,
@@ -121,23 +126,27 @@ def run(settings: Settings) -> list[Row]:
             cwd=settings.workdir,
         ),
         "serve_handwritten": ServerUnderLoad(
-            "hand-written Flask view on waitress",
+            "hand-written Flask view on granian",
             [
                 sys.executable,
                 "-m",
-                "waitress",
-                "--listen=127.0.0.1:0",
-                f"--threads={SERVE_THREADS}",
-                "--call",
+                "granian",
+                "--interface=wsgi",
+                "--factory",
+                f"--workers={SERVE_WORKERS}",
+                f"--blocking-threads={SERVE_THREADS}",
+                "--host=127.0.0.1",
+                f"--port={granian_port}",
                 "bench.apps:handwritten_app",
             ],
-            WAITRESS_READY,
+            GRANIAN_READY,
             {
                 "PYTHONPATH": str(ROOT),
                 "BENCH_SQLITE_PATH": str(serve_hand_path),
                 "BENCH_SQLITE_SYNCHRONOUS": sqlite_synchronous(store_url),
             },
             cwd=settings.workdir,
+            port=granian_port,
         ),
     }
     seconds = settings.pick(6.0, 3.0, 1.0)
@@ -218,19 +227,20 @@ def run(settings: Settings) -> list[Row]:
             ratio=serve_vs_noop,
             target=SERVE_VS_NOOP,
             baseline_name="no-op",
-            note=f"serve --threads {SERVE_THREADS} as shipped (one process, waitress)",
+            note=f"serve as shipped: granian, {SERVE_WORKERS} workers x {SERVE_THREADS} threads",
             samples=serve_noop_samples,
         ),
         Row(
             bench=NAME,
-            name="pixel-middleware serve vs hand-written Flask view on waitress",
+            name="pixel-middleware serve vs hand-written Flask view on granian",
             ours=statistics.median(serve.rates),
             baseline=statistics.median(serve_hand.rates),
             unit="req/s",
             ratio=serve_vs_hand,
             target=SERVE_VS_HANDWRITTEN,
             baseline_name="hand-written",
-            note=f"waitress --threads {SERVE_THREADS}: serve's own server",
+            note=f"granian --workers {SERVE_WORKERS} --blocking-threads {SERVE_THREADS}:"
+            " serve's own server",
             samples=serve_hand_samples,
         ),
         Row(

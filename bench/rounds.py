@@ -33,6 +33,7 @@ class ServerUnderLoad:
     ready: str  # regex capturing the port
     env: dict[str, str] = field(default_factory=dict)
     cwd: Path | None = None
+    port: int = 0  # for a server told its port (``ready`` then captures none)
     server: Server | None = None
     loads: list[LoadResult] = field(default_factory=list)  # measured rounds only
     sent: int = 0  # every request sent, warm-up included
@@ -42,7 +43,12 @@ class ServerUnderLoad:
 
     def launch(self, workdir: Path, label: str) -> None:
         self.server = Server(
-            self.argv, ready=self.ready, log=workdir / f"{label}.log", env=self.env, cwd=self.cwd
+            self.argv,
+            ready=self.ready,
+            log=workdir / f"{label}.log",
+            env=self.env,
+            cwd=self.cwd,
+            port=self.port,
         ).launch()
 
     def stop(self) -> None:

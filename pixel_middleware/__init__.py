@@ -2,8 +2,8 @@
 
 ``pixel_middleware.core`` is stdlib-only, and so are the WSGI and ASGI
 middlewares, the recorder and the SQLite, JSONL and memory stores; werkzeug is
-needed only by the standalone collector (and waitress by ``pixel-middleware
-serve``). ``PixelMiddleware`` (WSGI) and ``PixelASGIMiddleware`` are imported on
+needed only by the standalone collector (and granian or waitress by
+``pixel-middleware serve``). ``PixelMiddleware`` (WSGI) and ``PixelASGIMiddleware`` are imported on
 first use, so that importing the package for the core starts no recorder and
 loads no store.
 """

@@ -1,6 +1,6 @@
 """The ``pixel-middleware`` command: run the collector, read records, build and check URLs.
 
-    pixel-middleware serve [--port 8000] [--store URL]   # the collector, on waitress
+    pixel-middleware serve [--port 8000] [--store URL]   # the collector, on granian
     pixel-middleware events [--follow]                   # what arrived, oldest first
     pixel-middleware encode --write-key KEY --call track '{"userId": "u1", "event": "E"}'
     pixel-middleware decode URL                          # the record a URL would produce
@@ -49,9 +49,13 @@ from pixel_middleware.stores import (
 __all__ = ["main"]
 
 PROG = "pixel-middleware"
-# What `serve` gives waitress: enough connections that a few hundred slow
+# What `serve` gives its server: enough connections that a few hundred slow
 # clients (slowloris) leave room for real pixels, and idle ones closed soon.
 DEFAULT_CONNECTION_LIMIT = 1000
+# granian worker processes: on 2 cores, 2 served the most pixels per second
+# (docs/benchmarks.md); one worker serves a little more per CPU-second.
+DEFAULT_WORKERS = 2
+MAX_WORKERS = 64
 MAX_CONNECTION_LIMIT = 100_000
 DEFAULT_CHANNEL_TIMEOUT = 10
 DEFAULT_CLEANUP_INTERVAL = 2
@@ -97,8 +101,10 @@ def _build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve",
         help="run the collector",
-        description="Run the collector on waitress (pure Python, production-grade,"
-        " threaded: concurrent pixels share one durable commit). It answers pixels at"
+        description="Run the collector on granian (a Rust HTTP server; the collector runs"
+        " in --workers processes, each with --threads threads whose concurrent pixels"
+        " share one durable commit), or on waitress (--server waitress: pure Python,"
+        " one process). It answers pixels at"
         " /v1/pixel/<call> (Segment) and /pixel/v1/page|track (RudderStack), shows how"
         " to send one and what arrived at /, and the latest records at /events.json."
         " Those pages are served to this machine only, unless a read token is set"
@@ -115,11 +121,26 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_config_options(serve)
     serve.add_argument(
+        "--server",
+        choices=("granian", "waitress"),
+        default="granian",
+        help="the HTTP server (%(default)s): granian serves about twice the pixels per"
+        " CPU-second; waitress is pure Python, in one process",
+    )
+    serve.add_argument(
+        "--workers",
+        type=_workers,
+        default=DEFAULT_WORKERS,
+        metavar="N",
+        help="granian worker processes (%(default)s); one for a memory:// store,"
+        " which a process cannot share",
+    )
+    serve.add_argument(
         "--threads",
         type=_positive_int,
         default=8,
         metavar="N",
-        help="worker threads (%(default)s); pixels arriving together share one commit",
+        help="threads per worker (%(default)s); pixels arriving together share one commit",
     )
     serve.add_argument(
         "--rudderstack-response",
@@ -170,23 +191,25 @@ def _build_parser() -> argparse.ArgumentParser:
         type=_connection_limit,
         default=DEFAULT_CONNECTION_LIMIT,
         metavar="N",
-        help="connections open at once (%(default)s); beyond it new ones wait in the"
-        " listen backlog. High, so that slow clients cannot take every one",
+        help="connections open at once (%(default)s; granian: shared among the workers);"
+        " beyond it new ones wait in the listen backlog. High, so that slow clients"
+        " cannot take every one",
     )
     serve.add_argument(
         "--channel-timeout",
         type=_seconds,
         default=DEFAULT_CHANNEL_TIMEOUT,
         metavar="SECONDS",
-        help="close a connection after this many seconds with no bytes sent or received"
-        " (%(default)s)",
+        help="granian: close a connection that has not sent a request's headers within"
+        " this many seconds; waitress: close one after this many seconds with no bytes"
+        " sent or received (%(default)s)",
     )
     serve.add_argument(
         "--cleanup-interval",
         type=_seconds,
         default=DEFAULT_CLEANUP_INTERVAL,
         metavar="SECONDS",
-        help="how often idle connections are looked for and closed (%(default)s)",
+        help="waitress: how often idle connections are looked for and closed (%(default)s)",
     )
     serve.add_argument(
         "--allow-reset",
@@ -535,27 +558,42 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         left = 0
     from pixel_middleware.pixel_printer import PixelPrinter
 
+    app_options: dict[str, Any] = {
+        "write_keys": args.write_keys,
+        "prefix": args.prefix,
+        "trusted_proxies": args.trusted_proxies,
+        "rudderstack_response": args.rudderstack_response,
+        "routes": routes,
+        "dialects": tuple(dict.fromkeys(args.dialects or DEFAULT_DIALECTS)),
+        "durable": not args.fire_and_forget,
+        "read_token": read_token,
+        "public_reads": args.public_reads,
+        "allow_reset": args.allow_reset,
+    }
     # Counts the records of this run; prints a line for each unless --quiet.
     printer = PixelPrinter(sys.stdout, show=not args.quiet)
     try:
-        app = create_app(
-            store=store,
-            on_record=printer,
-            write_keys=args.write_keys,
-            prefix=args.prefix,
-            trusted_proxies=args.trusted_proxies,
-            rudderstack_response=args.rudderstack_response,
-            routes=routes,
-            dialects=tuple(dict.fromkeys(args.dialects or DEFAULT_DIALECTS)),
-            durable=not args.fire_and_forget,
-            read_token=read_token,
-            public_reads=args.public_reads,
-            allow_reset=args.allow_reset,
-        )
+        app = create_app(store=store, on_record=printer, **app_options)
     except (ValueError, TypeError, StoreError, OSError) as exc:
         store.close()
         printer.close()
         return _fail(parser, redact_url(str(exc)))
+    if args.server == "granian":
+        # This process only checked that the collector can be built: each
+        # worker builds its own (a store connection must not cross a fork).
+        description = _describe_store(app.store)
+        workers = 1 if _process_local(app.store) else args.workers
+        app.close()
+        printer.close()
+        return _serve_on_granian(
+            args,
+            parser,
+            app_options,
+            description=description,
+            workers=workers,
+            left=left,
+            spool=spool,
+        )
     connection_limit = _fit_file_limit(args.connection_limit, args.threads)
 
     # waitress leaves its loop (and stops its threads) on SystemExit or
@@ -625,6 +663,130 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         _print_run_summary(printer.seen, spool)
         signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _serve_on_granian(
+    args: argparse.Namespace,
+    parser: argparse.ArgumentParser,
+    app_options: dict[str, Any],
+    *,
+    description: str,
+    workers: int,
+    left: int,
+    spool: Path,
+) -> int:
+    """Run the collector in granian's worker processes (``serve``'s default server)."""
+    import ipaddress
+    import multiprocessing
+    import socket
+    from functools import partial
+
+    from granian.constants import HTTPModes, Interfaces
+    from granian.http import HTTP1Settings
+    from granian.log import LogLevels
+
+    from pixel_middleware import _serve_granian
+
+    host = args.host
+    try:
+        ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:  # a name: granian binds addresses, so the first one it resolves to
+        try:
+            host = str(socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0])
+        except OSError as exc:
+            parser.exit(1, f"{parser.prog}: cannot listen on {args.host}:{args.port}: {exc}\n")
+    connection_limit = _fit_file_limit(args.connection_limit, args.threads * workers)
+    # Shared with the workers: each adds the records it recorded when it stops.
+    recorded = multiprocessing.Value("q", 0)
+    plan = _serve_granian.WorkerPlan(
+        app_options={"store": args.store, **app_options},
+        show_lines=not args.quiet,
+        parent_pid=os.getpid(),
+    )
+    server = _serve_granian.SharedSocketServer(
+        PROG,
+        address=host,
+        port=args.port,
+        interface=Interfaces.WSGI,
+        workers=workers,
+        blocking_threads=args.threads,
+        # backpressure: the requests a worker takes at once; granian accepts no
+        # more connections past it, so this is the connection limit.
+        backpressure=max(1, connection_limit // workers),
+        http=HTTPModes.http1,
+        http1_settings=HTTP1Settings(header_read_timeout=args.channel_timeout * 1000),
+        # Only granian's errors, on stderr: stdout carries the pixel lines.
+        log_level=LogLevels.error,
+        log_dictconfig=_GRANIAN_LOGGING,
+    )
+
+    def started() -> None:  # the socket listens; the workers start next
+        listening = _url(*server.bound)
+        print(
+            f"Collecting pixels on {listening} (store: {description}); Ctrl-C to stop", flush=True
+        )
+        if not (args.public_reads or app_options["read_token"] or _loopback(host)):
+            print(
+                f"Records (/, /events.json) are shown to this machine only; set"
+                f" {READ_TOKEN_ENV_VAR} to read them from elsewhere",
+                file=sys.stderr,
+                flush=True,
+            )
+        if left:
+            print(
+                f"{left} record(s) left in the spool {spool}/ by an earlier run: they go to"
+                " the store first, then new pixels",
+                flush=True,
+            )
+
+    server.on_startup(started)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    status = 0
+    try:
+        # granian stops on SIGINT or SIGTERM: it sends SIGTERM to each worker,
+        # which answers what is in flight, flushes its recorder, then exits.
+        server.serve(
+            spawn_target=_serve_granian.run_worker,
+            target_loader=partial(_serve_granian.load_app, plan, recorded),
+            wrap_loader=False,
+        )
+    except OSError as exc:
+        parser.exit(1, f"{parser.prog}: cannot listen on {args.host}:{args.port}: {exc}\n")
+    except SystemExit as exc:  # a worker died (its error is on stderr)
+        status = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    _print_run_summary(int(recorded.value), spool)
+    return status
+
+
+# granian's log on stderr (its default is stdout), in the format of serve's own.
+_GRANIAN_LOGGING: dict[str, Any] = {
+    "formatters": {
+        "generic": {"()": "logging.Formatter", "fmt": "%(levelname)s %(name)s: %(message)s"},
+        "access": {"()": "logging.Formatter", "fmt": "%(message)s"},
+    },
+    "handlers": {
+        "console": {
+            "formatter": "generic",
+            "class": "logging.StreamHandler",
+            "stream": "ext://sys.stderr",
+        },
+        "access": {
+            "formatter": "access",
+            "class": "logging.StreamHandler",
+            "stream": "ext://sys.stderr",
+        },
+    },
+    "root": {"handlers": ["console"], "level": "WARNING"},
+}
+
+
+def _process_local(store: object) -> bool:
+    """Whether a store lives in this process only (memory://): one worker must hold it."""
+    children = [store, *getattr(store, "stores", ())]
+    return any(str(getattr(child, "url", "")).startswith("memory:") for child in children)
 
 
 def _print_run_summary(recorded: int, spool: Path) -> None:
@@ -1168,6 +1330,10 @@ def _port(text: str) -> int:
 
 def _connection_limit(text: str) -> int:
     return int(_number(text, int, 1, MAX_CONNECTION_LIMIT, f"1 to {MAX_CONNECTION_LIMIT}"))
+
+
+def _workers(text: str) -> int:
+    return int(_number(text, int, 1, MAX_WORKERS, f"1 to {MAX_WORKERS}"))
 
 
 def _seconds(text: str) -> int:

@@ -38,7 +38,7 @@ only:
 
 Anyone else gets a 403 saying how to get access.
 
-Run it with ``pixel-middleware serve`` (waitress), or under any WSGI server::
+Run it with ``pixel-middleware serve`` (granian), or under any WSGI server::
 
     gunicorn 'pixel_middleware.collector:create_app()'   # PIXEL_STORE, PIXEL_READ_TOKEN
 

@@ -1,7 +1,7 @@
 """A real collector (``create_app``) served by werkzeug on 127.0.0.1 and a free port.
 
 For the API's and the live page's tests: threaded, so that a long poll and a
-pixel are answered at the same time, as under waitress.
+pixel are answered at the same time, as under `serve`.
 """
 
 from __future__ import annotations

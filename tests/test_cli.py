@@ -6,6 +6,7 @@ import concurrent.futures
 import contextlib
 import html
 import json
+import os
 import queue
 import re
 import shlex
@@ -74,6 +75,7 @@ def test_every_command_has_help(command: list[str], capsys: pytest.CaptureFixtur
 
 def test_serve_help_names_the_server(capsys: pytest.CaptureFixture[str]) -> None:
     _, out, _ = run(capsys, "serve", "--help")
+    assert "granian" in out
     assert "waitress" in out
     assert "--port" in out
 
@@ -681,10 +683,11 @@ def stored(store_url: str, capsys: pytest.CaptureFixture[str]) -> list[PixelReco
     return [json.loads(line) for line in out.splitlines()]
 
 
+@pytest.mark.parametrize("server", ["granian", "waitress"])
 def test_serve_answers_pixels_and_flushes_on_sigterm(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], server: str
 ) -> None:
-    collector = Collector(tmp_path)
+    collector = Collector(tmp_path, "--server", server)
     try:
         assert collector.store_url in collector.banner
         page = requests.get(collector.url, timeout=5)
@@ -920,6 +923,187 @@ def test_slow_clients_do_not_keep_pixels_from_being_answered(tmp_path: Path) -> 
     assert max(answered) < 3
 
 
+def _port(collector: Collector) -> int:
+    return int(collector.url.rsplit(":", 1)[1].strip("/"))
+
+
+def _hold(port: int, count: int) -> list[socket.socket]:
+    """``count`` connections that sent half a request line, and nothing more."""
+    held = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        sock.sendall(b"GET /pixel/v1/track?writeKey=k")
+        held.append(sock)
+    time.sleep(0.3)  # accepted by the server, or waiting in its backlog
+    return held
+
+
+@pytest.mark.parametrize("held", [1, 2], ids=["under-the-limit", "at-the-limit"])
+def test_serve_connection_limit_keeps_further_connections_waiting(
+    tmp_path: Path, held: int
+) -> None:
+    collector = Collector(tmp_path, "--workers", "1", "--connection-limit", "2", "--quiet")
+    url = collector.url + "pixel/v1/track?writeKey=k&anonymousId=a&event=E"
+    sockets = _hold(_port(collector), held)
+    try:
+        if held < 2:
+            assert requests.get(url, timeout=1.5).status_code == 200
+        else:
+            # Its connection waits in the backlog until one of the two closes.
+            with pytest.raises(requests.exceptions.ReadTimeout):
+                requests.get(url, timeout=1.5)
+            sockets.pop().close()
+            assert requests.get(url, timeout=5).status_code == 200
+    finally:
+        for sock in sockets:
+            sock.close()
+        status, err = collector.stop(signal.SIGTERM)
+    assert status == 0, err
+
+
+def test_serve_channel_timeout_closes_a_connection_that_never_sends_its_headers(
+    tmp_path: Path,
+) -> None:
+    collector = Collector(
+        tmp_path, "--workers", "1", "--connection-limit", "1", "--channel-timeout", "1", "--quiet"
+    )
+    url = collector.url + "pixel/v1/track?writeKey=k&anonymousId=a&event=E"
+    [slow] = _hold(_port(collector), 1)
+    try:
+        started = time.monotonic()
+        # Waits for the only connection's place, freed when its headers are 1 s late.
+        assert requests.get(url, timeout=10).status_code == 200
+        assert 0.5 < time.monotonic() - started < 5
+        slow.settimeout(5)
+        with contextlib.suppress(ConnectionResetError):
+            assert b"GIF" not in slow.recv(1024)  # closed, or a 408: never a pixel's answer
+    finally:
+        slow.close()
+        status, err = collector.stop(signal.SIGTERM)
+    assert status == 0, err
+
+
+def test_serve_workers_print_whole_lines_and_one_summary(tmp_path: Path) -> None:
+    collector = Collector(tmp_path, "--workers", "2", "--threads", "4")
+    base = collector.url.rstrip("/")
+
+    def send(i: int) -> int:
+        event = {"userId": f"u{i}", "event": f"Opened {i}"}
+        return requests.get(base + segment("track", event), timeout=30).status_code
+
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            assert set(pool.map(send, range(300))) == {200}
+        collector.process.send_signal(signal.SIGTERM)
+        status = collector.process.wait(timeout=30)
+        lines = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                lines.append(collector.stdout.next(timeout=2).rstrip("\n"))
+    finally:
+        collector.kill()
+    assert status == 0
+    assert lines[-1] == "Stopped: 300 pixel record(s) recorded in this run"
+    # Whole lines only: two workers writing through buffers would cut some in two.
+    pixel = re.compile(r'pixel segment track "Opened (\d+)" userId=u\1 writeKey=k1 accepted')
+    assert [line for line in lines[:-1] if not pixel.fullmatch(line)] == []
+    assert len(lines) == 301
+
+
+def _running(pid: int) -> bool:
+    """Whether a process is there and not a zombie (exited, not yet reaped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rfind(")") + 2] != "Z"
+
+
+def test_serve_stops_on_a_sigterm_sent_while_its_workers_start(tmp_path: Path) -> None:
+    # The start line comes before the workers run: a service manager's stop at
+    # that moment must still stop every worker, not leave serve waiting on one.
+    for attempt in range(3):
+        collector = Collector(tmp_path, "--workers", "2", "--quiet")
+        try:
+            status, err = collector.stop(signal.SIGTERM)
+        finally:
+            collector.kill()
+        assert status == 0, (attempt, err)
+
+
+def _children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(child) for child in text.split()]
+
+
+@pytest.mark.parametrize("victims", ["main-process", "every-process"])
+def test_kill_9_of_serve_under_load_loses_no_answered_pixel(tmp_path: Path, victims: str) -> None:
+    store_url = f"sqlite:///{tmp_path}/serve.sqlite3"
+    process = subprocess.Popen(
+        [*CLI, "serve", "--port", "0", "--store", store_url, "--workers", "2", "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=tmp_path,
+        start_new_session=True,
+    )
+    assert process.stdout is not None
+    stop = threading.Event()
+    try:
+        found = re.search(r"http://127\.0\.0\.1:(\d+)/", process.stdout.readline())
+        assert found
+        base = found.group(0).rstrip("/")
+        answered: list[str] = []
+
+        def load(thread: int) -> None:
+            with requests.Session() as session:
+                for n in range(100_000):
+                    if stop.is_set():
+                        return
+                    event = {"userId": "u", "event": "E", "messageId": f"m-{thread}-{n}"}
+                    try:
+                        response = session.get(base + segment("track", event), timeout=5)
+                    except requests.RequestException:
+                        continue  # not answered: the server is gone
+                    if response.status_code == 200:
+                        answered.append(event["messageId"])
+
+        with ThreadPoolExecutor(8) as pool:
+            loads = [pool.submit(load, t) for t in range(8)]
+            deadline = time.monotonic() + 10
+            while len(answered) < 200 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            workers = _children(process.pid)
+            assert len(workers) == 2
+            if victims == "every-process":
+                os.killpg(process.pid, signal.SIGKILL)
+            else:
+                os.kill(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+            # Orphaned workers stop on their own, flushing what they answered.
+            deadline = time.monotonic() + 15
+            while any(_running(worker) for worker in workers):
+                assert time.monotonic() < deadline, "a worker outlived its main process"
+                time.sleep(0.05)
+            stop.set()
+            for future in loads:
+                future.result()
+    finally:
+        stop.set()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+        process.stdout.close()
+    assert len(answered) >= 200
+    store = open_store(store_url)
+    try:
+        kept = [str(record["event"]["messageId"]) for _, record in store.read(accepted=True)]
+    finally:
+        store.close()
+    assert len(kept) == len(set(kept)), "no duplicates"
+    assert set(answered) <= set(kept)
+
+
 def test_serve_records_the_forwarded_address_with_trusted_proxies(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -1111,7 +1295,7 @@ def test_events_har_cannot_follow_and_checks_its_base_url(
 def test_serve_does_not_log_waitress_queue_depth(tmp_path: Path) -> None:
     # Eight pixels at once on one thread: every one but the first waits in
     # waitress's queue, which it would log as a warning each time.
-    collector = Collector(tmp_path, "--quiet", "--threads", "1")
+    collector = Collector(tmp_path, "--server", "waitress", "--quiet", "--threads", "1")
     try:
         url = collector.url + "pixel/v1/track?writeKey=k&anonymousId=a&event=E"
         with concurrent.futures.ThreadPoolExecutor(8) as pool:

@@ -53,7 +53,9 @@ def test_a_wheel_installs_a_serve_that_records_a_pixel(tmp_path: Path) -> None:
     assert installed - {"pip", "setuptools"} == {
         "pixel-middleware",
         "werkzeug",
-        "waitress",
+        "granian",  # serve's server (docs/benchmarks.md)
+        "click",  # granian's
+        "waitress",  # serve --server waitress
         "markupsafe",
         "msgspec",  # the record's JSON, exact with big integers (docs/benchmarks.md)
     }
