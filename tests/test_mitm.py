@@ -484,6 +484,20 @@ def test_log_line(addon: PixelCapture, caplog: pytest.LogCaptureFixture) -> None
     ]
 
 
+def test_log_option_silences_the_line(
+    addon: PixelCapture, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="pixel_middleware.mitm")
+    configure(addon, pixel_log=False)
+    through(addon, TRACK)
+    through(addon, REJECTED, error="Connection refused")
+    assert caplog.records == []
+    assert len(addon.records) == 2  # kept all the same
+    configure(addon, pixel_log=True)
+    through(addon, TRACK)
+    assert [r.getMessage()[:19] for r in caplog.records] == ["pixel segment track"]
+
+
 @pytest.mark.parametrize(
     ("sent", "shown"),
     [
@@ -631,8 +645,53 @@ def test_summary_and_clear_commands(addon: PixelCapture) -> None:
     assert commands.execute("pixel.summary") == "0 pixel(s); 0 accepted; 0 rejected"
 
 
-def test_records_in_memory_are_bounded(addon: PixelCapture) -> None:
-    assert addon.records.maxlen == mitm.KEEP_RECORDS == 10_000
+def user_pixel(n: int) -> str:
+    return segment_url("track", {"writeKey": "wk_1", "event": "Email Opened", "userId": f"u-{n}"})
+
+
+def exported_users(addon: PixelCapture, path: Path) -> list[str]:
+    addon.tctx.master.commands.execute(f"pixel.export {path}")  # type: ignore[attr-defined]
+    return [json.loads(line)["event"]["userId"] for line in path.read_text().splitlines()]
+
+
+def test_history_keeps_100_records_by_default(addon: PixelCapture, tmp_path: Path) -> None:
+    assert addon.records.maxlen == mitm.HISTORY == 100
+    for n in range(100):
+        through(addon, user_pixel(n))
+    assert exported_users(addon, tmp_path / "at.jsonl") == [f"u-{n}" for n in range(100)]
+    through(addon, user_pixel(100))  # one over: the oldest goes
+    assert exported_users(addon, tmp_path / "over.jsonl") == [f"u-{n}" for n in range(1, 101)]
+
+
+def test_history_option_bounds_the_records_in_memory(addon: PixelCapture, tmp_path: Path) -> None:
+    configure(addon, pixel_history=3)
+    for n in range(3):
+        through(addon, user_pixel(n))
+    assert exported_users(addon, tmp_path / "at.jsonl") == ["u-0", "u-1", "u-2"]
+    through(addon, user_pixel(3))
+    assert exported_users(addon, tmp_path / "over.jsonl") == ["u-1", "u-2", "u-3"]
+    # The summary says how many were seen and how many it counts.
+    assert addon.summary() == (
+        "4 pixel(s), the last 3 counted (pixel_history); 3 accepted; 0 rejected; upstream: 200 3"
+    )
+    configure(addon, pixel_history=2)  # shrinking keeps the newest
+    assert exported_users(addon, tmp_path / "shrunk.jsonl") == ["u-2", "u-3"]
+    configure(addon, pixel_history=0)
+    through(addon, user_pixel(4))
+    assert not addon.records
+    assert (
+        addon.summary() == "5 pixel(s), the last 0 counted (pixel_history); 0 accepted; 0 rejected"
+    )
+    addon.clear()
+    assert addon.summary() == "0 pixel(s); 0 accepted; 0 rejected"
+
+
+def test_history_option_refuses_a_negative_size(addon: PixelCapture) -> None:
+    through(addon, TRACK)
+    with pytest.raises(exceptions.OptionsError, match=r"pixel_history: -1 .* 0 or more"):
+        configure(addon, pixel_history=-1)
+    assert addon.records.maxlen == 100
+    assert len(addon.records) == 1
 
 
 def test_records_go_to_the_store(addon: PixelCapture, tmp_path: Path) -> None:
