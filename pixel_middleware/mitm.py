@@ -501,6 +501,8 @@ class PixelCapture:
 
     def _log_pixel(self, flow: http.HTTPFlow, record: PixelRecord) -> None:
         level = logging.INFO if record.get("accepted") and upstream_ok(record) else logging.WARNING
+        if not logger.isEnabledFor(level):
+            return  # the logging level of this module, as for any log line
         line = log_line(record, _pretty_host(flow.request))
         peername = flow.client_conn.peername
         if not self._term_line_found:

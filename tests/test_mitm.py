@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 import logging
+import re
 import threading
 import time
 import warnings
@@ -482,6 +484,51 @@ def test_log_line(addon: PixelCapture, caplog: pytest.LogCaptureFixture) -> None
             " upstream failed (Connection refused) host=hosted.rudderlabs.com",
         ),
     ]
+
+
+def test_with_a_terminal_log_the_addon_writes_its_lines_itself(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """As in mitmdump (which has a terminal log and no event log): the lines are
+    written to the terminal log's stream, not made log records."""
+    from mitmproxy.addons import termlog
+
+    out = io.StringIO()
+    addon = PixelCapture()
+    with taddons.context(addon) as tctx:
+        term = termlog.TermLog(out=out)
+        tctx.master.addons.add(term)
+        tctx.configure(addon)
+        try:
+            caplog.set_level(logging.INFO, logger="pixel_middleware.mitm")
+            through(addon, TRACK)
+            through(addon, REJECTED, error="Connection refused")
+            accepted, rejected = out.getvalue().splitlines()
+            assert re.fullmatch(
+                r"\[\d\d:\d\d:\d\d\.\d{3}\]\[127\.0\.0\.1:22\] pixel segment track"
+                r' "Email Opened" userId=u-1 writeKey=wk_1 accepted upstream 200 in [\d.]+ ms'
+                r" host=api\.segment\.io",
+                accepted,
+            )
+            assert rejected.endswith(
+                "REJECTED [missing_write_key,missing_event] upstream failed"
+                " (Connection refused) host=hosted.rudderlabs.com"
+            )
+            assert caplog.records == []  # no log record: no add_log dispatch either
+            # mitmproxy's verbosity for its terminal log: warn keeps the rejected pixel.
+            tctx.configure(term, termlog_verbosity="warn")
+            through(addon, TRACK)
+            through(addon, REJECTED, error="Connection refused")
+            assert len(out.getvalue().splitlines()) == 3
+            assert "REJECTED" in out.getvalue().splitlines()[2]
+            # And the level of the addon's logger, as for any log line.
+            tctx.configure(term, termlog_verbosity="info")
+            caplog.set_level(logging.ERROR, logger="pixel_middleware.mitm")
+            through(addon, REJECTED, error="Connection refused")
+            assert len(out.getvalue().splitlines()) == 3
+        finally:
+            term.uninstall()
+            addon.done()
 
 
 def test_log_option_silences_the_line(
