@@ -653,15 +653,26 @@ def _client_text(client: tuple[Any, ...]) -> str:
     return human.format_address(client)
 
 
+# The longest Host header whose parse is cached: a host name and a port. The
+# header is the sender's: a longer one is parsed each time, never kept.
+_CACHED_AUTHORITY_CHARS: Final = 262
+
+
 def _pretty_host(request: http.Request) -> str:
     """``request.pretty_host``, with the Host header parsed once per distinct header."""
     authority = request.host_header
-    return _authority_host(authority) if authority else request.host
+    if not authority:
+        return request.host
+    if len(authority) > _CACHED_AUTHORITY_CHARS:
+        return _parse_authority_host(authority)
+    return _authority_host(authority)
 
 
-@functools.lru_cache(maxsize=1024)
-def _authority_host(authority: str) -> str:
+def _parse_authority_host(authority: str) -> str:
     return murl.parse_authority(authority, check=False)[0]
+
+
+_authority_host = functools.lru_cache(maxsize=1024)(_parse_authority_host)
 
 
 def _close_in_background(recorder: Recorder) -> threading.Thread:

@@ -884,3 +884,23 @@ def test_pixel_filters_match_pixels_and_nothing_else(addon: PixelCapture, spec: 
     }
     assert [name for name, flow in pixels.items() if not match(flow)] == []
     assert [name for name, flow in others.items() if match(flow)] == []
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "api.segment.io",
+        "api.segment.io:8443",
+        "[::1]:8080",
+        "xn--bcher-kva.example",
+        "a" * 262,  # at the cap: cached
+        "a" * 263,  # one over: parsed, not kept
+    ],
+)
+def test_the_lines_host_is_mitmproxys_pretty_host_and_long_ones_are_not_kept(host: str) -> None:
+    request = http.Request.make("GET", "http://127.0.0.1/v1/pixel/track")
+    request.headers["Host"] = host
+    assert request.host_header == host
+    mitm._authority_host.cache_clear()
+    assert mitm._pretty_host(request) == request.pretty_host
+    assert mitm._authority_host.cache_info().currsize == (1 if len(host) <= 262 else 0)
