@@ -11,7 +11,8 @@ real collector answered, without changing the sender::
 
 The options (``--set name=value``; add ``--options`` to list them with help):
 pixel_store, pixel_answer, pixel_filter, pixel_prefix, pixel_dialects,
-pixel_write_keys, pixel_trusted_proxies, pixel_rudderstack_response.
+pixel_write_keys, pixel_trusted_proxies, pixel_rudderstack_response,
+pixel_routes, pixel_log, pixel_history.
 Commands (mitmproxy's and mitmweb's command prompt): pixel.export PATH,
 pixel.summary, pixel.clear. Show only pixels in the flow list with the filter
 ~meta "^pixel: ". See docs/mitmproxy.md.

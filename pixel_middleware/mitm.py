@@ -26,19 +26,26 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import json
 import logging
 import os
 import threading
+import time
 import typing
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
 
 from mitmproxy import command, contentviews, ctx, exceptions, flowfilter, http
+from mitmproxy import log as mlog
 from mitmproxy import types as mtypes
 from mitmproxy.addonmanager import Loader
+from mitmproxy.addons.termlog import TermLog, TermLogHandler
+from mitmproxy.contrib import click as miniclick
 from mitmproxy.log import ALERT
+from mitmproxy.net.http import url as murl
+from mitmproxy.utils import human
 
 from pixel_middleware.core import (
     DIALECTS,
@@ -55,12 +62,14 @@ from pixel_middleware.mitm_text import comment_line, log_line, upstream_ok, upst
 from pixel_middleware.recorder import Recorder
 from pixel_middleware.stores import StoreError, open_store, redact_url, store_schemes
 
-__all__ = ["KEEP_RECORDS", "STORE_CLOSE_TIMEOUT", "PixelCapture", "PixelContentview"]
+__all__ = ["HISTORY", "STORE_CLOSE_TIMEOUT", "PixelCapture", "PixelContentview", "TermLine"]
 
 logger = logging.getLogger(__name__)
 
-KEEP_RECORDS: Final = 10_000
-"""How many of this session's records the addon keeps in memory for ``pixel.export``."""
+HISTORY: Final = 100
+"""How many of this session's records the addon keeps in memory by default (the
+``pixel_history`` option): what ``pixel.export`` writes and ``pixel.summary`` counts.
+A store (``pixel_store``) keeps every record."""
 
 STORE_CLOSE_TIMEOUT: Final = 5.0
 """Seconds a store is given to write what is queued when it is closed: when
@@ -108,7 +117,15 @@ class PixelCapture:
     def __init__(self) -> None:
         self.config = PixelConfig()
         self.answer = False
-        self.records: collections.deque[PixelRecord] = collections.deque(maxlen=KEEP_RECORDS)
+        self.records: collections.deque[PixelRecord] = collections.deque(maxlen=HISTORY)
+        # How many pixels this session has seen since the last pixel.clear,
+        # counting those that have left the history.
+        self.seen = 0
+        # Whether to log a line per pixel (pixel_log), and where: mitmdump's
+        # terminal directly, or None for the logging module (see _log_pixel).
+        self.log_lines = True
+        self._term_line: TermLine | None = None
+        self._term_line_found = False
         self._filter: flowfilter.TFilter | None = None
         self._recorder: Recorder | None = None
         # Records decoded in ``request`` whose outcome (response or error) is not
@@ -214,6 +231,29 @@ class PixelCapture:
             rest is the call (/collect/=segment).
             """,
         )
+        loader.add_option(
+            "pixel_log",
+            bool,
+            True,
+            """
+            Log one line per pixel: to mitmdump's output (written by the addon
+            itself, at mitmproxy's termlog_verbosity: "warn" keeps only the
+            rejected pixels and those the collector did not take), or to the event
+            log of mitmproxy and mitmweb. Off: no line; records are still kept
+            (pixel_history, pixel_store).
+            """,
+        )
+        loader.add_option(
+            "pixel_history",
+            int,
+            HISTORY,
+            """
+            How many of this session's records to keep in memory, the oldest
+            going first: what pixel.export writes and pixel.summary counts. The flows
+            keep their own record (the pixel content view, ~meta filters), and
+            pixel_store keeps every record.
+            """,
+        )
         contentviews.add(self._view)
 
     def configure(self, updated: set[str]) -> None:
@@ -237,7 +277,19 @@ class PixelCapture:
             config = self._config_from_options()
         if "pixel_filter" in updated:
             self._filter = self._filter_from_options()
+        history = self.records.maxlen
+        if "pixel_history" in updated:
+            history = ctx.options.pixel_history
+            if history < 0:
+                raise _options_error(
+                    f"pixel_history: {history} is not accepted; give how many records"
+                    " to keep in memory, 0 or more"
+                )
         self.config = config
+        if history != self.records.maxlen:
+            # The newest records stay.
+            self.records = collections.deque(self.records, maxlen=history)
+        self.log_lines = bool(ctx.options.pixel_log)
         self.answer = bool(ctx.options.pixel_answer)
         if "pixel_store" in updated:
             self._switch_store(ctx.options.pixel_store)
@@ -443,12 +495,29 @@ class PixelCapture:
         """Annotate the flow, keep the record in memory and log its line."""
         self._annotate(flow, record)
         self.records.append(record)
-        accepted = bool(record.get("accepted"))
-        logger.log(
-            logging.INFO if accepted and upstream_ok(record) else logging.WARNING,
-            log_line(record, flow.request.pretty_host),
-            extra={"client": flow.client_conn.peername},
-        )
+        self.seen += 1
+        if self.log_lines:
+            self._log_pixel(flow, record)
+
+    def _log_pixel(self, flow: http.HTTPFlow, record: PixelRecord) -> None:
+        level = logging.INFO if record.get("accepted") and upstream_ok(record) else logging.WARNING
+        if not logger.isEnabledFor(level):
+            return  # the logging level of this module, as for any log line
+        line = log_line(record, _pretty_host(flow.request))
+        peername = flow.client_conn.peername
+        if not self._term_line_found:
+            self._term_line_found = True
+            self._term_line = TermLine.for_mitmdump()
+        term_line = self._term_line
+        if term_line is not None:
+            try:
+                term_line.write(level, line, peername)
+                return
+            except OSError:
+                # Nowhere to print: the logging module's handler says so as it
+                # does for every other line (mitmdump exits).
+                self._term_line = None
+        logger.log(level, line, extra={"client": peername})
 
     def _annotate(self, flow: http.HTTPFlow, record: PixelRecord) -> None:
         flow.metadata["pixel"] = record
@@ -490,6 +559,7 @@ class PixelCapture:
     def clear(self) -> None:
         """Forget this session's captured pixel records (the store keeps its own)."""
         self.records.clear()
+        self.seen = 0
 
     @_command("pixel.summary")
     def summary(self) -> str:
@@ -501,8 +571,11 @@ class PixelCapture:
             verdicts["accepted" if record.get("accepted") else "rejected"] += 1
             rules.update(p["rule"] for p in record.get("problems") or ())
             upstream[upstream_text(record.get("upstream"), brief=True)] += 1
+        counted = f"{len(self.records)} pixel(s)"
+        if self.seen > len(self.records):
+            counted = f"{self.seen} pixel(s), the last {len(self.records)} counted (pixel_history)"
         parts = [
-            f"{len(self.records)} pixel(s)",
+            counted,
             f"{verdicts['accepted']} accepted",
             f"{verdicts['rejected']} rejected",
         ]
@@ -511,6 +584,95 @@ class PixelCapture:
         if upstream:
             parts.append("upstream: " + ", ".join(f"{u} {n}" for u, n in upstream.most_common()))
         return "; ".join(parts)
+
+
+class TermLine:
+    """Writes the pixel lines to mitmdump's output itself, as its log would.
+
+    A line through the logging module cost mitmdump about a tenth of its
+    throughput: a ``LogRecord``, formatting it twice, and mitmproxy 12 handing
+    every record to every addon as a legacy ``add_log`` event (a wake-up of the
+    event loop and a call into each addon). This writes the very same text
+    (``[time][client] message``, coloured as mitmproxy colours it) with one
+    ``write`` of the whole line to the stream mitmproxy's terminal log prints
+    to, at once, so that the line stays in order with mitmproxy's own output;
+    and it keeps to the verbosity mitmproxy gives that log
+    (``termlog_verbosity``, ``--quiet``).
+    """
+
+    def __init__(self, handler: TermLogHandler) -> None:
+        self._handler = handler
+        self._file = handler.file
+        self._colorize = handler.has_vt_codes
+        formatter = mlog.MitmFormatter(self._colorize)
+        self._with_client = formatter.with_client
+        self._without_client = formatter.without_client
+        # The time prefix changes once a second; its text is made once a second.
+        self._second = -1
+        self._clock = ""
+
+    @classmethod
+    def for_mitmdump(cls) -> TermLine | None:
+        """A writer for mitmdump's terminal log, or None where lines must be log records.
+
+        mitmproxy's and mitmweb's event logs show log records only; mitmproxy's
+        own test harness has no terminal log.
+        """
+        addons = ctx.master.addons
+        if addons.get("eventstore") is not None:  # type: ignore[no-untyped-call]
+            return None
+        termlog = addons.get("termlog")  # type: ignore[no-untyped-call]
+        return cls(termlog.logger) if isinstance(termlog, TermLog) else None
+
+    def write(self, level: int, message: str, client: tuple[Any, ...] | None) -> None:
+        """Write ``message`` (escaped already) as a log line of ``level``, now.
+
+        Raises OSError when the output is gone.
+        """
+        if level < self._handler.level:
+            return
+        now = time.time_ns()
+        second, nanoseconds = divmod(now, 1_000_000_000)
+        if second != self._second:
+            self._second = second
+            self._clock = time.strftime("%H:%M:%S", time.localtime(second))
+        stamp = f"{self._clock}.{nanoseconds // 1_000_000:03d}"
+        if self._colorize:
+            message = miniclick.style(message, fg=mlog.LOG_COLORS.get(level))
+        if client:
+            line = self._with_client % (stamp, _client_text(client), message)
+        else:
+            line = self._without_client % (stamp, message)
+        self._file.write(line + "\n")
+
+
+@functools.lru_cache(maxsize=1024)
+def _client_text(client: tuple[Any, ...]) -> str:
+    # A client sends many pixels over one connection: its address is formatted
+    # (an ipaddress parse) once per connection, not once per pixel.
+    return human.format_address(client)
+
+
+# The longest Host header whose parse is cached: a host name and a port. The
+# header is the sender's: a longer one is parsed each time, never kept.
+_CACHED_AUTHORITY_CHARS: Final = 262
+
+
+def _pretty_host(request: http.Request) -> str:
+    """``request.pretty_host``, with the Host header parsed once per distinct header."""
+    authority = request.host_header
+    if not authority:
+        return request.host
+    if len(authority) > _CACHED_AUTHORITY_CHARS:
+        return _parse_authority_host(authority)
+    return _authority_host(authority)
+
+
+def _parse_authority_host(authority: str) -> str:
+    return murl.parse_authority(authority, check=False)[0]
+
+
+_authority_host = functools.lru_cache(maxsize=1024)(_parse_authority_host)
 
 
 def _close_in_background(recorder: Recorder) -> threading.Thread:

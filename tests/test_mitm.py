@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 import logging
+import re
 import threading
 import time
 import warnings
@@ -484,6 +486,65 @@ def test_log_line(addon: PixelCapture, caplog: pytest.LogCaptureFixture) -> None
     ]
 
 
+def test_with_a_terminal_log_the_addon_writes_its_lines_itself(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """As in mitmdump (which has a terminal log and no event log): the lines are
+    written to the terminal log's stream, not made log records."""
+    from mitmproxy.addons import termlog
+
+    out = io.StringIO()
+    addon = PixelCapture()
+    with taddons.context(addon) as tctx:
+        term = termlog.TermLog(out=out)
+        tctx.master.addons.add(term)
+        tctx.configure(addon)
+        try:
+            caplog.set_level(logging.INFO, logger="pixel_middleware.mitm")
+            through(addon, TRACK)
+            through(addon, REJECTED, error="Connection refused")
+            accepted, rejected = out.getvalue().splitlines()
+            assert re.fullmatch(
+                r"\[\d\d:\d\d:\d\d\.\d{3}\]\[127\.0\.0\.1:22\] pixel segment track"
+                r' "Email Opened" userId=u-1 writeKey=wk_1 accepted upstream 200 in [\d.]+ ms'
+                r" host=api\.segment\.io",
+                accepted,
+            )
+            assert rejected.endswith(
+                "REJECTED [missing_write_key,missing_event] upstream failed"
+                " (Connection refused) host=hosted.rudderlabs.com"
+            )
+            assert caplog.records == []  # no log record: no add_log dispatch either
+            # mitmproxy's verbosity for its terminal log: warn keeps the rejected pixel.
+            tctx.configure(term, termlog_verbosity="warn")
+            through(addon, TRACK)
+            through(addon, REJECTED, error="Connection refused")
+            assert len(out.getvalue().splitlines()) == 3
+            assert "REJECTED" in out.getvalue().splitlines()[2]
+            # And the level of the addon's logger, as for any log line.
+            tctx.configure(term, termlog_verbosity="info")
+            caplog.set_level(logging.ERROR, logger="pixel_middleware.mitm")
+            through(addon, REJECTED, error="Connection refused")
+            assert len(out.getvalue().splitlines()) == 3
+        finally:
+            term.uninstall()
+            addon.done()
+
+
+def test_log_option_silences_the_line(
+    addon: PixelCapture, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="pixel_middleware.mitm")
+    configure(addon, pixel_log=False)
+    through(addon, TRACK)
+    through(addon, REJECTED, error="Connection refused")
+    assert caplog.records == []
+    assert len(addon.records) == 2  # kept all the same
+    configure(addon, pixel_log=True)
+    through(addon, TRACK)
+    assert [r.getMessage()[:19] for r in caplog.records] == ["pixel segment track"]
+
+
 @pytest.mark.parametrize(
     ("sent", "shown"),
     [
@@ -631,8 +692,53 @@ def test_summary_and_clear_commands(addon: PixelCapture) -> None:
     assert commands.execute("pixel.summary") == "0 pixel(s); 0 accepted; 0 rejected"
 
 
-def test_records_in_memory_are_bounded(addon: PixelCapture) -> None:
-    assert addon.records.maxlen == mitm.KEEP_RECORDS == 10_000
+def user_pixel(n: int) -> str:
+    return segment_url("track", {"writeKey": "wk_1", "event": "Email Opened", "userId": f"u-{n}"})
+
+
+def exported_users(addon: PixelCapture, path: Path) -> list[str]:
+    addon.tctx.master.commands.execute(f"pixel.export {path}")  # type: ignore[attr-defined]
+    return [json.loads(line)["event"]["userId"] for line in path.read_text().splitlines()]
+
+
+def test_history_keeps_100_records_by_default(addon: PixelCapture, tmp_path: Path) -> None:
+    assert addon.records.maxlen == mitm.HISTORY == 100
+    for n in range(100):
+        through(addon, user_pixel(n))
+    assert exported_users(addon, tmp_path / "at.jsonl") == [f"u-{n}" for n in range(100)]
+    through(addon, user_pixel(100))  # one over: the oldest goes
+    assert exported_users(addon, tmp_path / "over.jsonl") == [f"u-{n}" for n in range(1, 101)]
+
+
+def test_history_option_bounds_the_records_in_memory(addon: PixelCapture, tmp_path: Path) -> None:
+    configure(addon, pixel_history=3)
+    for n in range(3):
+        through(addon, user_pixel(n))
+    assert exported_users(addon, tmp_path / "at.jsonl") == ["u-0", "u-1", "u-2"]
+    through(addon, user_pixel(3))
+    assert exported_users(addon, tmp_path / "over.jsonl") == ["u-1", "u-2", "u-3"]
+    # The summary says how many were seen and how many it counts.
+    assert addon.summary() == (
+        "4 pixel(s), the last 3 counted (pixel_history); 3 accepted; 0 rejected; upstream: 200 3"
+    )
+    configure(addon, pixel_history=2)  # shrinking keeps the newest
+    assert exported_users(addon, tmp_path / "shrunk.jsonl") == ["u-2", "u-3"]
+    configure(addon, pixel_history=0)
+    through(addon, user_pixel(4))
+    assert not addon.records
+    assert (
+        addon.summary() == "5 pixel(s), the last 0 counted (pixel_history); 0 accepted; 0 rejected"
+    )
+    addon.clear()
+    assert addon.summary() == "0 pixel(s); 0 accepted; 0 rejected"
+
+
+def test_history_option_refuses_a_negative_size(addon: PixelCapture) -> None:
+    through(addon, TRACK)
+    with pytest.raises(exceptions.OptionsError, match=r"pixel_history: -1 .* 0 or more"):
+        configure(addon, pixel_history=-1)
+    assert addon.records.maxlen == 100
+    assert len(addon.records) == 1
 
 
 def test_records_go_to_the_store(addon: PixelCapture, tmp_path: Path) -> None:
@@ -778,3 +884,23 @@ def test_pixel_filters_match_pixels_and_nothing_else(addon: PixelCapture, spec: 
     }
     assert [name for name, flow in pixels.items() if not match(flow)] == []
     assert [name for name, flow in others.items() if match(flow)] == []
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "api.segment.io",
+        "api.segment.io:8443",
+        "[::1]:8080",
+        "xn--bcher-kva.example",
+        "a" * 262,  # at the cap: cached
+        "a" * 263,  # one over: parsed, not kept
+    ],
+)
+def test_the_lines_host_is_mitmproxys_pretty_host_and_long_ones_are_not_kept(host: str) -> None:
+    request = http.Request.make("GET", "http://127.0.0.1/v1/pixel/track")
+    request.headers["Host"] = host
+    assert request.host_header == host
+    mitm._authority_host.cache_clear()
+    assert mitm._pretty_host(request) == request.pretty_host
+    assert mitm._authority_host.cache_info().currsize == (1 if len(host) <= 262 else 0)

@@ -396,6 +396,160 @@ def test_without_a_store_nothing_is_written(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["conf"]
 
 
+# -- the log line and the history ------------------------------------------------------
+
+
+def user_pixel(n: int) -> str:
+    return "/v1/pixel/track?data=" + b64(
+        {"writeKey": "wk_1", "event": "Email Opened", "userId": f"u-{n}"}
+    )
+
+
+def wait_until_listening(proxy: Mitmdump, port: int) -> None:
+    """For a mitmdump that does not log where it listens: connect until it answers."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proxy.proc.poll() is not None or time.monotonic() > deadline:
+                proxy.stop()
+                pytest.fail("mitmdump did not start listening:\n" + "\n".join(proxy.lines))
+            time.sleep(0.05)
+    proxy.port = port
+    proxy.url = f"http://127.0.0.1:{port}"
+
+
+def send_pixels(proxy: Mitmdump, targets: Iterable[str]) -> None:
+    """GET each target in turn through the proxy (pixel_answer answers them)."""
+    nowhere = f"http://127.0.0.1:{dead_port()}"
+    with via(proxy) as client:
+        for target in targets:
+            assert client.get(nowhere + target).status_code in (200, 400)
+
+
+# A second script in the same mitmdump, counting the pixel lines that reach
+# mitmproxy's legacy add_log event (every log record is dispatched to every addon).
+ADD_LOG_COUNTER = """
+seen = 0
+
+def add_log(entry):
+    global seen
+    seen += "] pixel segment" in entry.msg or "] pixel rudderstack" in entry.msg
+
+def done():
+    print(f"add_log saw {seen} pixel line(s)", flush=True)
+"""
+
+
+def test_pixel_lines_are_written_in_order_with_mitmdumps_own(tmp_path: Path) -> None:
+    counter = tmp_path / "add_log_counter.py"
+    counter.parent.mkdir(parents=True, exist_ok=True)
+    counter.write_text(ADD_LOG_COUNTER)
+    # flow-detail 1: mitmdump prints its own line for every flow.
+    proxy = Mitmdump(
+        tmp_path,
+        "--flow-detail",
+        "1",
+        "--set",
+        "pixel_answer=true",
+        "-s",
+        str(counter),
+        store=False,
+    )
+    try:
+        send_pixels(proxy, [*(user_pixel(n) for n in range(20)), NASTY, RS_REJECTED])
+    finally:
+        output = proxy.stop()
+    pixel_lines = proxy.pixel_lines()
+    # Each pixel's line, in the order sent, just before mitmdump's line for its flow.
+    kinds = [
+        "pixel" if line in pixel_lines else "flow"
+        for line in proxy.lines
+        if line in pixel_lines or re.match(r"127\.0\.0\.1:\d+: GET http://", line)
+    ]
+    assert kinds == ["pixel", "flow"] * 22, output
+    assert [f"userId=u-{n} " in line for n, line in enumerate(pixel_lines[:20])] == [True] * 20
+    assert re.fullmatch(
+        r"\[\d\d:\d\d:\d\d\.\d{3}\]\[127\.0\.0\.1:\d+\] pixel segment track"
+        r' "Email Opened" userId=u-0 writeKey=wk_1 accepted upstream answered locally'
+        r" host=127\.0\.0\.1",
+        pixel_lines[0],
+    )
+    # The sender's terminal escape is shown, not obeyed.
+    assert r'pixel segment track "\x1b[2Jgone" userId=u' in pixel_lines[20]
+    assert "\x1b" not in output
+    assert "REJECTED [missing_write_key,missing_event]" in pixel_lines[21]
+    # Written by the addon itself: none went through mitmproxy's log dispatch.
+    assert "add_log saw 0 pixel line(s)" in output
+
+
+def test_pixel_lines_can_be_silenced(tmp_path: Path) -> None:
+    proxies = {
+        "off": Mitmdump(
+            tmp_path / "off", "--set", "pixel_answer=true", "--set", "pixel_log=false", store=False
+        ),
+        # It does not say where it listens (an info line): on a port of our choosing.
+        "warn": Mitmdump(
+            tmp_path / "warn",
+            "--set",
+            "pixel_answer=true",
+            "--set",
+            "termlog_verbosity=warn",
+            "-p",
+            str(port := dead_port()),
+            store=False,
+            wait=False,
+        ),
+    }
+    wait_until_listening(proxies["warn"], port)
+    outputs = {}
+    for name, proxy in proxies.items():
+        try:
+            send_pixels(proxy, [TRACK, RS_REJECTED])
+        finally:
+            outputs[name] = proxy.stop()
+    # pixel_log=false: no line, the records are kept all the same.
+    assert proxies["off"].pixel_lines() == [], outputs["off"]
+    assert "pixel: 2 pixel(s); 1 accepted; 1 rejected" in outputs["off"]
+    # termlog_verbosity=warn: the rejected pixel's line only.
+    (line,) = proxies["warn"].pixel_lines()
+    assert "pixel rudderstack track anonymousId=a-9 REJECTED" in line
+
+
+def test_history_keeps_the_last_100_pixels_by_default(tmp_path: Path) -> None:
+    # The first pixel is rejected: whether the summary still counts it tells
+    # whether it is still in memory.
+    cases = {
+        "at": (100, ()),
+        "over": (101, ()),
+        "one": (2, ("--set", "pixel_history=1")),
+    }
+    proxies = {
+        name: Mitmdump(
+            tmp_path / name, "--set", "pixel_answer=true", *options, store=False, wait=False
+        )
+        for name, (_, options) in cases.items()
+    }
+    outputs = {}
+    for name, proxy in proxies.items():
+        proxy.ready()
+        try:
+            send_pixels(proxy, [RS_REJECTED, *(user_pixel(n) for n in range(cases[name][0] - 1))])
+        finally:
+            outputs[name] = proxy.stop()
+    assert "pixel: 100 pixel(s); 99 accepted; 1 rejected" in outputs["at"]
+    assert (
+        "pixel: 101 pixel(s), the last 100 counted (pixel_history); 100 accepted; 0 rejected"
+        in outputs["over"]
+    )
+    assert (
+        "pixel: 2 pixel(s), the last 1 counted (pixel_history); 1 accepted; 0 rejected"
+        in outputs["one"]
+    )
+
+
 @pytest.mark.parametrize(
     ("option", "message"),
     [

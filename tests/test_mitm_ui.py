@@ -280,6 +280,12 @@ def test_mitmweb_shows_marks_comments_the_pixel_view_and_runs_the_commands(
             " problems: missing_write_key 1, missing_event 1; upstream: 200 1, 400 1"
         }
 
+        # mitmweb's event log has each pixel's line: the UIs get log records (in
+        # mitmdump the addon writes its lines itself).
+        events = [event["message"] for event in api("GET", "/events")]
+        assert len([m for m in events if '] pixel segment track "Email Opened"' in m]) == 1
+        assert len([m for m in events if "] pixel rudderstack track" in m]) == 1
+
         # Fix the bad pixel in the flow editor: the view decodes the edited request.
         fixed = BAD + "&writeKey=wk_2&event=Signed%20Up"
         api("PUT", f"/flows/{bad['id']}", json={"request": {"path": fixed}})
