@@ -64,6 +64,7 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -230,6 +231,8 @@ class Recorder:
         self._positions = positions if self._write_at is not None else None
         self._store_closed = False
         self._reset()
+        if durable:
+            _reads_wait_for(store, self)
         _register_process_hooks()
         _LIVE.add(self)
         if _has_spool_files(self.spool_path):
@@ -784,6 +787,35 @@ class Recorder:
                 self._cache_from = self._journal.tail()
                 self._cache_epoch += 1
                 self._from_cache = False
+
+
+def _reads_wait_for(store: Store, recorder: Recorder) -> None:
+    """Make ``store.read()`` and ``store.clear()`` flush ``recorder`` first.
+
+    Read your writes, as durable recording always gave: a pixel answered 200
+    is in the journal, maybe not yet in the store; whoever reads through the
+    same store object (the API, a test) sees it all the same. Other processes
+    read what the writer thread has stored, a few milliseconds behind. Waits
+    at most ``keep_timeout``.
+    """
+    ref = weakref.ref(recorder)
+    for name in ("read", "clear"):
+        method = getattr(store, name, None)
+        if not callable(method) or getattr(method, "_pixel_flushes", False):
+            continue
+
+        def flush_first(
+            *args: object, _method: Callable[..., object] = method, **kwargs: object
+        ) -> object:
+            current = ref()
+            if current is not None and not current._closed:
+                current.flush(timeout=current.keep_timeout)
+            return _method(*args, **kwargs)
+
+        flush_first._pixel_flushes = True  # type: ignore[attr-defined]
+        # A store with __slots__ keeps its methods: reads see what the writer stored.
+        with contextlib.suppress(AttributeError):
+            setattr(store, name, flush_first)
 
 
 def _url(store: Store) -> str:
