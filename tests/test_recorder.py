@@ -38,6 +38,9 @@ from pixel_middleware.stores.sqlite import SQLiteStore
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# The postgres_url fixture, for the journal's exact replay on PostgreSQL.
+pytest_plugins = ["postgres_server"]
+
 
 class FlakyStore:
     """A memory store whose writes fail while ``failing`` is set, wait while
@@ -911,3 +914,126 @@ def test_stores_differing_only_in_a_secret_get_spools_of_their_own(
     finally:
         for recorder in recorders:
             recorder.close()
+
+
+# --- the journal -------------------------------------------------------------------
+
+
+def kill_a_recording_child(store_url: str, spool_dir: Path, stored: int, journaled: int) -> None:
+    """A child records ``stored`` records and waits until its writer stored them,
+    records ``journaled`` more (answered, not stored yet: the store is held),
+    and is killed with SIGKILL."""
+    child = run_child(
+        """
+        import sys, threading
+        from records import make_record
+        from pixel_middleware.recorder import Recorder
+        from pixel_middleware.stores import open_store
+        url, spool, stored, journaled = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:])
+        store = open_store(url)
+        recorder = Recorder(store, spool_path=spool, max_batch=7)
+        for n in range(stored):
+            assert recorder.record(make_record(id=f"r{n}"))
+        assert recorder.flush(timeout=20)
+        held = threading.Event()
+        def hold(*args, **kwargs):
+            held.wait()
+        recorder._store_write = hold  # every later store write hangs
+        for n in range(stored, stored + journaled):
+            assert recorder.record(make_record(id=f"r{n}"))
+        print("recorded", flush=True)
+        held.wait()
+        """,
+        store_url,
+        str(spool_dir),
+        str(stored),
+        str(journaled),
+    )
+    assert child.stdout is not None
+    assert child.stderr is not None
+    with child.stdout, child.stderr:
+        assert child.stdout.readline().strip() == "recorded", child.stderr.read()
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=10)
+
+
+def replayed_ids(store_url: str, spool_dir: Path) -> list[str]:
+    """The ids in the store once a new recorder adopted the dead child's journal."""
+    store = open_store(store_url)
+    recorder = Recorder(store, spool_path=spool_dir, retry_interval=0.05)
+    try:
+        wait_until(lambda: recorder.spooled == 0 and not list(spool_dir.glob("*.jsonl")), 20)
+        return [record["id"] for _, record in store.read()]
+    finally:
+        recorder.close()
+
+
+def test_replaying_a_killed_process_journal_on_sqlite_is_exact(
+    tmp_path: Path, spool_dir: Path
+) -> None:
+    url = f"sqlite:///{tmp_path}/events.sqlite3"
+    kill_a_recording_child(url, spool_dir, stored=40, journaled=9)
+    # The dead segment holds all 49; the store says how far it got: no duplicates.
+    assert replayed_ids(url, spool_dir) == [f"r{n}" for n in range(49)]
+
+
+def test_replaying_a_killed_process_journal_on_jsonl_is_at_least_once(
+    tmp_path: Path, spool_dir: Path
+) -> None:
+    url = f"jsonl:///{tmp_path}/events.jsonl"
+    kill_a_recording_child(url, spool_dir, stored=40, journaled=9)
+    ids = replayed_ids(url, spool_dir)
+    assert set(ids) == {f"r{n}" for n in range(49)}
+    assert ids[-9:] == [f"r{n}" for n in range(40, 49)]
+
+
+@pytest.mark.postgresql
+def test_replaying_a_killed_process_journal_on_postgresql_is_exact(
+    postgres_url: str, spool_dir: Path
+) -> None:
+    kill_a_recording_child(postgres_url, spool_dir, stored=40, journaled=9)
+    assert replayed_ids(postgres_url, spool_dir) == [f"r{n}" for n in range(49)]
+
+
+def test_a_store_far_behind_is_fed_from_the_journal_with_bounded_memory(
+    make_recorder: Callable[..., Recorder],
+) -> None:
+    store = FlakyStore()
+    store.gate.clear()  # the store hangs: the journal takes everything
+    recorder = make_recorder(store, max_pending=5, max_batch=3)
+    biggest = 0
+    for n in range(40):
+        assert recorder.record(make_record(id=f"r{n}")) is True
+        biggest = max(biggest, len(recorder._cache))
+    assert recorder.spooled == 40
+    assert biggest <= 5, "at most max_pending journaled records held in memory"
+    store.gate.set()
+    assert recorder.flush(timeout=10)
+    assert store.ids() == [f"r{n}" for n in range(40)]
+    assert max(store.writes) <= 3
+
+
+@pytest.mark.parametrize(("mode", "per_group"), [("group", 1), ("none", 0)])
+def test_journal_fsync_group_syncs_each_group_once(
+    make_recorder: Callable[..., Recorder],
+    monkeypatch: pytest.MonkeyPatch,
+    mode: str,
+    per_group: int,
+) -> None:
+    store = FlakyStore()
+    recorder = make_recorder(store, journal_fsync=mode)
+    assert recorder.record(make_record(id="warm-up"))  # the segment exists
+    assert recorder.flush(timeout=5)
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def counting_fsync(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counting_fsync)
+    for n in range(3):
+        assert recorder.record(make_record(id=f"r{n}"))
+    assert len(synced) == 3 * per_group
+    with pytest.raises(ValueError, match="journal_fsync must be"):
+        Recorder(MemoryStore(), journal_fsync="always")  # type: ignore[arg-type]
