@@ -166,6 +166,9 @@ class Journal:
         # Kept up to date by every operation, so that len() never takes the lock.
         self._count = 0
         self._full = False  # the cap was reached and said so in the log
+        # The last adoption found dead segments but the store could not say
+        # how far it got: adopt() again later.
+        self.adoption_deferred = False
 
     def _new_prefix(self) -> None:
         # This process's segment names: <pid>-<random>-<seq>.jsonl.
@@ -395,7 +398,9 @@ class Journal:
                 # a store that can say how far it got is not handed duplicates.
                 for file in claimed:
                     os.close(file.fd)
+                self.adoption_deferred = True
                 return 0
+        self.adoption_deferred = False
         gained = 0
         adopted: list[_Segment] = []
         for file in claimed:

@@ -236,8 +236,10 @@ class Recorder:
         _register_process_hooks()
         _LIVE.add(self)
         if _has_spool_files(self.spool_path):
+            # Left by a process that died: counted in `spooled` from now on,
+            # and handed on even if no pixel comes.
+            self._adopt_journal()
             with self._lock:
-                # Left by a process that died: hand them on even if no pixel comes.
                 self._wake_writer()
 
     def __repr__(self) -> str:
@@ -596,6 +598,8 @@ class Recorder:
         with self._lock:
             slot.wake.clear()
             closing = self._closing
+        if self._journal.adoption_deferred and time.monotonic() >= self._next_store_try:
+            self._adopt_journal()
         stored = self._store_step(closing)
         with self._lock:
             now = time.monotonic()
@@ -618,6 +622,8 @@ class Recorder:
             waits: list[float] = []
             if self._queue:
                 waits.append(self._next_retry - now if self._stalled else 0.0)
+            if self._journal.adoption_deferred and not closing:
+                waits.append(max(self._next_store_try - now, self.retry_interval))
             if self._journal_waits() or self._appender is not None:
                 # An append under way wakes this thread when it ends.
                 waits.append(
@@ -775,6 +781,8 @@ class Recorder:
         except OSError as exc:
             logger.error("cannot adopt old spool files in %s: %s", self.spool_path, exc)
             return
+        if self._journal.adoption_deferred:
+            self._next_store_try = time.monotonic() + self.retry_interval
         if adopted:
             with self._lock:
                 # Older than anything cached: read them and everything after
