@@ -224,6 +224,9 @@ class Recorder:
             )
         except ValueError as exc:
             raise ValueError(f"Recorder: spool_max_bytes: {exc}") from None
+        # A store lost with the process (memory://, volatile) gains nothing from
+        # a journal: the group commit writes it directly.
+        self._journaling = not getattr(store, "volatile", False)
         # Stores that commit the journal position with the records (exact replay).
         write_at = getattr(store, "write_journaled", None)
         positions = getattr(store, "journal_positions", None)
@@ -235,7 +238,7 @@ class Recorder:
             _reads_wait_for(store, self)
         _register_process_hooks()
         _LIVE.add(self)
-        if _has_spool_files(self.spool_path):
+        if self._journaling and _has_spool_files(self.spool_path):
             # Left by a process that died: counted in `spooled` from now on,
             # and handed on even if no pixel comes.
             self._adopt_journal()
@@ -273,7 +276,7 @@ class Recorder:
         """
         try:
             try:
-                line = encode_line(record)
+                line = encode_line(record) if self._journaling else b""
             except RecordError as exc:
                 logger.error("dropping a record no store can keep (%s): %r", exc, record)
                 return False
@@ -346,7 +349,7 @@ class Recorder:
         if self.durable:
             return False
         try:
-            line = encode_line(record)
+            line = encode_line(record) if self._journaling else b""
         except RecordError:
             return False
         with self._lock:
@@ -536,7 +539,8 @@ class Recorder:
                     _url(self.store),
                     self._queued_count,
                 )
-            self._wake_writer()
+            if self._journaling:
+                self._wake_writer()  # it moves the journal to the store
         else:
             self._queue.extendleft(reversed(group))
             self._next_retry = time.monotonic() + self.retry_interval
@@ -559,6 +563,8 @@ class Recorder:
     def _journal_or_store(self, group: list[tuple[PixelRecord, bytes]]) -> bool:
         """Append ``group`` to the journal (the cache too), else write it to the
         store directly; whether either took it. Without the lock held."""
+        if not self._journaling:
+            return self._store_directly([record for record, _ in group])
         try:
             name, ends = self._journal.append_lines([line for _, line in group])
         except OSError as exc:
@@ -580,7 +586,9 @@ class Recorder:
             return True
         # The journal refuses (a full disk, its cap): the caller writes the
         # store itself, out of the journal's order.
-        records = [record for record, _ in group]
+        return self._store_directly([record for record, _ in group])
+
+    def _store_directly(self, records: list[PixelRecord]) -> bool:
         try:
             self._write_store(records, None)
         except Exception as exc:
