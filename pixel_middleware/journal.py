@@ -442,6 +442,10 @@ class Journal:
         self._files = []
         self._own = None
         self._peeked = []
+        # Leave no empty directory behind (one per store URL would pile up);
+        # another process's files keep it.
+        with contextlib.suppress(OSError):
+            self.directory.rmdir()
 
     def forget_after_fork(self) -> None:
         """In a forked child: drop the parent's files without touching them."""

@@ -867,7 +867,8 @@ def _writer_main(slot: _WriterSlot) -> None:
     recorder = slot.busy
     if recorder is None:
         return
-    recorder._adopt_journal()
+    if recorder._journaling:
+        recorder._adopt_journal()
     while True:
         try:
             wait = recorder._write_step(slot)
