@@ -35,9 +35,9 @@ the pixel again then has it twice, with the same ``messageId``).
 
 Bounded memory: at most ``max_pending`` records wait in memory to be
 journaled; records are never dropped to make room. The writer keeps the
-journaled records in memory too, to save reading them back, but at most
-``max_pending``: when the store falls further behind, it reads them back from
-the journal.
+journaled records in memory too, to save reading them back, but at most two
+batches (``2 * max_batch``, and no more than ``max_pending``): when the store
+falls further behind, it reads them back from the journal.
 
 Store failure: records simply stay in the journal (at most
 ``spool_max_bytes`` on disk) and every ``retry_interval`` seconds the writer
@@ -212,6 +212,10 @@ class Recorder:
         self.keep_timeout = None if keep_timeout is None else float(keep_timeout)
         self.retry_interval = float(retry_interval)
         self.journal_fsync = journal_fsync
+        # The journaled records kept in memory for the writer: a couple of
+        # batches. Further behind, reading them back from the journal (from
+        # the page cache) costs little, and memory stays small.
+        self._cache_cap = min(max_pending, 2 * max_batch)
         if spool_path is None:
             spool_path = default_spool_path(store_identity(store))
         self.spool_path = Path(spool_path).absolute()
@@ -302,7 +306,13 @@ class Recorder:
                 self._queued += 1
                 seq = self._queued
                 if not self.durable:
-                    self._wake_writer()
+                    # Journal it now if nobody is appending (one write, no
+                    # waiting for anyone): the queue, and memory, stay small
+                    # however far behind the store is.
+                    if self._journaling and self._appender is None and not self._stalled:
+                        self._append_queue(store_fallback=False)
+                    else:
+                        self._wake_writer()
                     return True
                 return self._wait_journaled(seq, record)
         except Exception:
@@ -501,18 +511,23 @@ class Recorder:
         if not slot.wake.is_set():
             slot.wake.set()
 
-    def _append_queue(self) -> bool:
-        """Journal everything queued in one append (else write it to the store);
-        whether it was kept. Call with the lock held and no append under way;
-        the lock is let go meanwhile."""
-        group = list(self._queue)
-        self._queue.clear()
+    def _append_queue(self, *, store_fallback: bool = True) -> bool:
+        """Journal the queue's oldest batch in one append (else, with
+        ``store_fallback``, write it to the store); whether it was kept. Call
+        with the lock held and no append under way; the lock is let go
+        meanwhile. Without ``store_fallback`` (a fire-and-forget caller, which
+        must not wait on the store) a refused batch goes back for the writer
+        thread, with no more ado."""
+        # At most a batch: one write of bounded size (a queue of 10,000 lines
+        # joined at once fragments the heap, and RSS creeps up).
+        queue = self._queue
+        group = [queue.popleft() for _ in range(min(len(queue), self.max_batch))]
         self._appender = threading.get_ident()
         kept = False
         try:
             self._lock.release()
             try:
-                kept = self._journal_or_store(group)
+                kept = self._journal_or_store(group, store_fallback=store_fallback)
             finally:
                 self._lock.acquire()
         except BaseException:
@@ -541,6 +556,9 @@ class Recorder:
                 )
             if self._journaling:
                 self._wake_writer()  # it moves the journal to the store
+        elif not store_fallback:
+            self._queue.extendleft(reversed(group))
+            self._wake_writer()  # it tries the store too
         else:
             self._queue.extendleft(reversed(group))
             self._next_retry = time.monotonic() + self.retry_interval
@@ -560,7 +578,9 @@ class Recorder:
         self._changed.notify_all()
         return kept
 
-    def _journal_or_store(self, group: list[tuple[PixelRecord, bytes]]) -> bool:
+    def _journal_or_store(
+        self, group: list[tuple[PixelRecord, bytes]], *, store_fallback: bool = True
+    ) -> bool:
         """Append ``group`` to the journal (the cache too), else write it to the
         store directly; whether either took it. Without the lock held."""
         if not self._journaling:
@@ -572,7 +592,7 @@ class Recorder:
         else:
             with self._lock:
                 cache = self._cache
-                if len(cache) + len(group) > self.max_pending:
+                if len(cache) + len(group) > self._cache_cap:
                     # Far behind: let the writer read back from the journal
                     # rather than hold everything in memory.
                     cache.clear()
@@ -586,6 +606,8 @@ class Recorder:
             return True
         # The journal refuses (a full disk, its cap): the caller writes the
         # store itself, out of the journal's order.
+        if not store_fallback:
+            return False
         return self._store_directly([record for record, _ in group])
 
     def _store_directly(self, records: list[PixelRecord]) -> bool:
