@@ -323,6 +323,13 @@ class Recorder:
         """Until record ``seq`` is journaled, append the queue ourselves whenever no
         other thread is appending; ``False`` at the deadline or when it failed.
         Call with the lock held."""
+        self._waiters += 1
+        try:
+            return self._wait_journaled_counted(seq, record)
+        finally:
+            self._waiters -= 1
+
+    def _wait_journaled_counted(self, seq: int, record: PixelRecord) -> bool:
         deadline: float | None = None
         while self._journaled < seq:
             if self._closed:
@@ -470,6 +477,9 @@ class Recorder:
         self._journaled = 0
         self._done = 0
         self._appender: int | None = None  # the thread appending now
+        # Durable callers waiting for their record to be journaled: they
+        # append themselves, so the writer thread leaves the queue to them.
+        self._waiters = 0
         self._store_writer: int | None = None  # the writer thread, inside a store write
         # The journaled records the store has not taken, in memory, while they
         # are every journal record after _cache_from (else read back from disk).
@@ -633,10 +643,15 @@ class Recorder:
         stored = self._store_step(closing)
         with self._lock:
             now = time.monotonic()
+            callers_append = self.durable and self._waiters > 0
             if (
                 self._queue
                 and self._appender is None
-                and (closing or not self._stalled or now >= self._next_retry)
+                and (
+                    closing
+                    or (self._stalled and now >= self._next_retry)
+                    or (not self._stalled and not callers_append)
+                )
             ):
                 kept = self._append_queue()
                 if not kept and closing:
@@ -651,7 +666,12 @@ class Recorder:
                 return None
             waits: list[float] = []
             if self._queue:
-                waits.append(self._next_retry - now if self._stalled else 0.0)
+                if self._stalled:
+                    waits.append(self._next_retry - now)
+                elif callers_append:
+                    waits.append(self.retry_interval)  # woken when one gives up
+                else:
+                    waits.append(0.0)
             if self._journal.adoption_deferred and not closing:
                 waits.append(max(self._next_store_try - now, self.retry_interval))
             if self._journal_waits() or self._appender is not None:
