@@ -1,58 +1,54 @@
 """The one way records travel from request handlers to a store.
 
-Handlers call :meth:`Recorder.record`; whoever writes next takes everything
-queued since the last write (up to ``max_batch`` records) and hands it to the
-store in one ``write()``: a group commit, so that many concurrent pixels share
-the cost of one transaction. With ``durable=True`` the writers are the callers
-themselves (leader and followers): the first caller to find no write under way
-writes the queue's oldest batch, and those arriving meanwhile wait for the
-next write, which one of them leads. A lone request thus commits in its own
-thread, with no hand-off to another thread and back (two GIL wake-ups that
-cost more than the commit). A background thread writes what ``durable=False``
-queues, replays the spool, retries while the store and the spool both fail,
-and writes what callers left behind (one that gave up waiting, or was
-interrupted). Many threads may write, but only one at a time, so order is
-kept.
+Every record is first appended to a local write-ahead journal
+(:mod:`pixel_middleware.journal`, one per process, in ``spool_path``), then a
+writer thread moves the journal's records into the store in batches (up to
+``max_batch`` records in one ``store.write()``). One mechanism for every
+case: the store up, slow, or down for hours.
+
+Appending is a group commit: callers queue their record's JSON line, and the
+first to find no append under way writes everything queued with one
+``os.write()`` (and, with ``journal_fsync="group"``, one ``fsync``) while
+those arriving meanwhile wait for the next group. One lock, one condition and
+counters say whose record is in: no per-batch events.
 
 Durability, with ``durable=True`` (the default): ``record()`` returns ``True``
-only once the record is committed, to the store or, while the store fails, to
-the spool on local disk. An answer sent after that therefore means the event
-survives the process being killed (``kill -9``); how it fares in a power loss
-is the store's ``synchronous``/``fsync`` choice. With ``durable=False`` (fire
-and forget), ``record()`` returns ``True`` once the record is queued: a crash
-loses what is queued and not yet written (at most ``max_pending`` records,
-usually only the last few milliseconds' worth), while a normal exit writes it
+once the record is in the journal. The kernel holds it from then on, so it
+survives the process being killed (``kill -9``): a recorder started later on
+the same ``spool_path`` adopts the dead process's segments and hands their
+records to the store. SQLite and PostgreSQL stores commit the journal
+position in the same transaction as the records, so that replay is exact (no
+duplicates); other stores may receive the last batch before the crash twice
+(at least once). ``journal_fsync="group"`` also survives a power loss. With
+``durable=False`` (fire and forget), ``record()`` returns ``True`` once the
+record is queued in memory: a crash loses what is queued and not yet
+journaled (at most ``max_pending`` records), while a normal exit writes it
 (see "Exit" below).
 
 Bounded waits: ``record()`` waits at most ``keep_timeout`` seconds (for room in
-the queue, and with ``durable`` for the commit), then returns ``False``: the
-record is not kept yet. When the store and the spool both fail (a full disk)
-that answer comes at once. A record that was queued stays queued and is
-written once the store or the disk recovers (at least once: a client that
-sends the pixel again then has it twice, with the same ``messageId``). The one
-wait it does not cut short is a store write the caller itself is making; the
-stores bound those with their own timeouts.
+the queue, and with ``durable`` for the append), then returns ``False``: the
+record is not kept yet. When the journal cannot be written (a full disk, its
+cap) the caller writes its group to the store itself; when that fails too the
+answer is ``False`` at once. A record that was queued stays queued and is
+kept once the store or the disk recovers (at least once: a client that sends
+the pixel again then has it twice, with the same ``messageId``).
 
-Bounded memory: at most ``max_pending`` records wait in memory; records are
-never dropped to make room.
+Bounded memory: at most ``max_pending`` records wait in memory to be
+journaled; records are never dropped to make room. The writer keeps the
+journaled records in memory too, to save reading them back, but at most two
+batches (``2 * max_batch``, and no more than ``max_pending``): when the store
+falls further behind, it reads them back from the journal.
 
-Store failure: when ``store.write()`` raises, the batch goes to the spool
-(:mod:`pixel_middleware.spool`, ``spool_path``, at most ``spool_max_bytes``),
-and so does every later record while anything is spooled, which keeps them in
-order. Every ``retry_interval`` seconds the background thread hands the
-spool's oldest records to the store again, in batches, and removes them once
-the store took them. A crash in the middle of that may hand some records to
-the store twice: at least once, never lost. When the spool refuses too (full
-disk, its cap), batches stay in memory and are tried again every
-``retry_interval`` seconds.
+Store failure: records simply stay in the journal (at most
+``spool_max_bytes`` on disk) and every ``retry_interval`` seconds the writer
+hands the oldest batch to the store again. One WARNING line says so when it
+starts and one when the store took them all.
 
-Threads: none until needed. The background thread starts at the first
-``durable=False`` record, the first time a durable caller needs it (a spooled
-record to replay, a batch left behind), at :meth:`close` if anything waits,
-and at construction when the spool directory holds files, so that the spool
-files left by a process that died are handed on even if no pixel comes. It
-holds its recorder only while records wait (queued or spooled): an idle
-recorder that nobody references is freed, and its thread ends.
+Threads: the writer thread starts at the first record, and at construction
+when the journal directory holds segments, so that those left by a process
+that died are handed on even if no pixel comes. It holds its recorder only
+while records wait: an idle recorder that nobody references is freed, and its
+thread ends.
 
 Exit: at interpreter exit every recorder still open is flushed and closed
 (within ``EXIT_TIMEOUT`` seconds in all). :func:`install_signal_flush` makes
@@ -62,12 +58,13 @@ signal handlers by itself).
 Usage::
 
     recorder = Recorder(open_store("sqlite:///pixels.sqlite3"))
-    kept = recorder.record(record)   # True: committed when it returns
+    kept = recorder.record(record)   # True: in the journal when it returns
     recorder.close()
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -78,12 +75,20 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from itertools import islice
 from pathlib import Path
 from types import FrameType
+from typing import Literal
 
 from pixel_middleware import _process
 from pixel_middleware.core import PixelRecord
-from pixel_middleware.spool import DEFAULT_MAX_BYTES, Spool
+from pixel_middleware.journal import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_SEGMENT_BYTES,
+    Entry,
+    Journal,
+    encode_line,
+)
 from pixel_middleware.stores import RecordError, Store, store_identity
 
 __all__ = [
@@ -96,7 +101,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Where spools go unless ``spool_path`` says otherwise: one directory per
+#: Where journals go unless ``spool_path`` says otherwise: one directory per
 #: store URL under this one, relative to the working directory.
 DEFAULT_SPOOL_ROOT = "pixel-spool"
 
@@ -106,32 +111,22 @@ EXIT_TIMEOUT = 10.0
 # Every recorder not closed yet, held weakly: the exit and fork hooks' list.
 _LIVE: weakref.WeakSet[Recorder] = weakref.WeakSet()
 
+JournalFsync = Literal["none", "group"]
+
 
 def default_spool_path(store_url: str) -> Path:
-    """The spool directory a :class:`Recorder` uses for ``store_url`` by default.
+    """The journal directory a :class:`Recorder` uses for ``store_url`` by default.
 
     ``pixel-spool/<first 16 hex digits of the URL's SHA-256>``, relative to the
-    working directory: one spool per store, and no file path or password from
-    the URL in the directory's name. Read it with
-    :func:`~pixel_middleware.spool.count_spooled` to see how many records wait.
+    working directory: one journal per store, and no file path or password
+    from the URL in the directory's name. Read it with
+    :func:`~pixel_middleware.journal.count_spooled` to see how many records wait.
     """
     return Path(DEFAULT_SPOOL_ROOT, hashlib.sha256(store_url.encode()).hexdigest()[:16])
 
 
-class _Batch:
-    """Records that will be written together; ``done`` is set once they are
-    written or given up on, and ``kept`` says which."""
-
-    __slots__ = ("done", "kept", "records")
-
-    def __init__(self) -> None:
-        self.records: list[PixelRecord] = []
-        self.done = threading.Event()
-        self.kept = False
-
-
 class _WriterSlot:
-    """What the background thread holds: its recorder weakly, and strongly
+    """What the writer thread holds: its recorder weakly, and strongly
     (``busy``) only while records wait, so that an idle recorder can be freed.
     ``wake`` is set when there is work (and when the recorder is freed)."""
 
@@ -144,25 +139,32 @@ class _WriterSlot:
 
 
 class Recorder:
-    """Hands records to a store in group commits (see the module documentation).
+    """Journals records, then hands them to a store in batches (see the module).
 
     :param store: Where the records go; closed by :meth:`close`.
     :param durable: ``True``: :meth:`record` returns ``True`` once the record
-        is committed (to the store, or to the spool while the store fails).
-        ``False``: once the record is queued.
+        is in the journal (or, when the journal cannot be written, in the
+        store). ``False``: once the record is queued in memory.
     :param max_batch: The most records in one ``store.write()``.
-    :param max_pending: The most records waiting in memory; :meth:`record`
-        waits (up to ``keep_timeout``) while that many wait.
+    :param max_pending: The most records waiting in memory to be journaled;
+        :meth:`record` waits (up to ``keep_timeout``) while that many wait.
     :param keep_timeout: The most seconds :meth:`record` waits before it
         returns ``False`` (not kept yet); ``None`` waits as long as it takes.
-    :param spool_path: The directory of the spool; by default
+    :param spool_path: The journal's directory; by default
         ``./pixel-spool/<hash of the store URL>/`` (:func:`default_spool_path`).
         Recorders of one store in several processes share it (each process
-        writes its own file).
-    :param spool_max_bytes: The most bytes the spool's files may hold on disk
-        (1 GiB by default; ``None``: no cap). Past it, records wait in memory.
-    :param retry_interval: Seconds between attempts to hand spooled records
-        back to a failing store, or to keep records when the spool fails too.
+        writes its own segments).
+    :param spool_max_bytes: The most bytes the journal's files may hold on
+        disk (1 GiB by default; ``None``: no cap). Past it, the caller writes
+        to the store itself.
+    :param journal_fsync: ``"none"`` (the default): an append is in the page
+        cache when :meth:`record` returns, which survives the process dying.
+        ``"group"``: each group append is also fsync'd, which survives a power
+        loss (one fsync per group of concurrent records).
+    :param journal_segment_bytes: The journal segment size past which a new
+        segment is started (64 MiB by default).
+    :param retry_interval: Seconds between attempts to hand the journal to a
+        failing store, or to keep records when the journal fails too.
     """
 
     store: Store
@@ -178,6 +180,8 @@ class Recorder:
         keep_timeout: float | None = 5.0,
         spool_path: str | os.PathLike[str] | None = None,
         spool_max_bytes: int | None = DEFAULT_MAX_BYTES,
+        journal_fsync: JournalFsync = "none",
+        journal_segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         retry_interval: float = 1.0,
     ) -> None:
         if not callable(getattr(store, "write", None)):
@@ -197,26 +201,52 @@ class Recorder:
             raise ValueError(
                 f"Recorder: keep_timeout must be more than 0 seconds or None, got {keep_timeout!r}"
             )
+        if journal_fsync not in ("none", "group"):
+            raise ValueError(
+                f"Recorder: journal_fsync must be 'none' or 'group', got {journal_fsync!r}"
+            )
         self.store = store
         self.durable = durable
         self.max_batch = max_batch
         self.max_pending = max_pending
         self.keep_timeout = None if keep_timeout is None else float(keep_timeout)
         self.retry_interval = float(retry_interval)
+        self.journal_fsync = journal_fsync
+        # The journaled records kept in memory for the writer: a couple of
+        # batches. Further behind, reading them back from the journal (from
+        # the page cache) costs little, and memory stays small.
+        self._cache_cap = min(max_pending, 2 * max_batch)
         if spool_path is None:
             spool_path = default_spool_path(store_identity(store))
         self.spool_path = Path(spool_path).absolute()
         try:
-            self._spool = Spool(self.spool_path, max_bytes=spool_max_bytes)
+            self._journal = Journal(
+                self.spool_path,
+                max_bytes=spool_max_bytes,
+                segment_bytes=journal_segment_bytes,
+                fsync=journal_fsync == "group",
+            )
         except ValueError as exc:
             raise ValueError(f"Recorder: spool_max_bytes: {exc}") from None
+        # A store lost with the process (memory://, volatile) gains nothing from
+        # a journal: the group commit writes it directly.
+        self._journaling = not getattr(store, "volatile", False)
+        # Stores that commit the journal position with the records (exact replay).
+        write_at = getattr(store, "write_journaled", None)
+        positions = getattr(store, "journal_positions", None)
+        self._write_at = write_at if callable(write_at) and callable(positions) else None
+        self._positions = positions if self._write_at is not None else None
         self._store_closed = False
         self._reset()
+        if durable:
+            _reads_wait_for(store, self)
         _register_process_hooks()
         _LIVE.add(self)
-        if _has_spool_files(self.spool_path):
+        if self._journaling and _has_spool_files(self.spool_path):
+            # Left by a process that died: counted in `spooled` from now on,
+            # and handed on even if no pixel comes.
+            self._adopt_journal()
             with self._lock:
-                # Left by a process that died: hand them on even if no pixel comes.
                 self._wake_writer()
 
     def __repr__(self) -> str:
@@ -224,15 +254,15 @@ class Recorder:
 
     @property
     def spooled(self) -> int:
-        """The number of records waiting in the spool for the store to recover.
+        """The number of records in the journal that the store has not taken yet.
 
-        Never waits for a write under way (it reads the spool's counter).
+        Never waits for a write under way (it reads the journal's counter).
         """
-        return len(self._spool)
+        return len(self._journal)
 
     @property
     def stalled(self) -> bool:
-        """Whether neither the store nor the spool took the last write (a full
+        """Whether neither the journal nor the store took the last append (a full
         disk, a store that refuses writes): records wait in memory, and pixels
         not kept within ``keep_timeout`` are refused, until one takes them again.
 
@@ -241,22 +271,29 @@ class Recorder:
         return self._stalled
 
     def record(self, record: PixelRecord) -> bool:
-        """Queue ``record`` for the store; with ``durable``, wait until it is committed.
+        """Queue ``record``; with ``durable``, wait until it is in the journal.
 
-        ``True``: committed (``durable``) or queued (fire and forget).
+        ``True``: journaled (``durable``) or queued (fire and forget).
         ``False``: not kept within ``keep_timeout`` seconds, or the recorder is
-        closed; a record that was queued is still written when the store or
-        the disk recovers. Never raises: a problem is logged.
+        closed; a record that was queued is still kept when the store or the
+        disk recovers. Never raises: a problem is logged.
         """
         try:
-            deadline = None if self.keep_timeout is None else time.monotonic() + self.keep_timeout
-            with self._lock:
-                while self._pending >= self.max_pending and not self._closed:
-                    wait = _left(deadline)
-                    if wait is not None and wait <= 0:
-                        self._refused(record, f"{self._pending} records already wait")
-                        return False
-                    self._space.wait(wait)
+            try:
+                line = encode_line(record) if self._journaling else b""
+            except RecordError as exc:
+                logger.error("dropping a record no store can keep (%s): %r", exc, record)
+                return False
+            lock = self._lock
+            with lock:
+                if self._queued_count >= self.max_pending and not self._closed:
+                    deadline = _deadline(self.keep_timeout)
+                    while self._queued_count >= self.max_pending and not self._closed:
+                        wait = _left(deadline)
+                        if wait is not None and wait <= 0:
+                            self._refused(record, f"{self._queued_count} records already wait")
+                            return False
+                        self._changed.wait(wait)
                 if self._closed:
                     logger.error(
                         "recorder for %s is closed: record %s not kept",
@@ -264,17 +301,58 @@ class Recorder:
                         _record_id(record),
                     )
                     return False
-                batch = self._enqueue(record)
+                self._queue.append((record, line))
+                self._queued_count += 1
+                self._queued += 1
+                seq = self._queued
                 if not self.durable:
+                    # Journal it now if nobody is appending (one write, no
+                    # waiting for anyone): the queue, and memory, stay small
+                    # however far behind the store is.
+                    if self._journaling and self._appender is None and not self._stalled:
+                        self._append_queue(store_fallback=False)
+                    else:
+                        self._wake_writer()
                     return True
-            if self._commit_as_leader(batch, deadline):
-                return True
-            with self._lock:
-                self._refused(record, "not committed: the store and spool fail, or it was slow")
-            return False
+                return self._wait_journaled(seq, record)
         except Exception:
             logger.exception("recording %s failed", _record_id(record))
             return False
+
+    def _wait_journaled(self, seq: int, record: PixelRecord) -> bool:
+        """Until record ``seq`` is journaled, append the queue ourselves whenever no
+        other thread is appending; ``False`` at the deadline or when it failed.
+        Call with the lock held."""
+        self._waiters += 1
+        try:
+            return self._wait_journaled_counted(seq, record)
+        finally:
+            self._waiters -= 1
+
+    def _wait_journaled_counted(self, seq: int, record: PixelRecord) -> bool:
+        deadline: float | None = None
+        while self._journaled < seq:
+            if self._closed:
+                return False
+            now = time.monotonic()
+            retry_in = self._next_retry - now if self._stalled else 0.0
+            if self._appender is None and retry_in <= 0:
+                if not self._append_queue():
+                    self._refused(record, "neither the journal nor the store takes it")
+                    self._wake_writer()  # it retries the queue
+                    return False
+                continue
+            if deadline is None:
+                deadline = _deadline(self.keep_timeout)
+            wait = _left(deadline, now)
+            if wait is not None and wait <= 0:
+                self._refused(record, "not journaled in time")
+                self._wake_writer()
+                return False
+            if self._appender is None:
+                wait = retry_in if wait is None else min(wait, retry_in)
+            self._changed.wait(wait)
+        return True
 
     def offer(self, record: PixelRecord) -> bool:
         """Queue ``record`` if that needs no waiting; ``False`` (nothing queued) otherwise.
@@ -282,34 +360,23 @@ class Recorder:
         For callers that must not block, such as an event loop: with
         ``durable=False`` and room in the queue the record is queued at once;
         when the queue is full, or the recorder is durable (the caller would
-        wait for the commit), or closed, it returns ``False`` and the caller
+        wait for the append), or closed, it returns ``False`` and the caller
         hands the record to :meth:`record` from a thread instead.
         """
         if self.durable:
             return False
+        try:
+            line = encode_line(record) if self._journaling else b""
+        except RecordError:
+            return False
         with self._lock:
-            if self._closed or self._pending >= self.max_pending:
+            if self._closed or self._queued_count >= self.max_pending:
                 return False
-            self._enqueue(record)
-        return True
-
-    def _enqueue(self, record: PixelRecord) -> _Batch:
-        """Add ``record`` to the newest batch with room; call with the lock held.
-
-        Fire and forget: the background thread is woken. Durable: the caller
-        leads (or follows) the commit itself.
-        """
-        batches = self._batches
-        if batches and len(batches[-1].records) < self.max_batch:
-            batch = batches[-1]
-        else:
-            batch = _Batch()
-            batches.append(batch)
-        batch.records.append(record)
-        self._pending += 1
-        if not self.durable:
+            self._queue.append((record, line))
+            self._queued_count += 1
+            self._queued += 1
             self._wake_writer()
-        return batch
+        return True
 
     def _refused(self, record: PixelRecord, why: str) -> None:
         """Log a record not kept: loudly the first time since one was kept."""
@@ -327,35 +394,50 @@ class Recorder:
         )
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every record queued so far is written or given up on.
+        """Wait until every record queued so far is in the store or given up on.
 
         ``True`` when they are; ``False`` when ``timeout`` seconds passed first.
         """
+        deadline = _deadline(timeout)
         with self._lock:
-            if self._writer == threading.get_ident():
+            me = threading.get_ident()
+            if me in (self._appender, self._store_writer):
                 return False  # called from within this thread's own write (a signal handler)
-            last = self._batches[-1] if self._batches else self._inflight
-            if last is not None:
-                self._wake_writer()  # a batch a caller left behind has no other writer
-        return True if last is None else last.done.wait(timeout)
+            target = self._queued
+            if self._flushed(target):
+                return True
+            self._wake_writer()
+            while not self._flushed(target):
+                if self._closed and self._thread is None:
+                    return self._done >= target
+                wait = _left(deadline)
+                if wait is not None and wait <= 0:
+                    return False
+                self._changed.wait(wait)
+            return True
+
+    def _flushed(self, target: int) -> bool:
+        # In the store, or, while the store fails, in the journal.
+        return self._done >= target or (self._store_failing and self._journaled >= target)
 
     def close(self, timeout: float | None = None) -> None:
-        """Flush, stop the background thread and close the store; idempotent.
+        """Flush, stop the writer thread and close the store; idempotent.
 
-        Waits up to ``timeout`` seconds (``None``: as long as it takes) for the
-        queue to be written. Each waiting batch gets one more attempt, at once;
-        what neither the store nor the spool takes then is given up (logged
-        with the count). If the time runs out first (a store write that hangs),
-        it logs how many records are still waiting and leaves the store open
-        for the thread, which goes on trying.
+        Waits up to ``timeout`` seconds (``None``: as long as it takes). What
+        waits in memory gets one more attempt at the journal (and the store);
+        what neither takes then is given up (logged with the count). The
+        journal's records get one more attempt at the store; those it does not
+        take stay in the journal for the next recorder. If the time runs out
+        first (a store write that hangs), it logs how many records are still
+        waiting and leaves the store open for the thread, which goes on trying.
         """
         with self._lock:
             self._closing = True
-            if self._batches or self._spooled() or self._thread is not None:
+            if self._queue or self._journal_waits() or self._thread is not None:
                 self._wake_writer()
             else:
                 self._closed = True
-                self._space.notify_all()
+                self._changed.notify_all()
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
@@ -363,7 +445,7 @@ class Recorder:
                 logger.error(
                     "recorder for %s: %d records still not written after %ss of closing",
                     _url(self.store),
-                    self._pending,
+                    self._queued_count + len(self._journal),
                     timeout,
                 )
                 return
@@ -375,231 +457,355 @@ class Recorder:
             self.store.close()
         except Exception:
             logger.exception("closing the store %s failed", _url(self.store))
-        self._spool.close()
+        self._journal.close()
         _LIVE.discard(self)
 
-    # --- writing ---------------------------------------------------------------
+    # --- appending ---------------------------------------------------------------
 
     def _reset(self) -> None:
         """The in-memory state, fresh (at construction, and in a forked child)."""
         # Reentrant, for the SIGTERM handler's flush interrupting record().
         self._lock = threading.RLock()
-        self._space = threading.Condition(self._lock)  # record() waits for room
-        self._written = threading.Condition(self._lock)  # a write ended
-        self._writer: int | None = None  # the thread writing to the store or spool now
-        self._batches: deque[_Batch] = deque()
-        self._inflight: _Batch | None = None
-        self._pending = 0  # records queued or being written
+        # Anything changed: room in the queue, an append or a store write ended.
+        self._changed = threading.Condition(self._lock)
+        # Records waiting to be journaled, with their JSON lines.
+        self._queue: deque[tuple[PixelRecord, bytes]] = deque()
+        self._queued_count = 0  # in _queue, and in an append under way
+        # Counters of this recorder's records: given to record(), in the
+        # journal (or the store), and done (in the store, or given up on).
+        self._queued = 0
+        self._journaled = 0
+        self._done = 0
+        self._appender: int | None = None  # the thread appending now
+        # Durable callers waiting for their record to be journaled: they
+        # append themselves, so the writer thread leaves the queue to them.
+        self._waiters = 0
+        self._store_writer: int | None = None  # the writer thread, inside a store write
+        # The journaled records the store has not taken, in memory, while they
+        # are every journal record after _cache_from (else read back from disk).
+        self._cache: deque[Entry] = deque()
+        self._cache_from: tuple[str, int] | None = None
+        self._cache_epoch = 0
+        self._from_cache = True
         self._closing = False
         self._closed = False
-        self._gave_up_closing = False
-        # Both the store and the spool failed the last write: nobody writes
-        # again before _next_retry, which is also when the spool is replayed.
+        # Both the journal and the store failed the last append: nobody tries
+        # again before _next_retry.
         self._stalled = False
         self._next_retry = 0.0
+        self._store_failing = False
+        self._next_store_try = 0.0
         self._refusing = False
         self._thread: threading.Thread | None = None
         self._slot: _WriterSlot | None = None
-        # What went through the spool since it was last empty, for the log.
+        # What went through the journal since the store failed, for the log.
         self._replayed = 0
-        self._spooling_since = time.monotonic()
+        self._failing_since = time.monotonic()
 
     def _wake_writer(self) -> None:
-        """Start or wake the background thread, which holds this recorder from now
+        """Start or wake the writer thread, which holds this recorder from now
         until it runs out of work; call with the lock held."""
         if self._closed:
             return  # the thread died of a BaseException, or closing is over
-        if self._slot is None or self._thread is None:
-            self._slot = _WriterSlot(self)
+        slot = self._slot
+        if slot is None or self._thread is None:
+            slot = self._slot = _WriterSlot(self)
             self._thread = threading.Thread(
                 target=_writer_main,
-                args=(self._slot,),
+                args=(slot,),
                 name=f"pixel-recorder {self.spool_path.name}",
                 daemon=True,
             )
             self._thread.start()
-        self._slot.busy = self
-        self._slot.wake.set()
+        slot.busy = self
+        if not slot.wake.is_set():
+            slot.wake.set()
 
-    def _claim(self) -> None:
-        """Become the one thread writing; call with the lock held."""
-        while self._writer is not None:
-            self._written.wait()
-        self._writer = threading.get_ident()
-
-    def _finish(self, batch: _Batch | None, rest: list[PixelRecord] | None) -> None:
-        """End a write; call with the lock held.
-
-        ``rest``: the records of ``batch`` neither the store nor the spool took
-        (``[]``: all kept; ``None``: given up on, by a bug or while closing).
-        Untaken records go back to the head of the queue, and until
-        ``_next_retry`` nobody tries again.
-        """
-        if batch is not None:
-            self._inflight = None
-            taken = len(batch.records) - (len(rest) if rest else 0)
-            if rest:
-                self._pending -= taken
-                batch.records = rest
-                self._batches.appendleft(batch)
-                self._next_retry = time.monotonic() + self.retry_interval
-                self._wake_writer()
-            else:
-                self._pending -= len(batch.records)
-                batch.kept = rest is not None
-                batch.done.set()
-                if batch.kept:
-                    self._refusing = False
-                    if self._stalled:
-                        logger.warning(
-                            "recorder for %s: records are kept again; %d wait in memory",
-                            _url(self.store),
-                            self._pending,
-                        )
-            self._space.notify(max(taken, 1))
-            self._stalled_now(bool(rest))
-        self._writer = None
-        self._written.notify_all()
-
-    def _stalled_now(self, stalled: bool) -> None:
-        if stalled and not self._stalled:
-            logger.error(
-                "recorder for %s: neither the store nor the spool %s takes records;"
-                " %d wait in memory (at most %d), tried again every %gs; pixels that"
-                " cannot be kept within %ss are refused",
-                _url(self.store),
-                self.spool_path,
-                self._pending,
-                self.max_pending,
-                self.retry_interval,
-                self.keep_timeout,
-            )
-        self._stalled = stalled
-
-    def _commit_as_leader(self, batch: _Batch, deadline: float | None) -> bool:
-        """Wait until ``batch`` is kept, writing the queue's head ourselves whenever
-        no other thread is writing; ``False`` at ``deadline`` or when given up."""
-        while True:
-            with self._lock:
-                while not batch.done.is_set():
-                    now = time.monotonic()
-                    retry_in = self._next_retry - now if self._stalled else 0.0
-                    if self._writer is None and retry_in <= 0:
-                        break  # our turn to write
-                    wait = _left(deadline, now)
-                    if wait is not None and wait <= 0:
-                        # Left queued: the background thread writes it.
-                        self._wake_writer()
-                        return False
-                    if self._writer is None:
-                        wait = retry_in if wait is None else min(wait, retry_in)
-                    self._written.wait(wait)
-                if batch.done.is_set():
-                    return batch.kept
-                # Not written and nobody writing: it is still queued, and every
-                # batch ahead of it goes first, which keeps the order.
-                self._writer = threading.get_ident()
-                head = self._batches.popleft()
-                self._inflight = head
-            rest: list[PixelRecord] | None
+    def _append_queue(self, *, store_fallback: bool = True) -> bool:
+        """Journal the queue's oldest batch in one append (else, with
+        ``store_fallback``, write it to the store); whether it was kept. Call
+        with the lock held and no append under way; the lock is let go
+        meanwhile. Without ``store_fallback`` (a fire-and-forget caller, which
+        must not wait on the store) a refused batch goes back for the writer
+        thread, with no more ado."""
+        # At most a batch: one write of bounded size (a queue of 10,000 lines
+        # joined at once fragments the heap, and RSS creeps up).
+        queue = self._queue
+        group = [queue.popleft() for _ in range(min(len(queue), self.max_batch))]
+        self._appender = threading.get_ident()
+        kept = False
+        try:
+            self._lock.release()
             try:
-                rest = self._commit(head.records)
-            except Exception:
-                logger.exception("recorder: %d records may be lost", len(head.records))
-                rest = None
-            except BaseException:
-                # KeyboardInterrupt, SystemExit, gevent.Timeout in this caller's
-                # thread: it goes on up, and the batch goes back to the head of
-                # the queue for another caller or the background thread to
-                # write. Nobody returns before their own record is kept.
-                logger.critical(
-                    "recorder: interrupted writing %d records; another thread writes them",
-                    len(head.records),
+                kept = self._journal_or_store(group, store_fallback=store_fallback)
+            finally:
+                self._lock.acquire()
+        except BaseException:
+            # KeyboardInterrupt, SystemExit, gevent.Timeout in this caller's
+            # thread: the group goes back to the head of the queue for another
+            # caller or the writer thread. Nobody returns before their record is kept.
+            logger.critical(
+                "recorder: interrupted journaling %d records; another thread does it", len(group)
+            )
+            self._queue.extendleft(reversed(group))
+            self._appender = None
+            self._changed.notify_all()
+            self._wake_writer()
+            raise
+        self._appender = None
+        if kept:
+            self._queued_count -= len(group)
+            self._journaled += len(group)
+            self._refusing = False
+            if self._stalled:
+                self._stalled = False
+                logger.warning(
+                    "recorder for %s: records are kept again; %d wait in memory",
+                    _url(self.store),
+                    self._queued_count,
                 )
-                with self._lock:
-                    self._inflight = None
-                    self._batches.appendleft(head)
-                    self._writer = None
-                    self._written.notify_all()
-                    self._wake_writer()
-                raise
+            if self._journaling:
+                self._wake_writer()  # it moves the journal to the store
+        elif not store_fallback:
+            self._queue.extendleft(reversed(group))
+            self._wake_writer()  # it tries the store too
+        else:
+            self._queue.extendleft(reversed(group))
+            self._next_retry = time.monotonic() + self.retry_interval
+            if not self._stalled:
+                self._stalled = True
+                logger.error(
+                    "recorder for %s: neither the store nor the spool %s takes records;"
+                    " %d wait in memory (at most %d), tried again every %gs; pixels that"
+                    " cannot be kept within %ss are refused",
+                    _url(self.store),
+                    self.spool_path,
+                    self._queued_count,
+                    self.max_pending,
+                    self.retry_interval,
+                    self.keep_timeout,
+                )
+        self._changed.notify_all()
+        return kept
+
+    def _journal_or_store(
+        self, group: list[tuple[PixelRecord, bytes]], *, store_fallback: bool = True
+    ) -> bool:
+        """Append ``group`` to the journal (the cache too), else write it to the
+        store directly; whether either took it. Without the lock held."""
+        if not self._journaling:
+            return self._store_directly([record for record, _ in group])
+        try:
+            name, ends = self._journal.append_lines([line for _, line in group])
+        except OSError as exc:
+            logger.debug("cannot journal %d records in %s: %s", len(group), self.spool_path, exc)
+        else:
             with self._lock:
-                self._finish(head, rest)
-            if rest:
-                # Neither the store nor the spool took the head of the queue,
-                # which is or is ahead of ours: say so at once. The background
-                # thread keeps trying it.
-                return False
+                cache = self._cache
+                if len(cache) + len(group) > self._cache_cap:
+                    # Far behind: let the writer read back from the journal
+                    # rather than hold everything in memory.
+                    cache.clear()
+                    self._cache_from = (name, ends[-1])
+                    self._cache_epoch += 1
+                    self._from_cache = False
+                else:
+                    cache.extend(
+                        (record, name, end) for (record, _), end in zip(group, ends, strict=True)
+                    )
+            return True
+        # The journal refuses (a full disk, its cap): the caller writes the
+        # store itself, out of the journal's order.
+        if not store_fallback:
+            return False
+        return self._store_directly([record for record, _ in group])
+
+    def _store_directly(self, records: list[PixelRecord]) -> bool:
+        try:
+            self._write_store(records, None)
+        except Exception as exc:
+            logger.debug("store %s fails too: %s", _url(self.store), exc)
+            return False
+        with self._lock:
+            self._done += len(records)
+        return True
+
+    # --- the writer thread: from the journal to the store ------------------------
 
     def _write_step(self, slot: _WriterSlot) -> float | None:
-        """The background thread's one round: write what is due; then how long to
+        """The writer thread's one round: move what is due; then how long to
         wait for more (``inf``: until woken), or ``None`` to stop."""
         with self._lock:
             slot.wake.clear()
-            now = time.monotonic()
             closing = self._closing
-            retry_due = now >= self._next_retry
-            if not closing:
-                if self._batches:
-                    due = not self._stalled or retry_due
-                else:
-                    due = self._spooled() and retry_due
-                if not due:
-                    if self._batches or self._spooled():
-                        return self._next_retry - now
-                    slot.busy = None  # idle: let the recorder be freed
-                    return math.inf
-            self._claim()
-            batch = self._batches.popleft() if self._batches else None
-            self._inflight = batch
-            if batch is None and closing and (self._gave_up_closing or not self._spooled()):
+        if self._journal.adoption_deferred and time.monotonic() >= self._next_store_try:
+            self._adopt_journal()
+        stored = self._store_step(closing)
+        with self._lock:
+            now = time.monotonic()
+            callers_append = self.durable and self._waiters > 0
+            if (
+                self._queue
+                and self._appender is None
+                and (
+                    closing
+                    or (self._stalled and now >= self._next_retry)
+                    or (not self._stalled and not callers_append)
+                )
+            ):
+                kept = self._append_queue()
+                if not kept and closing:
+                    self._give_up()
+                return 0.0
+            if stored:
+                return 0.0
+            if closing and self._appender is None and not self._queue:
                 self._closed = True
-                self._space.notify_all()
-                self._finish(None, None)
+                self._changed.notify_all()
                 slot.busy = None
                 return None
-        rest: list[PixelRecord] | None = []
-        try:
-            # The spool first: its records are older than any batch, and a full
-            # spool takes the batch only once the store took some of it.
-            # Closing tries it once at once instead of waiting (and spinning)
-            # until the next retry is due.
-            if self._spooled() and (closing or time.monotonic() >= self._next_retry):
-                try:
-                    replayed = self._replay()
-                except Exception:
-                    logger.exception("recorder: replaying the spool %s failed", self.spool_path)
-                    replayed = False
-                if not replayed:
-                    with self._lock:
-                        self._next_retry = time.monotonic() + self.retry_interval
-                        self._gave_up_closing = closing
-            if batch is not None:
-                try:
-                    rest = self._commit(batch.records)
-                except Exception:
-                    # A bug, not a store failure (those are handled inside):
-                    # say so loudly, but never leave record() waiting forever.
-                    logger.exception("recorder: %d records may be lost", len(batch.records))
-                    rest = None
-                if rest and closing:
-                    self._give_up(batch, rest)
-                    rest = None
-        finally:
-            with self._lock:
-                self._finish(batch, rest)
-        return 0.0
+            waits: list[float] = []
+            if self._queue:
+                if self._stalled:
+                    waits.append(self._next_retry - now)
+                elif callers_append:
+                    waits.append(self.retry_interval)  # woken when one gives up
+                else:
+                    waits.append(0.0)
+            if self._journal.adoption_deferred and not closing:
+                waits.append(max(self._next_store_try - now, self.retry_interval))
+            if self._journal_waits() or self._appender is not None:
+                # An append under way wakes this thread when it ends.
+                waits.append(
+                    self._next_store_try - now if self._store_failing else self.retry_interval
+                )
+            if waits:
+                return max(0.0, min(waits))
+            slot.busy = None  # idle: let the recorder be freed
+            return math.inf
 
-    def _give_up(self, batch: _Batch, rest: list[PixelRecord]) -> None:
-        """Closing, and neither the store nor the spool takes ``rest``: give up on
-        it and on everything queued behind it, loudly."""
+    def _journal_waits(self) -> bool:
+        return len(self._journal) > 0
+
+    def _store_step(self, closing: bool) -> bool:
+        """Hand the journal's oldest batch to the store; whether it moved any."""
+        if not self._journal_waits():
+            return False
+        if self._store_failing and not closing and time.monotonic() < self._next_store_try:
+            return False
         with self._lock:
-            waiting, self._batches = list(self._batches), deque()
-            lost = len(rest) + sum(len(other.records) for other in waiting)
-            for other in waiting:
-                self._pending -= len(other.records)
-                other.done.set()
-            self._gave_up_closing = True
+            epoch = self._cache_epoch
+            entries: list[Entry] = []
+            if self._from_cache and self._cache:
+                first = self._cache[0][1]
+                entries = [e for e in islice(self._cache, self.max_batch) if e[1] == first]
+        from_cache = bool(entries)
+        if not entries and not self._from_cache:
+            try:
+                entries = self._journal.peek_entries(self.max_batch, self._cache_from)
+            except OSError as exc:
+                logger.error("cannot read the spool %s: %s", self.spool_path, exc)
+                return self._store_failed(exc, closing)
+            if not entries:
+                with self._lock:
+                    if epoch == self._cache_epoch:
+                        self._from_cache = True  # caught up with the cache
+                return True
+        if not entries:
+            return False
+        records = [record for record, _, _ in entries]
+        _, name, end = entries[-1]
+        try:
+            self._store_writer = threading.get_ident()
+            try:
+                self._write_store(records, (name, end))
+            finally:
+                self._store_writer = None
+        except Exception as exc:
+            return self._store_failed(exc, closing)
+        self._journal.consume_through(name, end, len(entries))
+        mine = sum(1 for _, segment, _ in entries if segment.startswith(self._journal.prefix))
+        with self._lock:
+            if from_cache and epoch == self._cache_epoch:
+                for _ in entries:
+                    self._cache.popleft()
+                self._cache_from = (name, end)  # just before the cache's first record
+            self._done += mine
+            self._changed.notify_all()
+        if self._store_failing:
+            self._replayed += len(entries)
+            if not self._journal_waits():
+                self._store_failing = False
+                logger.warning(
+                    "spool drained: the store %s took the %d spooled records after %.1fs;"
+                    " 0 waiting in %s",
+                    _url(self.store),
+                    self._replayed,
+                    time.monotonic() - self._failing_since,
+                    self.spool_path,
+                )
+        return True
+
+    def _store_failed(self, failure: Exception, closing: bool) -> bool:
+        self._next_store_try = time.monotonic() + self.retry_interval
+        if not self._store_failing:
+            with self._lock:
+                self._store_failing = True  # flush() waits no longer
+                self._changed.notify_all()
+            self._replayed = 0
+            self._failing_since = time.monotonic()
+            logger.warning(
+                "store %s failed (%s): spooling, %d records waiting in %s;"
+                " trying the store again every %gs",
+                _url(self.store),
+                failure,
+                len(self._journal),
+                self.spool_path,
+                self.retry_interval,
+            )
+        else:
+            logger.debug("store %s still fails: %s", _url(self.store), failure)
+        if closing:
+            with self._lock:
+                # The journal keeps them for the next recorder.
+                self._done = self._queued - self._queued_count
+                self._changed.notify_all()
+        return False
+
+    def _write_store(self, records: Sequence[PixelRecord], position: tuple[str, int] | None) -> int:
+        """Write ``records`` (with the journal ``position`` of the last, where the
+        store keeps it); records no store can keep are dropped, loudly. The
+        number dropped; raises what the store raised otherwise."""
+        try:
+            self._store_write(records, position)
+            return 0
+        except RecordError:
+            pass
+        dropped = 0
+        for record in records:
+            try:
+                self._store_write([record], position)
+            except RecordError as exc:
+                dropped += 1
+                logger.error("dropping a record no store can keep (%s): %r", exc, record)
+        return dropped
+
+    def _store_write(
+        self, records: Sequence[PixelRecord], position: tuple[str, int] | None
+    ) -> None:
+        if position is not None and self._write_at is not None:
+            self._write_at(records, journal_position=position)
+        else:
+            self.store.write(records)
+
+    def _give_up(self) -> None:
+        """Closing, and neither the journal nor the store takes what waits in
+        memory: give up on it, loudly. Call with the lock held."""
+        lost = len(self._queue)
+        self._queue.clear()
+        self._queued_count -= lost
+        self._done += lost
+        self._changed.notify_all()
         logger.critical(
             "recorder for %s closing: neither the store nor the spool %s takes records;"
             " %d records not kept",
@@ -609,125 +815,65 @@ class Recorder:
         )
 
     def _writer_died(self) -> None:
-        """The background thread dies of a BaseException (SystemExit raised by a
+        """The writer thread dies of a BaseException (SystemExit raised by a
         store, say): whatever waits would wait forever."""
         with self._lock:
             if not self._closed:
-                lost = sum(len(batch.records) for batch in self._batches)
-                logger.critical("recorder writer stopped: %d queued records not kept", lost)
+                lost = len(self._queue)
+                logger.critical("recorder writer stopped: %d queued records not journaled", lost)
                 self._closed = True
-                self._space.notify_all()
-            waiting, self._batches = list(self._batches), deque()
-            for batch in waiting:
-                batch.done.set()
-            if self._writer == threading.get_ident():
-                self._writer = None
-            self._written.notify_all()
+            self._done = self._queued
+            self._changed.notify_all()
 
-    def _adopt_spool(self) -> None:
+    def _adopt_journal(self) -> None:
         try:
-            if self._spool.adopt():
-                with self._lock:
-                    self._spooling_since = time.monotonic()
+            adopted = self._journal.adopt(self._positions)
         except OSError as exc:
             logger.error("cannot adopt old spool files in %s: %s", self.spool_path, exc)
-
-    def _spooled(self) -> bool:
-        return len(self._spool) > 0
-
-    def _commit(self, records: Sequence[PixelRecord]) -> list[PixelRecord]:
-        """Keep ``records`` in the store, else in the spool; the ones neither took."""
-        failure: Exception | None = None
-        if not self._spooled():
-            try:
-                self.store.write(records)
-                return []
-            except RecordError:
-                records, failure = self._write_one_by_one(records)
-                if not records:
-                    return []
-            except Exception as exc:
-                failure = exc
-        try:
-            self._append_to_spool(records)
-        except OSError as exc:
-            logger.debug("cannot spool %d records to %s: %s", len(records), self.spool_path, exc)
-            return list(records)
-        if failure is not None:
-            self._replayed = 0
-            self._spooling_since = time.monotonic()
-            logger.warning(
-                "store %s failed (%s): spooling, %d records waiting in %s;"
-                " trying the store again every %gs",
-                _url(self.store),
-                failure,
-                len(self._spool),
-                self.spool_path,
-                self.retry_interval,
-            )
+            return
+        if self._journal.adoption_deferred:
+            self._next_store_try = time.monotonic() + self.retry_interval
+        if adopted:
             with self._lock:
-                # The background thread, which replays, must start counting to
-                # its next retry.
-                self._next_retry = time.monotonic() + self.retry_interval
-                self._wake_writer()
-        return []
+                # Older than anything cached: read them and everything after
+                # them back from disk, up to the journal's tail as it is now,
+                # from where the cache starts again (no append under way, so
+                # the cache and the tail agree).
+                while self._appender is not None:
+                    self._changed.wait()
+                self._cache.clear()
+                self._cache_from = self._journal.tail()
+                self._cache_epoch += 1
+                self._from_cache = False
 
-    def _append_to_spool(self, records: Sequence[PixelRecord]) -> None:
-        try:
-            self._spool.append(records)
-        except RecordError:
-            for record in records:
-                try:
-                    self._spool.append([record])
-                except RecordError as exc:
-                    logger.error("dropping a record no store can keep (%s): %r", exc, record)
 
-    def _write_one_by_one(
-        self, records: Sequence[PixelRecord]
-    ) -> tuple[list[PixelRecord], Exception | None]:
-        """After a RecordError, write each record alone, dropping those no store can
-        keep; returns the records from the first other failure on, and that failure."""
-        for index, record in enumerate(records):
-            try:
-                self.store.write([record])
-            except RecordError as exc:
-                logger.error("dropping a record no store can keep (%s): %r", exc, record)
-            except Exception as exc:
-                return list(records[index:]), exc
-        return [], None
+def _reads_wait_for(store: Store, recorder: Recorder) -> None:
+    """Make ``store.read()`` and ``store.clear()`` flush ``recorder`` first.
 
-    def _replay(self) -> bool:
-        """Hand the spool's oldest batch to the store; False if the store still fails."""
-        try:
-            records = self._spool.peek(self.max_batch)
-        except OSError as exc:
-            logger.error("cannot read the spool %s: %s", self.spool_path, exc)
-            return False
-        if not records:
-            return True
-        try:
-            self.store.write(records)
-        except RecordError:
-            rest, _ = self._write_one_by_one(records)
-            self._spool.consume(len(records) - len(rest))
-            if rest:
-                return False
-        except Exception as exc:
-            logger.debug("store %s still fails: %s", _url(self.store), exc)
-            return False
-        else:
-            self._spool.consume(len(records))
-        self._replayed += len(records)
-        if not self._spooled():
-            logger.warning(
-                "spool drained: the store %s took the %d spooled records after %.1fs;"
-                " 0 waiting in %s",
-                _url(self.store),
-                self._replayed,
-                time.monotonic() - self._spooling_since,
-                self.spool_path,
-            )
-        return True
+    Read your writes, as durable recording always gave: a pixel answered 200
+    is in the journal, maybe not yet in the store; whoever reads through the
+    same store object (the API, a test) sees it all the same. Other processes
+    read what the writer thread has stored, a few milliseconds behind. Waits
+    at most ``keep_timeout``.
+    """
+    ref = weakref.ref(recorder)
+    for name in ("read", "clear"):
+        method = getattr(store, name, None)
+        if not callable(method) or getattr(method, "_pixel_flushes", False):
+            continue
+
+        def flush_first(
+            *args: object, _method: Callable[..., object] = method, **kwargs: object
+        ) -> object:
+            current = ref()
+            if current is not None and not current._closed:
+                current.flush(timeout=current.keep_timeout)
+            return _method(*args, **kwargs)
+
+        flush_first._pixel_flushes = True  # type: ignore[attr-defined]
+        # A store with __slots__ keeps its methods: reads see what the writer stored.
+        with contextlib.suppress(AttributeError):
+            setattr(store, name, flush_first)
 
 
 def _url(store: Store) -> str:
@@ -739,6 +885,10 @@ def _record_id(record: object) -> object:
 
 
 # --- process exit --------------------------------------------------------------
+
+
+def _deadline(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + timeout
 
 
 def _left(deadline: float | None, now: float | None = None) -> float | None:
@@ -759,7 +909,8 @@ def _writer_main(slot: _WriterSlot) -> None:
     recorder = slot.busy
     if recorder is None:
         return
-    recorder._adopt_spool()
+    if recorder._journaling:
+        recorder._adopt_journal()
     while True:
         try:
             wait = recorder._write_step(slot)
@@ -790,12 +941,12 @@ def _flush_all() -> None:
 
 
 def _after_fork_in_child() -> None:
-    # Only the forking thread lives on in a child: the background thread is
+    # Only the forking thread lives on in a child: the writer thread is
     # gone, and its queue belongs to the parent, which writes it. Start afresh;
     # a thread starts again when the child needs one.
     for recorder in list(_LIVE):
         recorder._reset()
-        recorder._spool.forget_after_fork()
+        recorder._journal.forget_after_fork()
 
 
 def _register_process_hooks() -> None:

@@ -1091,8 +1091,11 @@ def test_a_slow_durable_commit_does_not_hold_the_event_loop(tmp_path: Path) -> N
         assert time.monotonic() - started < 0.8, "the app answered while the commit ran"
         pixel.join(10)
         assert pixel_answer == [200]
-        assert time.monotonic() - started >= 1.0, "a durable pixel waits for its commit"
-        assert middleware._pool is not None, "the commit was waited for in a pool thread"
+        # A durable pixel waits for its journal append, not for the store's
+        # commit, which the recorder's writer thread makes.
+        assert time.monotonic() - started < 0.8, "the pixel did not wait for the slow store"
+        assert middleware._pool is not None, "the append was waited for in a pool thread"
+        assert len(slow.read()) == 1, "in the store once the commit is over"
     finally:
         server.stop()
         middleware.close()

@@ -235,6 +235,41 @@ def test_kill_9_of_a_worker_loses_no_answered_pixel(
     assert ok <= set(kept), f"{len(ok - set(kept))} answered pixels lost"
 
 
+def test_kill_9_of_the_master_and_every_worker_then_a_restart_stores_each_pixel_once(
+    serve: Callable[[str], Gunicorn], tmp_path: Path
+) -> None:
+    # The whole server dies at once, as in an out-of-memory kill or a container
+    # stop with SIGKILL: no worker flushes anything. What was answered 200 is in
+    # the workers' journals; the next server's workers adopt them, and SQLite's
+    # journal positions make the replay exact.
+    server = serve("sqlite:///events.sqlite3")
+    load = Load(server.url, 1500, threads=16)
+    load.wait_until(1000)
+    workers = server.workers()
+    os.kill(server.process.pid, signal.SIGKILL)
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    server.process.wait(10)
+    ok = load.finish()
+    spool = next((tmp_path / "pixel-spool").iterdir())
+    assert list(spool.glob("*.jsonl")), "the dead workers left their journals"
+
+    again = serve("sqlite:///events.sqlite3")
+    deadline = time.monotonic() + 30
+    while list(spool.glob("*.jsonl")):
+        assert time.monotonic() < deadline, again.output()
+        time.sleep(0.05)
+    again.stop()
+
+    store = SQLiteStore(tmp_path / "events.sqlite3")
+    kept = Counter(
+        record["event"]["messageId"] for _, record in store.read() if record["event"] is not None
+    )
+    store.close()
+    assert ok <= set(kept), f"{len(ok - set(kept))} answered pixels lost"
+    assert [message_id for message_id, count in kept.items() if count > 1] == [], "stored twice"
+
+
 @pytest.mark.redis
 def test_redis_outage_under_load_loses_no_answered_pixel(
     serve: Callable[[str], Gunicorn], tmp_path: Path

@@ -38,6 +38,9 @@ from pixel_middleware.stores.sqlite import SQLiteStore
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# The postgres_url fixture, for the journal's exact replay on PostgreSQL.
+pytest_plugins = ["postgres_server"]
+
 
 class FlakyStore:
     """A memory store whose writes fail while ``failing`` is set, wait while
@@ -177,13 +180,32 @@ def test_default_spool_path_is_the_one_the_recorder_uses(
 # --- committing ----------------------------------------------------------------
 
 
-def test_a_durable_record_is_in_the_store_when_record_returns(
+def test_a_durable_record_is_in_the_journal_when_record_returns(
+    make_recorder: Callable[..., Recorder], tmp_path: Path, spool_dir: Path
+) -> None:
+    # The store's commit holds the writer thread, so only the journal can
+    # have the records when record() returns.
+    store = FlakyStore()
+    store.gate.clear()
+    recorder = make_recorder(store)
+    for n in range(5):
+        assert recorder.record(make_record(id=f"r{n}")) is True
+        # Read from the files, as another process (or the next recorder) would.
+        lines = b"".join(path.read_bytes() for path in spool_dir.glob("*.jsonl")).splitlines()
+        assert [json.loads(line)["id"] for line in lines] == [f"r{i}" for i in range(n + 1)]
+    assert store.ids() == []
+    store.gate.set()
+    assert recorder.flush(timeout=5)
+    assert store.ids() == [f"r{n}" for n in range(5)]
+
+
+def test_a_durable_record_reaches_the_store_at_flush(
     make_recorder: Callable[..., Recorder], tmp_path: Path
 ) -> None:
     recorder = make_recorder(SQLiteStore(tmp_path / "events.sqlite3"))
     for n in range(5):
-        record = make_record(id=f"r{n}")
-        recorder.record(record)
+        recorder.record(make_record(id=f"r{n}"))
+        assert recorder.flush(timeout=5)
         # Through another connection, as another process would see it.
         other = SQLiteStore(tmp_path / "events.sqlite3")
         assert [r["id"] for _, r in other.read()][-1] == f"r{n}"
@@ -204,6 +226,7 @@ def test_concurrent_records_share_commits(make_recorder: Callable[..., Recorder]
         worker.start()
     for worker in workers:
         worker.join()
+    assert recorder.flush(timeout=10)  # journaled when record() returned; stored now
     total = threads * per_thread
     assert sum(store.writes) == total
     assert len(store.writes) < total / 5, f"{len(store.writes)} writes for {total} records"
@@ -256,11 +279,19 @@ def test_close_writes_what_fire_and_forget_queued(make_recorder: Callable[..., R
 
 
 def test_backpressure_blocks_record_and_drops_nothing(
-    make_recorder: Callable[..., Recorder],
+    make_recorder: Callable[..., Recorder], unwritable_spool: Path
 ) -> None:
     store = FlakyStore()
     store.gate.clear()  # the store hangs: nothing gets written
-    recorder = make_recorder(store, durable=False, max_pending=10, max_batch=4, keep_timeout=None)
+    # And the journal cannot be written (records wait in memory only then).
+    recorder = make_recorder(
+        store,
+        durable=False,
+        max_pending=10,
+        max_batch=4,
+        keep_timeout=None,
+        spool_path=unwritable_spool,
+    )
     returned = 0
 
     def produce() -> None:
@@ -272,11 +303,11 @@ def test_backpressure_blocks_record_and_drops_nothing(
     producer = threading.Thread(target=produce)
     producer.start()
     # The producer waiting for room is the event to wait for, not a guess at time.
-    wait_until(lambda: len(recorder._space._waiters) == 1)  # type: ignore[attr-defined]
-    # Ten in memory (one batch of them with the hanging store), the
+    wait_until(lambda: len(recorder._changed._waiters) == 1)  # type: ignore[attr-defined]
+    # Ten in memory (one group of them with the hanging store), the
     # eleventh record() waits for room.
     assert returned == 10
-    assert recorder._pending == 10
+    assert recorder._queued_count == 10
     assert producer.is_alive()
     store.gate.set()
     producer.join(timeout=5)
@@ -299,7 +330,7 @@ def test_a_failing_store_spools_then_replays_in_order(
             recorder.record(make_record(id=f"r{n}"))  # durable: returns once spooled
         assert recorder.spooled == 10
         assert store.ids() == []
-        assert "spooling, 1 records waiting" in caplog.text
+        wait_until(lambda: "spooling, " in caplog.text)
         time.sleep(0.12)  # a few failed retries
         for n in range(10, 15):
             recorder.record(make_record(id=f"r{n}"))
@@ -307,8 +338,11 @@ def test_a_failing_store_spools_then_replays_in_order(
         store.failing.clear()
         wait_until(lambda: recorder.spooled == 0)
         recorder.record(make_record(id="after"))
+        assert recorder.flush(timeout=5)
     assert store.ids() == [f"r{n}" for n in range(15)] + ["after"]
     assert "took the 15 spooled records" in caplog.text
+    assert recorder.spooled == 0
+    recorder.close()
     assert list(recorder.spool_path.glob("*.jsonl")) == []
 
 
@@ -590,7 +624,7 @@ def test_a_writer_killed_by_its_store_leaves_nobody_waiting(
     with caplog.at_level(logging.ERROR, logger="pixel_middleware.recorder"):
         for n in range(3):
             recorder.record(make_record(id=f"r{n}"))
-        wait_until(lambda: recorder._pending == 3)
+        wait_until(lambda: recorder._queued == 3)
         store.failing.set()
         store.gate.set()
         assert recorder.flush(timeout=5)
@@ -599,32 +633,29 @@ def test_a_writer_killed_by_its_store_leaves_nobody_waiting(
     assert "is closed: record later not kept" in caplog.text
 
 
-class InterruptOnceStore(FlakyStore):
-    """Its ``interrupt_at``-th write raises KeyboardInterrupt (as a Ctrl-C or a
-    gevent.Timeout would land in the writing thread), once."""
-
-    def __init__(self, interrupt_at: int) -> None:
-        super().__init__()
-        self.calls = 0
-        self.interrupt_at = interrupt_at
-
-    def write(self, records: Sequence[PixelRecord]) -> None:
-        self.gate.wait()
-        self.calls += 1
-        if self.calls == self.interrupt_at:
-            raise KeyboardInterrupt
-        super().write(records)
-
-
-def test_an_interrupted_leader_lets_no_follower_return_before_its_record_is_kept(
+def test_an_interrupted_appender_lets_no_follower_return_before_its_record_is_kept(
     make_recorder: Callable[..., Recorder], caplog: pytest.LogCaptureFixture
 ) -> None:
-    # r0 writes alone and is held at the store's gate; r1 and r2 queue behind it
-    # in one batch. The second write (that batch, led by r1 or r2) is interrupted:
-    # the leader raises, and the other returns only once its record is kept.
-    store = InterruptOnceStore(interrupt_at=2)
-    store.gate.clear()
+    # r0 appends alone and is held inside the journal's append; r1 and r2
+    # queue behind it. The second append (led by r1 or r2) is interrupted, as a
+    # Ctrl-C or a gevent.Timeout would land in that thread: the appender
+    # raises, and the other returns only once its record is journaled.
+    store = FlakyStore()
     recorder = make_recorder(store)
+    journal = recorder._journal
+    append_lines = journal.append_lines
+    gate = threading.Event()
+    calls: list[int] = []
+
+    def held_then_interrupted(lines: Sequence[bytes]) -> tuple[str, list[int]]:
+        calls.append(len(lines))
+        if len(calls) == 1:
+            gate.wait()
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return append_lines(lines)
+
+    journal.append_lines = held_then_interrupted  # type: ignore[method-assign]
     results: dict[str, object] = {}
 
     def record(record_id: str) -> None:
@@ -635,13 +666,12 @@ def test_an_interrupted_leader_lets_no_follower_return_before_its_record_is_kept
 
     threads = {rid: threading.Thread(target=record, args=(rid,)) for rid in ("r0", "r1", "r2")}
     threads["r0"].start()
-    wait_until(lambda: store.calls == 0 and recorder._inflight is not None)
+    wait_until(lambda: calls == [1])
     threads["r1"].start()
     threads["r2"].start()
-    wait_until(lambda: recorder._pending == 3)
-    assert len(recorder._batches) == 1, "r1 and r2 share one batch"
+    wait_until(lambda: len(recorder._queue) == 2)
     with caplog.at_level(logging.CRITICAL, logger="pixel_middleware.recorder"):
-        store.gate.set()
+        gate.set()
         for thread in threads.values():
             thread.join(timeout=5)
             assert not thread.is_alive()
@@ -649,11 +679,12 @@ def test_an_interrupted_leader_lets_no_follower_return_before_its_record_is_kept
     returned = [rid for rid, result in results.items() if result is True]
     assert len(interrupted) == 1, results
     assert sorted(returned) == sorted({"r0", "r1", "r2"} - set(interrupted))
-    # Every caller that returned has its record in the store; the interrupted
-    # one's record was written too, by the caller that took the batch over.
-    ids = store.ids()
-    assert ids[0] == "r0"
-    assert sorted(ids) == ["r0", "r1", "r2"]
+    assert calls == [1, 2, 2], "r1 and r2 share one group; it is appended again"
+    # The interrupted caller's record was journaled too, by the one that
+    # took the group over, and everything reaches the store in order.
+    assert recorder.flush(timeout=5)
+    assert store.ids()[0] == "r0"
+    assert sorted(store.ids()) == ["r0", "r1", "r2"]
     assert "interrupted" in caplog.text
 
 
@@ -739,7 +770,7 @@ def test_spooled_never_waits_for_a_write_under_way(
     recorder.record(make_record(id="r0"))
     answers: list[int] = []
     # An operation of the spool under way in another thread (a hung fsync, say).
-    with recorder._spool._lock:
+    with recorder._journal._lock:
         reader = threading.Thread(target=lambda: answers.append(recorder.spooled))
         reader.start()
         reader.join(timeout=2)
@@ -785,7 +816,9 @@ def test_no_thread_until_one_is_needed(
     durable = make_recorder(SQLiteStore(tmp_path / "events.sqlite3"))
     assert recorder_threads() == []
     assert durable.record(make_record(id="d0"))
-    assert recorder_threads() == [], "a durable caller with a working store writes itself"
+    assert len(recorder_threads()) == 1, "it moves the journal to the store"
+    durable.close()
+    assert recorder_threads() == []
     fire_and_forget = make_recorder(MemoryStore(), durable=False, spool_path=tmp_path / "o")
     assert recorder_threads() == []
     fire_and_forget.record(make_record(id="f0"))
@@ -881,3 +914,126 @@ def test_stores_differing_only_in_a_secret_get_spools_of_their_own(
     finally:
         for recorder in recorders:
             recorder.close()
+
+
+# --- the journal -------------------------------------------------------------------
+
+
+def kill_a_recording_child(store_url: str, spool_dir: Path, stored: int, journaled: int) -> None:
+    """A child records ``stored`` records and waits until its writer stored them,
+    records ``journaled`` more (answered, not stored yet: the store is held),
+    and is killed with SIGKILL."""
+    child = run_child(
+        """
+        import sys, threading
+        from records import make_record
+        from pixel_middleware.recorder import Recorder
+        from pixel_middleware.stores import open_store
+        url, spool, stored, journaled = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:])
+        store = open_store(url)
+        recorder = Recorder(store, spool_path=spool, max_batch=7)
+        for n in range(stored):
+            assert recorder.record(make_record(id=f"r{n}"))
+        assert recorder.flush(timeout=20)
+        held = threading.Event()
+        def hold(*args, **kwargs):
+            held.wait()
+        recorder._store_write = hold  # every later store write hangs
+        for n in range(stored, stored + journaled):
+            assert recorder.record(make_record(id=f"r{n}"))
+        print("recorded", flush=True)
+        held.wait()
+        """,
+        store_url,
+        str(spool_dir),
+        str(stored),
+        str(journaled),
+    )
+    assert child.stdout is not None
+    assert child.stderr is not None
+    with child.stdout, child.stderr:
+        assert child.stdout.readline().strip() == "recorded", child.stderr.read()
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=10)
+
+
+def replayed_ids(store_url: str, spool_dir: Path) -> list[str]:
+    """The ids in the store once a new recorder adopted the dead child's journal."""
+    store = open_store(store_url)
+    recorder = Recorder(store, spool_path=spool_dir, retry_interval=0.05)
+    try:
+        wait_until(lambda: recorder.spooled == 0 and not list(spool_dir.glob("*.jsonl")), 20)
+        return [record["id"] for _, record in store.read()]
+    finally:
+        recorder.close()
+
+
+def test_replaying_a_killed_process_journal_on_sqlite_is_exact(
+    tmp_path: Path, spool_dir: Path
+) -> None:
+    url = f"sqlite:///{tmp_path}/events.sqlite3"
+    kill_a_recording_child(url, spool_dir, stored=40, journaled=9)
+    # The dead segment holds all 49; the store says how far it got: no duplicates.
+    assert replayed_ids(url, spool_dir) == [f"r{n}" for n in range(49)]
+
+
+def test_replaying_a_killed_process_journal_on_jsonl_is_at_least_once(
+    tmp_path: Path, spool_dir: Path
+) -> None:
+    url = f"jsonl:///{tmp_path}/events.jsonl"
+    kill_a_recording_child(url, spool_dir, stored=40, journaled=9)
+    ids = replayed_ids(url, spool_dir)
+    assert set(ids) == {f"r{n}" for n in range(49)}
+    assert ids[-9:] == [f"r{n}" for n in range(40, 49)]
+
+
+@pytest.mark.postgresql
+def test_replaying_a_killed_process_journal_on_postgresql_is_exact(
+    postgres_url: str, spool_dir: Path
+) -> None:
+    kill_a_recording_child(postgres_url, spool_dir, stored=40, journaled=9)
+    assert replayed_ids(postgres_url, spool_dir) == [f"r{n}" for n in range(49)]
+
+
+def test_a_store_far_behind_is_fed_from_the_journal_with_bounded_memory(
+    make_recorder: Callable[..., Recorder],
+) -> None:
+    store = FlakyStore()
+    store.gate.clear()  # the store hangs: the journal takes everything
+    recorder = make_recorder(store, max_pending=5, max_batch=3)
+    biggest = 0
+    for n in range(40):
+        assert recorder.record(make_record(id=f"r{n}")) is True
+        biggest = max(biggest, len(recorder._cache))
+    assert recorder.spooled == 40
+    assert biggest <= 5, "at most max_pending journaled records held in memory"
+    store.gate.set()
+    assert recorder.flush(timeout=10)
+    assert store.ids() == [f"r{n}" for n in range(40)]
+    assert max(store.writes) <= 3
+
+
+@pytest.mark.parametrize(("mode", "per_group"), [("group", 1), ("none", 0)])
+def test_journal_fsync_group_syncs_each_group_once(
+    make_recorder: Callable[..., Recorder],
+    monkeypatch: pytest.MonkeyPatch,
+    mode: str,
+    per_group: int,
+) -> None:
+    store = FlakyStore()
+    recorder = make_recorder(store, journal_fsync=mode)
+    assert recorder.record(make_record(id="warm-up"))  # the segment exists
+    assert recorder.flush(timeout=5)
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def counting_fsync(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counting_fsync)
+    for n in range(3):
+        assert recorder.record(make_record(id=f"r{n}"))
+    assert len(synced) == 3 * per_group
+    with pytest.raises(ValueError, match="journal_fsync must be"):
+        Recorder(MemoryStore(), journal_fsync="always")  # type: ignore[arg-type]

@@ -193,6 +193,7 @@ def test_redis_outage_with_the_recorder_loses_nothing_and_repeats_nothing(
     records = [make_record() for _ in range(60)]
     for record in records[:20]:
         recorder.record(record)
+    assert recorder.flush(timeout=10)  # journaled, and now in both stores
     redis_server.stop()
     for record in records[20:40]:
         recorder.record(record)  # durable: spooled while Redis is down

@@ -14,12 +14,14 @@ import sys
 import textwrap
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 from records import make_record
 
+from pixel_middleware.recorder import Recorder
 from pixel_middleware.stores import RecordError, StoreError, StoreNotFoundError, open_store
 from pixel_middleware.stores.sqlite import SCHEMA_VERSION, SQLiteStore
 
@@ -458,6 +460,13 @@ def test_four_processes_writing_one_file_lose_nothing(tmp_path: Path) -> None:
     assert set(ids) == expected
 
 
+def wait_until_drained(recorder: Recorder) -> None:
+    deadline = time.monotonic() + 10
+    while recorder.spooled:
+        assert time.monotonic() < deadline, f"{recorder.spooled} records still journaled"
+        time.sleep(0.01)
+
+
 def test_every_record_acknowledged_before_kill_9_is_kept(tmp_path: Path) -> None:
     path = tmp_path / "events.db"
     child = run_child(
@@ -483,11 +492,17 @@ def test_every_record_acknowledged_before_kill_9_is_kept(tmp_path: Path) -> None
     child.wait(timeout=5)
     rest, _ = child.communicate(timeout=5)
     acknowledged = [f"r{n}" for n in range(300)] + [line for line in rest.splitlines() if line]
+    # Acknowledged means journaled: the next recorder on the journal hands on
+    # what the killed one had not stored yet, and skips what it had.
     store = SQLiteStore(path)
-    kept = {record["id"] for _, record in store.read()}
-    store.close()
+    recorder = Recorder(store, spool_path=tmp_path / "spool")
+    assert recorder.flush(timeout=10)
+    wait_until_drained(recorder)
+    kept = Counter(record["id"] for _, record in store.read())
+    recorder.close()
     missing = [i for i in acknowledged if i not in kept]
     assert missing == []
+    assert [i for i, count in kept.items() if count > 1] == [], "stored twice"
 
 
 def test_a_store_inherited_across_fork_gets_its_own_connection(tmp_path: Path) -> None:

@@ -34,6 +34,9 @@ class MemoryStore:
 
     url = "memory://"
     spool_key = "memory://"
+    # Lost with the process anyway: a Recorder writes it directly, with no
+    # write-ahead journal (which would only add a disk write to each pixel).
+    volatile = True
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

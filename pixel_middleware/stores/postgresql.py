@@ -227,6 +227,7 @@ class PostgreSQLStore:
         )
 
         self._closed = False
+        self._positions_ready = False  # the journal positions' table exists
         self._pid = os.getpid()
         # One connection for writes and one for reads, each used under its own
         # lock, so that a large read (the API, `events`) never holds up a commit.
@@ -253,6 +254,55 @@ class PostgreSQLStore:
 
     def write(self, records: Sequence[PixelRecord]) -> None:
         """Insert ``records`` in one transaction; raise StoreError if it may not have happened."""
+        self._write(records, None)
+
+    def write_journaled(
+        self, records: Sequence[PixelRecord], *, journal_position: tuple[str, int]
+    ) -> None:
+        """Write ``records`` and, in the same transaction, that a recorder's journal
+        segment is stored up to ``journal_position`` (segment name, end offset):
+        a replay of the segment after a crash starts there, with no duplicates.
+        The positions live in ``<table>_journal_positions``, one row a segment."""
+        self._write(records, journal_position)
+
+    def journal_positions(self, segments: Sequence[str]) -> dict[str, int]:
+        """How far into each of ``segments`` the records are stored (those known)."""
+        if not segments:
+            return {}
+        with self._write_lock, self._failures("cannot read the journal positions of"):
+            conn = self._writer_connection()
+            exists = conn.execute("SELECT to_regclass(%s)", [self._positions_name()]).fetchone()
+            if exists is None or exists[0] is None:
+                return {}
+            rows = conn.execute(
+                sql.SQL("SELECT segment, end_offset FROM {} WHERE segment = ANY(%s)").format(
+                    self._positions
+                ),
+                [list(segments)],
+            ).fetchall()
+        return {str(segment): int(end) for segment, end in rows}
+
+    @property
+    def _positions(self) -> sql.Identifier:
+        return sql.Identifier(
+            *self.table.split(".")[:-1], f"{self._index_prefix}_journal_positions"
+        )
+
+    def _positions_name(self) -> str:
+        return self._positions.as_string(None)
+
+    def _create_positions_table(self, conn: psycopg.Connection[Any]) -> None:
+        statement = sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {} (segment text PRIMARY KEY, end_offset bigint NOT NULL)"
+        ).format(self._positions)
+        try:
+            with conn.transaction():
+                conn.execute(statement)
+        except (psycopg.errors.DuplicateTable, psycopg.errors.UniqueViolation):
+            pass  # another process created it first
+        self._positions_ready = True
+
+    def _write(self, records: Sequence[PixelRecord], position: tuple[str, int] | None) -> None:
         if not records:
             return
         try:
@@ -266,9 +316,20 @@ class PostgreSQLStore:
             # COPY took 0.37 ms for a batch of 1 against 0.40 ms, and 2.6 ms for
             # a batch of 100 against 5.7 ms: one statement streams the rows,
             # where executemany() has every row parsed, planned and answered.
-            with conn.transaction(), conn.cursor() as cursor, cursor.copy(self._copy) as copy:
-                for row in rows:
-                    copy.write_row(row)
+            if position is not None and not self._positions_ready:
+                self._create_positions_table(conn)
+            with conn.transaction(), conn.cursor() as cursor:
+                with cursor.copy(self._copy) as copy:
+                    for row in rows:
+                        copy.write_row(row)
+                if position is not None:
+                    cursor.execute(
+                        sql.SQL(
+                            "INSERT INTO {} (segment, end_offset) VALUES (%s, %s)"
+                            " ON CONFLICT (segment) DO UPDATE SET end_offset = EXCLUDED.end_offset"
+                        ).format(self._positions),
+                        list(position),
+                    )
 
     def read(
         self,

@@ -121,6 +121,20 @@ _ABANDONED: list[sqlite3.Connection] = []
 _LIVE_STORES: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
 
 
+# How far each recorder journal segment is stored, updated in the transaction
+# that stores its records (see Recorder): a table of its own, one small row
+# per segment, outside the records' schema.
+_POSITIONS = "pixel_journal_positions"
+_POSITIONS_TABLE = (
+    f"CREATE TABLE IF NOT EXISTS {_POSITIONS}"
+    " (segment TEXT PRIMARY KEY, end_offset INTEGER NOT NULL) WITHOUT ROWID"
+)
+_SET_POSITION = (
+    f"INSERT INTO {_POSITIONS} (segment, end_offset) VALUES (?, ?)"
+    " ON CONFLICT (segment) DO UPDATE SET end_offset = excluded.end_offset"
+)
+
+
 class SQLiteStore:
     """Records in one SQLite file, in WAL mode; thread- and process-safe.
 
@@ -174,6 +188,7 @@ class SQLiteStore:
         self._writer_lock_pid = 0
         self._closed = False
         self._schema = SCHEMA_VERSION  # of the file, once a connection is made
+        self._journal_table = False  # the journal positions' table is known to exist
         if create:
             # Private (0600) from the start: SQLite gives its -wal and -shm
             # files the database file's mode, so they are private too.
@@ -216,6 +231,45 @@ class SQLiteStore:
         return store
 
     def write(self, records: Sequence[PixelRecord]) -> None:
+        self._write(records, None)
+
+    def write_journaled(
+        self, records: Sequence[PixelRecord], *, journal_position: tuple[str, int]
+    ) -> None:
+        """Write ``records`` and, in the same transaction, that a recorder's journal
+        segment is stored up to ``journal_position`` (segment name, end offset):
+        a replay of the segment after a crash starts there, with no duplicates."""
+        self._write(records, journal_position)
+
+    def journal_positions(self, segments: Sequence[str]) -> dict[str, int]:
+        """How far into each of ``segments`` the records are stored (those known)."""
+        if not segments:
+            return {}
+        with self._lock:
+            try:
+                conn = self._connection()
+                if not self._journal_table_exists(conn):
+                    return {}
+                marks = ",".join("?" * len(segments))
+                rows = conn.execute(
+                    f"SELECT segment, end_offset FROM {_POSITIONS} WHERE segment IN ({marks})",
+                    list(segments),
+                ).fetchall()
+            except sqlite3.Error as exc:
+                raise StoreError(
+                    f"reading journal positions from {self.path} failed: {exc}"
+                ) from exc
+        return {str(segment): int(end) for segment, end in rows}
+
+    def _journal_table_exists(self, conn: sqlite3.Connection) -> bool:
+        if not self._journal_table:
+            found = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (_POSITIONS,)
+            ).fetchone()
+            self._journal_table = found is not None
+        return self._journal_table
+
+    def _write(self, records: Sequence[PixelRecord], position: tuple[str, int] | None) -> None:
         if not records:
             return
         try:
@@ -244,6 +298,11 @@ class SQLiteStore:
                                 _INSERT,
                                 [(seq, *values) for seq, values in enumerate(rows, newest + 1)],
                             )
+                        if position is not None:
+                            if not self._journal_table_exists(conn):
+                                conn.execute(_POSITIONS_TABLE)
+                                self._journal_table = True
+                            conn.execute(_SET_POSITION, position)
                         conn.execute("COMMIT")
                     except BaseException:
                         if conn.in_transaction:
