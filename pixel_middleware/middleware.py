@@ -42,7 +42,7 @@ class PixelMiddleware:
     A pixel never gets a 500: bad input becomes a recorded, explained
     rejection, and even a failing store or a bug in the decoder still gets the
     dialect's normal answer (the GIF for Segment). Only a pixel that cannot be
-    kept at all (the store and the spool both fail) gets ``503`` with
+    kept at all (the journal and the store both fail) gets ``503`` with
     ``Retry-After``, and still the dialect's body.
 
     :param app: The WSGI application to wrap.
@@ -106,8 +106,10 @@ class PixelMiddleware:
 
     Call :meth:`close` at shutdown to flush what is queued (the recorder also
     flushes at interpreter exit). Records go through a
-    :class:`~.recorder.Recorder`: concurrent pixels share one commit, and while
-    the store fails they wait in a spool on local disk (``./pixel-spool/``).
+    :class:`~.recorder.Recorder`: each durable pixel is appended to a
+    write-ahead journal on local disk (``./pixel-spool/``) before it is
+    answered, and a writer thread commits them to the store in batches; while
+    the store fails they wait in the journal.
     """
 
     def __init__(
