@@ -27,8 +27,10 @@ from pixel_middleware.dialects._http_api import API_CALLS, REQUEST_RULES, pixel_
 from pixel_middleware.dialects.base import (
     _ABSENT,
     _FIELD_KINDS,
+    _GIF_HEADERS,
     _MAX_MESSAGE_ID,
     _SENT_TIMES,
+    _STORED_SIZE_FACTOR,
     GIF,
     Answer,
     Dialect,
@@ -169,6 +171,7 @@ def _event_from_query(
 # for byte (tests/test_dialects_segment.py compares them over generated pixels).
 
 _FAST_LOADS = _json.fast_loads  # None without msgspec: the general path then
+_ENCODE: Callable[[Any], bytes] = _json.fast_encode or _json.dumps_bytes
 _URL_SAFE_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
 # What _segment_data repairs (and notes): an escaped UTF-16 surrogate.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abAB-Fa-f]")
@@ -302,7 +305,18 @@ def _common_pixel(
         if value is not None and value != received_at and not _is_time(value):
             return None
     notes: _Notes = {}
-    ip, user_agent, referer = _request_headers(request, config, notes)
+    ip = request.peer
+    user_agent = request.user_agent
+    referer = request.referer
+    max_chars = limits.max_header_chars
+    if not (
+        # What _request_headers keeps as it is: no proxy to trust, short ASCII.
+        not config.trusted_proxies
+        and (ip is None or (len(ip) <= max_chars and ip.isascii()))
+        and (user_agent is None or (len(user_agent) <= max_chars and user_agent.isascii()))
+        and (referer is None or (len(referer) <= max_chars and referer.isascii()))
+    ):
+        ip, user_agent, referer = _request_headers(request, config, notes)
     machine = machine_open_kind(user_agent, referer)
     if machine is not None:
         _note(notes, "machine_open", machine)
@@ -322,7 +336,13 @@ def _common_pixel(
             context["ip"] = ip
         if user_agent and "userAgent" not in context:
             context["userAgent"] = user_agent
-    if _larger_than(event, limits.max_event_bytes):
+    max_bytes = limits.max_event_bytes
+    # _larger_than's bound, without its call; near the limit, _larger_than decides.
+    try:
+        bounded = len(_ENCODE(event)) * _STORED_SIZE_FACTOR <= max_bytes
+    except (TypeError, ValueError, RecursionError):
+        bounded = False
+    if not bounded and _larger_than(event, max_bytes):
         # Rare, and known only once the ids are in: the general path rejects
         # it, drawing the ids drawn here again.
         drawn = [record_id, event["messageId"]] if generate_id else [record_id]
@@ -383,6 +403,8 @@ def _decode(
 
 def _answer(records: list[PixelRecord], route: Route, config: PixelConfig) -> Answer:
     if not route.body:
+        if not records[0]["problems"]:
+            return 200, list(_GIF_HEADERS), GIF  # gif_answer's, nearly always
         return gif_answer(records)  # always the GIF, even for a bad pixel
     rejected = rejected_header(records)
     bad = [p["message"] for r in records for p in r["problems"] if p["rule"] in REQUEST_RULES]
