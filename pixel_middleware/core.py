@@ -467,6 +467,10 @@ def decode_pixel(
         return PixelOutcome(status, headers, body, records[0] if records else None, records)
     if method != "GET" and method != "HEAD":
         return PixelOutcome(405, list(_405_HEADERS), _405_BODY, None)
+    if method == "GET" and dialect.fast_pixel is not None:
+        outcome = dialect.fast_pixel(request, route, config, now, new_id)
+        if outcome is not None:
+            return outcome
     records = dialect.decode(request, route, config, now, new_id)
     status, headers, body = dialect.answer(records, route, config)
     if method == "HEAD":

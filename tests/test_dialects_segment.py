@@ -89,11 +89,11 @@ def test_a_common_pixel_takes_the_fast_path() -> None:
     config = PixelConfig()
     route = match_route(request.path, config)
     assert route is not None
-    records = segment._common_pixel(request, route, config, NOW, ids())
-    assert records is not None
+    outcome = segment._common_pixel(request, route, config, NOW, ids())
+    assert outcome is not None
     assert run(request, config, fast=True) == run(request, config, fast=False)
-    assert records[0]["accepted"]
-    assert records[0]["event"] == {
+    assert outcome.records[0]["accepted"]
+    assert outcome.records[0]["event"] == {
         "event": "Order Completed",
         "userId": "u1",
         "properties": {"total": 42.5},

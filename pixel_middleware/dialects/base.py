@@ -1016,3 +1016,12 @@ class Dialect:
     #: returns ``None`` and the application keeps the request. A custom route
     #: the user mapped to the dialect is never asked. Never raises.
     claims: Callable[[PixelRequest, Route, Limits], bool] | None = None
+    #: A fast path for the GET pixels of the dialect's commonest shape: the
+    #: whole outcome, exactly what ``decode`` and ``answer`` give, or ``None``
+    #: (before drawing any id) to leave the request to them.
+    fast_pixel: (
+        Callable[
+            [PixelRequest, Route, PixelConfig, datetime, Callable[[], str]], PixelOutcome | None
+        ]
+        | None
+    ) = None

@@ -35,6 +35,7 @@ from pixel_middleware.dialects.base import (
     Answer,
     Dialect,
     Limits,
+    PixelOutcome,
     PixelRecord,
     PixelRequest,
     Problem,
@@ -208,8 +209,8 @@ def _common_pixel(
     config: PixelConfig,
     now: datetime,
     new_id: Callable[[], str],
-) -> list[PixelRecord] | None:
-    """The record of a pixel of the common shape, or ``None``: the general path's."""
+) -> PixelOutcome | None:
+    """The outcome of a GET pixel of the common shape, or ``None``: the general path's."""
     limits = config.limits
     query = request.query
     call = route.call
@@ -346,28 +347,30 @@ def _common_pixel(
         # Rare, and known only once the ids are in: the general path rejects
         # it, drawing the ids drawn here again.
         drawn = [record_id, event["messageId"]] if generate_id else [record_id]
-        return _general(request, route, config, now, _Replay(drawn, new_id))
-    return [
-        {
-            "id": record_id,
-            "receivedAt": received_at,
-            "dialect": "segment",
-            "call": call,
-            "writeKey": write_key,
-            "accepted": True,
-            "problems": [],
-            "notes": _render_notes(notes) if notes else [],
-            "event": event,
-            "request": {
-                "method": request.method,
-                "path": request.path,
-                "query": query.decode("utf-8", "backslashreplace"),
-                "ip": ip,
-                "userAgent": user_agent,
-                "referer": referer,
-            },
-        }
-    ]
+        records = _general(request, route, config, now, _Replay(drawn, new_id))
+        status, headers, body = _answer(records, route, config)
+        return PixelOutcome(status, headers, body, records[0], records)
+    record: PixelRecord = {
+        "id": record_id,
+        "receivedAt": received_at,
+        "dialect": "segment",
+        "call": call,
+        "writeKey": write_key,
+        "accepted": True,
+        "problems": [],
+        "notes": _render_notes(notes) if notes else [],
+        "event": event,
+        "request": {
+            "method": request.method,
+            "path": request.path,
+            "query": query.decode("utf-8", "backslashreplace"),
+            "ip": ip,
+            "userAgent": user_agent,
+            "referer": referer,
+        },
+    }
+    # gif_answer's, with no problem to name
+    return PixelOutcome(200, list(_GIF_HEADERS), GIF, record, [record])
 
 
 def _general(
@@ -382,23 +385,6 @@ def _general(
             request, route, config, now, new_id, calls=CALLS, event_from_query=_event_from_query
         )
     ]
-
-
-_decode_either = pixel_or_body("segment", calls=CALLS, event_from_query=_event_from_query)
-
-
-def _decode(
-    request: PixelRequest,
-    route: Route,
-    config: PixelConfig,
-    now: datetime,
-    new_id: Callable[[], str],
-) -> list[PixelRecord]:
-    if not route.body:
-        records = _common_pixel(request, route, config, now, new_id)
-        if records is not None:
-            return records
-    return _decode_either(request, route, config, now, new_id)
 
 
 def _answer(records: list[PixelRecord], route: Route, config: PixelConfig) -> Answer:
@@ -439,8 +425,9 @@ SEGMENT = Dialect(
     pixel_root="/v1/pixel/",
     calls=CALLS,
     body_routes=BODY_ROUTES,
-    decode=_decode,
+    decode=pixel_or_body("segment", calls=CALLS, event_from_query=_event_from_query),
     answer=_answer,
     accepted_answer=_accepted_answer,
     not_kept=_not_kept,
+    fast_pixel=_common_pixel,
 )
