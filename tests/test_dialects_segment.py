@@ -390,3 +390,61 @@ def test_without_msgspec_every_pixel_takes_the_general_path() -> None:
     assert outcome is not None
     assert outcome.record is not None
     assert outcome.record["accepted"]
+
+
+# The size bound ---------------------------------------------------------------------
+
+_NUMBER = st.from_regex(
+    r"-?(0|[1-9][0-9]{0,3})(\.[0-9]{1,3})?([eE][+-]?[0-9]{1,3})?", fullmatch=True
+)
+_STRING = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=8).map(
+    lambda text: json.dumps(text, ensure_ascii=False)
+)
+_ESCAPED = st.text(max_size=8).map(json.dumps)  # \uXXXX escapes, surrogates too
+_TOKEN = st.one_of(_NUMBER, _STRING, _ESCAPED, st.sampled_from(["true", "null", '"\x7f"']))
+_SENT_TEXTS = st.recursive(
+    _TOKEN,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4).map(lambda items: "[" + " , ".join(items) + "]"),
+        st.lists(st.tuples(st.one_of(_STRING, _ESCAPED), inner), max_size=4).map(
+            lambda pairs: "{" + ",".join(f"{key}:{value}" for key, value in pairs) + "}"
+        ),
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(_SENT_TEXTS)
+@example('{"n":1e15,"m":9E15,"d":"\x7f\x7f"}')
+@example('{"s":"\\ud83d\\ude00","e":"é😀"}')
+def test_a_text_sent_bounds_its_stored_size(sent: str) -> None:
+    """What the fast path assumes instead of serialising: a JSON text, decoded
+    and stored again, is at most _SENT_FACTOR / 2 times as long (the factor is
+    doubled for a timestamp copied from the text)."""
+    raw = sent.encode("utf-8")
+    try:
+        value = segment._FAST_LOADS(raw)
+    except ValueError:
+        return  # not JSON msgspec reads: never on the fast path
+    stored = len(json.dumps(value, separators=(",", ":")))
+    assert stored * 2 <= segment._SENT_FACTOR * len(raw)
+
+
+@pytest.mark.parametrize("user_agent", [None, "a" * 1000, "é" * 300, "\U0001f600" * 200])
+def test_the_stored_event_is_held_to_max_event_bytes_at_the_boundary(
+    user_agent: str | None,
+) -> None:
+    # What the server adds (the User-Agent most) counts: a small text sent with
+    # a long header is near the limit only once enriched.
+    sent = {"writeKey": "wk", "userId": "u1", "event": "Opened"}
+    request = pixel(b"data=" + b64(sent), user_agent=user_agent)
+    unlimited = run(request, PixelConfig(), fast=True)
+    [record] = unlimited[3]
+    size = len(json.dumps(record["event"], separators=(",", ":")))
+    for limit in (size - 1, size, size + 1):
+        config = PixelConfig(limits=Limits(max_event_bytes=limit))
+        fast = run(request, config, fast=True)
+        assert fast == run(request, config, fast=False), limit
+        [record] = fast[3]
+        assert record["accepted"] is (limit >= size), limit

@@ -30,7 +30,6 @@ from pixel_middleware.dialects.base import (
     _GIF_HEADERS,
     _MAX_MESSAGE_ID,
     _SENT_TIMES,
-    _STORED_SIZE_FACTOR,
     GIF,
     Answer,
     Dialect,
@@ -172,7 +171,16 @@ def _event_from_query(
 # for byte (tests/test_dialects_segment.py compares them over generated pixels).
 
 _FAST_LOADS = _json.fast_loads  # None without msgspec: the general path then
-_ENCODE: Callable[[Any], bytes] = _json.fast_encode or _json.dumps_bytes
+# A JSON text sent, decoded and stored again (compact, non-ASCII as \uXXXX)
+# takes at most this many times its length, token by token: a byte of a
+# string at most 6 characters (DEL or a UTF-8 byte becomes \u007f or part of
+# \u00e9), a number at most 4.5 times its digits (1e15 is stored as
+# 1000000000000000.0), whitespace and repeated keys none. Twice that, since a
+# computed timestamp may copy the originalTimestamp sent.
+# tests/test_dialects_segment.py checks the bound over generated texts.
+_SENT_FACTOR = 12
+# The keys and punctuation _enrich adds: ,"type":"",'messageId' and the like.
+_ADDED_KEYS = 128
 _URL_SAFE_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
 # What _segment_data repairs (and notes): an escaped UTF-16 surrogate.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abAB-Fa-f]")
@@ -338,11 +346,14 @@ def _common_pixel(
         if user_agent and "userAgent" not in context:
             context["userAgent"] = user_agent
     max_bytes = limits.max_event_bytes
-    # _larger_than's bound, without its call; near the limit, _larger_than decides.
-    try:
-        bounded = len(_ENCODE(event)) * _STORED_SIZE_FACTOR <= max_bytes
-    except (TypeError, ValueError, RecursionError):
-        bounded = False
+    # The stored size (_larger_than's) without serialising: the text sent bounds
+    # it (_SENT_FACTOR), and what was added counts 12 stored characters a
+    # character at most (an astral character is a pair of \u escapes), plus
+    # its keys. Only an event that may be near the limit is measured.
+    added = len(received_at) * 2 + len(call) + len(ip or "") + len(user_agent or "")
+    if generate_id:
+        added += len(event["messageId"])
+    bounded = _SENT_FACTOR * len(raw) + 12 * added + _ADDED_KEYS <= max_bytes
     if not bounded and _larger_than(event, max_bytes):
         # Rare, and known only once the ids are in: the general path rejects
         # it, drawing the ids drawn here again.
