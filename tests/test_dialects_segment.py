@@ -448,3 +448,10 @@ def test_the_stored_event_is_held_to_max_event_bytes_at_the_boundary(
         assert fast == run(request, config, fast=False), limit
         [record] = fast[3]
         assert record["accepted"] is (limit >= size), limit
+
+
+def test_ids_drawn_before_the_general_path_took_over_are_used_even_when_empty() -> None:
+    # A new_id of the caller's may return any string, "" too.
+    drawn = iter(["", "second", "third"])
+    replay = segment._Replay(["", "x"], lambda: next(drawn))
+    assert [replay(), replay(), replay()] == ["", "x", ""]

@@ -208,7 +208,8 @@ class _Replay:
         self._new_id = new_id
 
     def __call__(self) -> str:
-        return next(self._drawn, None) or self._new_id()
+        drawn = next(self._drawn, None)
+        return self._new_id() if drawn is None else drawn
 
 
 def _common_pixel(
