@@ -209,7 +209,8 @@ class PixelEndpoint:
         now = datetime.now(UTC)
         if failure is None:
             try:
-                return decode_pixel(request, config=self.config, now=now)
+                # The route this front end matched for the request already.
+                return decode_pixel(request, config=self.config, now=now, route=route)
             except Exception as exc:
                 failure = exc
         self.logger.error(

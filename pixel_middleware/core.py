@@ -432,6 +432,7 @@ def decode_pixel(
     config: PixelConfig,
     now: datetime,
     new_id: Callable[[], str] = _uuid4,
+    route: Route | None = None,
 ) -> PixelOutcome | None:
     """Decode one request; ``None`` when its path is not a route.
 
@@ -442,11 +443,16 @@ def decode_pixel(
     first). ``now`` is the time of receipt (a naive datetime is taken as UTC);
     ``new_id`` makes each record id (drawn first) and, when needed, the event's
     messageId. Never raises for any request data.
+
+    ``route``: for a front end that matched the request already (it must know
+    whether a request is a pixel), ``match_route(request.path, config,
+    method=request.method, host=request.host)``, so that it is not matched twice.
     """
     method = request.method
-    route = match_route(request.path, config, method=method, host=request.host)
     if route is None:
-        return None
+        route = match_route(request.path, config, method=method, host=request.host)
+        if route is None:
+            return None
     dialect = _REGISTRY[route.dialect]
     if (
         dialect.claims is not None
@@ -461,6 +467,10 @@ def decode_pixel(
         return PixelOutcome(status, headers, body, records[0] if records else None, records)
     if method != "GET" and method != "HEAD":
         return PixelOutcome(405, list(_405_HEADERS), _405_BODY, None)
+    if method == "GET" and dialect.fast_pixel is not None:
+        outcome = dialect.fast_pixel(request, route, config, now, new_id)
+        if outcome is not None:
+            return outcome
     records = dialect.decode(request, route, config, now, new_id)
     status, headers, body = dialect.answer(records, route, config)
     if method == "HEAD":

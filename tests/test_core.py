@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -1738,3 +1739,29 @@ def test_http_api_bodies_never_raise_and_keep_every_limit(
         if record["event"] is not None:
             stored = json.dumps(record["event"], separators=(",", ":"), ensure_ascii=True)
             assert len(stored) <= _BODY_LIMITS.max_event_bytes
+
+
+# --- a route handed over by the front end ---------------------------------------------
+
+
+def _counted_ids() -> Callable[[], str]:
+    counter = itertools.count()
+    return lambda: f"id-{next(counter)}"
+
+
+def test_a_route_handed_over_is_not_matched_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The adapters match every request to know whether it is a pixel; the core
+    # takes the route they found instead of matching the path a second time.
+    request = PixelRequest(
+        "GET", "/v1/pixel/track", b"data=" + base64.b64encode(b'{"writeKey":"k","userId":"u"}')
+    )
+    route = match_route(request.path, DEFAULT, method="GET")
+    assert route == Route("segment", "track")
+    expected = decode(request, new_id=_counted_ids())
+
+    def no_second_match(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("matched twice")
+
+    monkeypatch.setattr("pixel_middleware.core.match_route", no_second_match)
+    handed = decode(request, route=route, new_id=_counted_ids())
+    assert handed == expected

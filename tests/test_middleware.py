@@ -1193,3 +1193,21 @@ def test_a_query_decoded_as_utf8_by_a_server_keeps_its_escaped_bytes(store: Stor
     [record] = records(store)
     assert record["event"]["name"] == "\u20ac\ufffd"
     assert "internal_error" not in rules(record)
+
+
+def test_the_core_decodes_the_route_the_middleware_matched(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The middleware matched the path to know it is a pixel: the core is handed
+    # that route and does not match the path again.
+    def no_second_match(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("matched twice")
+
+    monkeypatch.setattr("pixel_middleware.core.match_route", no_second_match)
+    app = wrap(hello_app, store)
+    data = base64.b64encode(b'{"writeKey":"k","userId":"u","event":"Opened"}').decode()
+    response = get(app, "/v1/pixel/track", f"data={data}")
+    assert (response.status_code, response.get_data()) == (200, GIF)
+    [record] = records(store)
+    assert record["accepted"], record["problems"]
+    assert get(app, "/").get_data() == b"hello GET /"
