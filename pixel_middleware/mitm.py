@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import copy
 import functools
 import json
 import logging
@@ -441,11 +442,7 @@ class PixelCapture:
         # flow read from a file carries the collector's answer.
         answered_locally = flow.live and flow.response is not None
         if self.answer and flow.live and flow.response is None:
-            flow.response = http.Response.make(
-                outcome.status,
-                outcome.body,
-                [(k.encode("latin-1"), v.encode("latin-1")) for k, v in outcome.headers],
-            )
+            flow.response = _answer(outcome.status, outcome.body, tuple(outcome.headers))
             answered_locally = True
         if not outcome.records:  # HEAD and other methods are answered, not recorded
             return
@@ -462,7 +459,10 @@ class PixelCapture:
         if pending is None:
             return
         for record in pending[1]:
-            if "upstream" not in record and flow.response is not None:
+            # A pixel answered locally was annotated with its final record in
+            # ``request``: its comment is not made twice.
+            annotated = "upstream" in record
+            if not annotated and flow.response is not None:
                 resp = flow.response
                 end = resp.timestamp_end or resp.timestamp_start
                 record["upstream"] = {
@@ -470,7 +470,7 @@ class PixelCapture:
                     "contentType": resp.headers.get("content-type"),
                     "ms": round((end - (flow.request.timestamp_end or end)) * 1000, 1),
                 }
-            await self._finish(flow, record)
+            await self._finish(flow, record, annotated=annotated)
 
     async def error(self, flow: http.HTTPFlow) -> None:
         pending = self._pending.pop(flow.id, None)
@@ -481,8 +481,10 @@ class PixelCapture:
                 record["upstream"] = {"error": flow.error.msg if flow.error else "unknown error"}
             await self._finish(flow, record)
 
-    async def _finish(self, flow: http.HTTPFlow, record: PixelRecord) -> None:
-        self._show(flow, record)
+    async def _finish(
+        self, flow: http.HTTPFlow, record: PixelRecord, *, annotated: bool = False
+    ) -> None:
+        self._show(flow, record, annotated=annotated)
         recorder = self._recorder
         # The recorder only queues (durable=False): at once while there is
         # room; when its queue is full it would block, so that wait goes to a
@@ -491,9 +493,11 @@ class PixelCapture:
         if recorder is not None and not recorder.offer(record):
             await asyncio.to_thread(recorder.record, record)
 
-    def _show(self, flow: http.HTTPFlow, record: PixelRecord) -> None:
-        """Annotate the flow, keep the record in memory and log its line."""
-        self._annotate(flow, record)
+    def _show(self, flow: http.HTTPFlow, record: PixelRecord, *, annotated: bool = False) -> None:
+        """Annotate the flow (unless ``annotated`` already with this very record),
+        keep the record in memory and log its line."""
+        if not annotated:
+            self._annotate(flow, record)
         self.records.append(record)
         self.seen += 1
         if self.log_lines:
@@ -706,20 +710,21 @@ def pixel_request(
     query: bytes,
 ) -> PixelRequest:
     """The core's view of a mitmproxy request, built as the middleware builds it."""
+    headers = _wanted_headers(request.headers.fields)
     return PixelRequest(
         method=request.method,
         path=path,
         query=query,
         peer=str(peername[0]) if peername else None,
-        user_agent=_header(request, b"user-agent"),
-        forwarded_for=_header(request, b"x-forwarded-for"),
-        referer=_header(request, b"referer"),
+        user_agent=headers.get(b"user-agent"),
+        forwarded_for=headers.get(b"x-forwarded-for"),
+        referer=headers.get(b"referer"),
         # The body as it went on the wire (still gzip when it was): the core
         # inflates it under its own cap, as for the middleware.
         body=(request.raw_content or b"") if request.method == "POST" else b"",
-        content_encoding=_header(request, b"content-encoding"),
-        authorization=_header(request, b"authorization"),
-        host=_header(request, b"host"),
+        content_encoding=headers.get(b"content-encoding"),
+        authorization=headers.get(b"authorization"),
+        host=headers.get(b"host"),
     )
 
 
@@ -736,11 +741,60 @@ def _routes_option(entries: Sequence[str]) -> dict[str, str] | None:
     return routes or None
 
 
-def _header(request: http.Request, name: bytes) -> str | None:
-    # As a WSGI server gives it: the raw bytes read as latin-1, repeated headers
-    # joined with ",", so that both front ends hand the core the same text.
-    values = [value for key, value in request.headers.fields if key.lower() == name]
-    return b",".join(values).decode("latin-1") if values else None
+# The request headers the core reads (lower case, as HTTP/2 sends them).
+_WANTED_HEADERS: Final = frozenset(
+    {
+        b"user-agent",
+        b"x-forwarded-for",
+        b"referer",
+        b"content-encoding",
+        b"authorization",
+        b"host",
+    }
+)
+
+
+def _wanted_headers(fields: Sequence[tuple[bytes, bytes]]) -> dict[bytes, str]:
+    """The headers the core reads, in one pass over the request's headers.
+
+    As a WSGI server gives them: the raw bytes read as latin-1, repeated headers
+    joined with ",", so that both front ends hand the core the same text.
+    """
+    found: dict[bytes, list[bytes]] = {}
+    for key, value in fields:
+        name = key.lower()
+        if name in _WANTED_HEADERS:
+            found.setdefault(name, []).append(value)
+    return {name: b",".join(values).decode("latin-1") for name, values in found.items()}
+
+
+@functools.lru_cache(maxsize=32)
+def _answer_template(
+    status: int, body: bytes, headers: tuple[tuple[str, str], ...]
+) -> http.Response:
+    # The core answers almost every pixel with one of a few responses (the GIF,
+    # RudderStack's "OK"), each made once. The key is what the core chose to
+    # answer, never the request: a few small responses at most.
+    return http.Response.make(
+        status, body, [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+    )
+
+
+def _answer(status: int, body: bytes, headers: tuple[tuple[str, str], ...]) -> http.Response:
+    """The response for a pixel answered locally: a copy of its template, made now.
+
+    ``Response.make`` type-checks every field of the response it builds, which
+    cost 60 to 80 us a pixel, more than the addon's decoding and line together;
+    a copy of the template's fields (its headers copied too, as an addon after
+    us may change them) is the same response for a seventh of that.
+    """
+    template = _answer_template(status, body, headers).data
+    data = copy.copy(template)
+    data.headers = template.headers.copy()
+    data.timestamp_start = data.timestamp_end = time.time()
+    response = http.Response.__new__(http.Response)
+    response.data = data
+    return response
 
 
 # -- content view -------------------------------------------------------------------

@@ -467,6 +467,81 @@ def test_pixel_answer_answers_head_and_post_without_recording(addon: PixelCaptur
     assert not addon.records
 
 
+def test_pixel_answer_builds_each_response_once_and_gives_each_flow_its_own(
+    addon: PixelCapture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mitmproxy type-checks every response it makes (most of a pixel's cost): the
+    addon makes each distinct answer once and gives every flow a copy of its own."""
+    made: list[int] = []
+    make = http.Response.make
+
+    def counting_make(*args: Any, **kwargs: Any) -> http.Response:
+        made.append(1)
+        return make(*args, **kwargs)
+
+    monkeypatch.setattr(http.Response, "make", counting_make)
+    mitm._answer_template.cache_clear()
+    configure(addon, pixel_answer=True)
+    before = time.time()
+    flows = [through(addon, TRACK) for _ in range(3)]
+    after = time.time()
+    assert len(made) == 1
+    # Each the response Response.make gives, but made at its own time.
+    for flow in flows:
+        assert flow.response is not None
+        assert flow.response.status_code == 200
+        assert flow.response.reason == "OK"
+        assert flow.response.http_version == "HTTP/1.1"
+        assert flow.response.raw_content == GIF
+        assert flow.response.headers["Content-Length"] == str(len(GIF))
+        assert flow.response.headers["Content-Type"] == "image/gif"
+        assert flow.response.trailers is None
+        assert flow.response.timestamp_end is not None
+        assert before <= flow.response.timestamp_start <= flow.response.timestamp_end <= after
+    # Each flow's response is its own: an addon after us may change it.
+    first, second, third = (flow.response for flow in flows)
+    assert first is not None
+    assert second is not None
+    assert third is not None
+    first.headers["X-Changed"] = "1"
+    first.content = b"changed"
+    assert "X-Changed" not in second.headers
+    assert (second.raw_content, third.raw_content) == (GIF, GIF)
+    assert through(addon, TRACK).response.raw_content == GIF  # type: ignore[union-attr]
+    # Another answer is another response.
+    rejected = through(addon, REJECTED)
+    assert rejected.response is not None
+    assert rejected.response.status_code == 400
+    assert len(made) == 2
+
+
+def test_pixel_answered_locally_gets_its_comment_once(
+    addon: PixelCapture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its record is final when it is answered: the comment is not made again at response."""
+    comments: list[str] = []
+    comment_line = mitm.comment_line
+
+    def counting_comment_line(record: Any) -> str:
+        comments.append(comment := comment_line(record))
+        return comment
+
+    monkeypatch.setattr(mitm, "comment_line", counting_comment_line)
+    configure(addon, pixel_answer=True)
+    flow = through(addon, TRACK)
+    assert comments == ['segment track "Email Opened": accepted; upstream answered locally']
+    assert flow.comment == comments[0]
+    # A pixel the collector answers is annotated again with its answer.
+    configure(addon, pixel_answer=False)
+    comments.clear()
+    flow = through(addon, TRACK)
+    assert comments == [
+        'segment track "Email Opened": accepted',
+        'segment track "Email Opened": accepted; upstream 200',
+    ]
+    assert flow.comment == comments[-1]
+
+
 def test_log_line(addon: PixelCapture, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="pixel_middleware.mitm")
     through(addon, TRACK)
