@@ -28,8 +28,9 @@ from pixel_middleware import GIF, PixelConfig, PixelRecord, PixelRequest, decode
 from pixel_middleware.cli import main
 from pixel_middleware.core import split_target
 from pixel_middleware.encode import encode_pixel_url
-from pixel_middleware.recorder import Recorder
-from pixel_middleware.stores import StoreError, open_store
+from pixel_middleware.journal import count_spooled
+from pixel_middleware.recorder import Recorder, default_spool_path
+from pixel_middleware.stores import StoreError, open_store, store_identity
 
 SCRIPT = Path(sys.executable).with_name("pixel-middleware")
 # The installed console script when there is one, as a user runs it.
@@ -1095,6 +1096,13 @@ def test_kill_9_of_serve_under_load_loses_no_answered_pixel(tmp_path: Path, vict
         process.wait(timeout=10)
         process.stdout.close()
     assert len(answered) >= 200
+    # An answered pixel is in a worker's journal, maybe not yet in the store: a
+    # killed worker's journal is replayed by the next recorder on the store, as
+    # the next `serve` would (started in the same directory, so the same journal).
+    replaying = open_store(store_url)
+    journal = tmp_path / default_spool_path(store_identity(replaying))
+    Recorder(replaying, spool_path=journal).close()  # closes the store too
+    assert count_spooled(journal) == 0
     store = open_store(store_url)
     try:
         kept = [str(record["event"]["messageId"]) for _, record in store.read(accepted=True)]
