@@ -56,6 +56,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import cast
 
+from pixel_middleware import _json
 from pixel_middleware.core import PixelRecord
 from pixel_middleware.stores import RecordError
 
@@ -551,6 +552,13 @@ def count_spooled(directory: str | os.PathLike[str]) -> int:
 
 def encode_line(record: PixelRecord) -> bytes:
     """``record`` as one line of the journal; RecordError if it is no JSON at all."""
+    # msgspec's text when it reads back as the very record (several times
+    # cheaper than json.dumps, and the usual case: a decoded pixel is plain
+    # JSON); anything else (NaN, a datetime, a lone surrogate) takes the
+    # standard library's way below, exactly as before.
+    fast = _json.exact_bytes(record)
+    if fast is not None:
+        return fast + b"\n"
     try:
         # default=str: a journal must take whatever the store could not; the
         # store then sees the value as text instead of choking on it forever.
