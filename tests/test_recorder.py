@@ -1067,3 +1067,42 @@ def test_a_journaled_record_is_encoded_once_on_its_way_to_sqlite(
     finally:
         recorder.close()
     assert encoded == []
+
+
+def test_appends_while_the_writer_lingers_wait_for_it_or_a_flush(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Waking the writer thread for every group append cost a wake-up and a
+    # commit of a few records each; lingering, it commits them in one batch.
+    from pixel_middleware import recorder as recorder_module
+
+    # raising=False: the same test shows the old behaviour on a recorder without it.
+    monkeypatch.setattr(recorder_module, "STORE_LINGER", 30.0, raising=False)
+    store = open_store(f"sqlite:///{tmp_path / 'pixels.sqlite3'}")
+    batches: list[int] = []
+    write_journaled = store.write_journaled  # type: ignore[attr-defined]
+
+    def counting(records: Sequence[PixelRecord], **kwargs: Any) -> None:
+        batches.append(len(records))
+        write_journaled(records, **kwargs)
+
+    store.write_journaled = counting  # type: ignore[attr-defined]
+    recorder = Recorder(store, spool_path=tmp_path / "journal")
+    try:
+        assert recorder.record(make_record(id="first"))
+        assert recorder.flush(timeout=10)
+        deadline = time.monotonic() + 10
+        while not getattr(recorder, "_lingering", False) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert batches == [1]
+        records = [make_record(id=f"later-{n}") for n in range(50)]
+        for record in records:
+            assert recorder.record(record)  # journaled: durable already
+        assert recorder.spooled == 50
+        time.sleep(0.2)
+        assert batches == [1]  # nobody woke the writer
+        assert recorder.flush(timeout=10)  # a flush does, at once
+        assert batches == [1, 50]
+        assert [record["id"] for _, record in store.read()][1:] == [r["id"] for r in records]
+    finally:
+        recorder.close()
