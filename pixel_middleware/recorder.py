@@ -94,7 +94,6 @@ from pixel_middleware.stores import RecordError, Store, store_identity
 __all__ = [
     "DEFAULT_SPOOL_ROOT",
     "EXIT_TIMEOUT",
-    "STORE_LINGER",
     "Recorder",
     "default_spool_path",
     "install_signal_flush",
@@ -108,14 +107,6 @@ DEFAULT_SPOOL_ROOT = "pixel-spool"
 
 #: Seconds the exit hook and the SIGTERM handler wait for all recorders together.
 EXIT_TIMEOUT = 10.0
-
-#: Seconds the writer thread waits for more records once the journal is
-#: stored, before it goes idle; appends meanwhile do not wake it. Under load
-#: it commits a batch every STORE_LINGER instead of waking per append; the
-#: pixels are answered once journaled, so this delays only what other
-#: processes read from the store (flush() and reads through the recorder's
-#: own store wake it at once).
-STORE_LINGER = 0.005
 
 # Every recorder not closed yet, held weakly: the exit and fork hooks' list.
 _LIVE: weakref.WeakSet[Recorder] = weakref.WeakSet()
@@ -516,9 +507,6 @@ class Recorder:
         self._refusing = False
         self._thread: threading.Thread | None = None
         self._slot: _WriterSlot | None = None
-        # The writer waits STORE_LINGER seconds for more before it goes idle;
-        # appends meanwhile do not wake it (_nudge_writer).
-        self._lingering = False
         # What went through the journal since the store failed, for the log.
         self._replayed = 0
         self._failing_since = time.monotonic()
@@ -541,20 +529,6 @@ class Recorder:
         slot.busy = self
         if not slot.wake.is_set():
             slot.wake.set()
-
-    def _nudge_writer(self) -> None:
-        """After an append: wake the writer, unless it is lingering (it looks
-        at the journal again within ``STORE_LINGER`` seconds by itself) and
-        holds less than a batch. Under load this saves a wake-up per group
-        append, and each commit takes a larger batch. Call with the lock held."""
-        if (
-            self._lingering
-            and self._slot is not None
-            and self._slot.busy is self
-            and len(self._cache) < self.max_batch
-        ):
-            return
-        self._wake_writer()
 
     def _append_queue(self, *, store_fallback: bool = True) -> bool:
         """Journal the queue's oldest batch in one append (else, with
@@ -600,7 +574,7 @@ class Recorder:
                     self._queued_count,
                 )
             if self._journaling:
-                self._nudge_writer()  # it moves the journal to the store
+                self._wake_writer()  # it moves the journal to the store
         elif not store_fallback:
             self._queue.extendleft(reversed(group))
             self._wake_writer()  # it tries the store too
@@ -718,14 +692,7 @@ class Recorder:
                     self._next_store_try - now if self._store_failing else self.retry_interval
                 )
             if waits:
-                self._lingering = False
                 return max(0.0, min(waits))
-            if not self._lingering and not closing:
-                # Nothing to store: look again shortly rather than being woken
-                # by every append meanwhile (see _nudge_writer).
-                self._lingering = True
-                return STORE_LINGER
-            self._lingering = False
             slot.busy = None  # idle: let the recorder be freed
             return math.inf
 
