@@ -27,7 +27,15 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-__all__ = ["HAVE_MSGSPEC", "dumps", "dumps_bytes", "fast_encode", "fast_loads", "loads"]
+__all__ = [
+    "HAVE_MSGSPEC",
+    "dumps",
+    "dumps_bytes",
+    "exact_bytes",
+    "fast_encode",
+    "fast_loads",
+    "loads",
+]
 
 msgspec: ModuleType | None
 try:
@@ -74,6 +82,7 @@ if msgspec is not None:
     _encode: Callable[[Any], bytes] = msgspec.json.Encoder().encode
     fast_encode = _encode
     fast_loads = msgspec.json.Decoder().decode
+    _decode = fast_loads
 
     def dumps_bytes(value: Any) -> bytes:
         """Compact UTF-8 JSON of ``value``: ``ValueError`` for NaN or an infinity,
@@ -86,10 +95,31 @@ if msgspec is not None:
             # or its error.
             return _stdlib_dumps_bytes(value)
         # msgspec writes NaN and the infinities as null: look for them only
-        # when there is a null (rare in records), so the usual path stays free.
-        if b"null" in data and _has_non_finite(value):
+        # when there is a null, and then first by reading the text back (in
+        # C, several times cheaper than walking the value in Python): a NaN
+        # or an infinity reads back as None, which equals no float, so a text
+        # that reads back equal to the value holds none. Only when it differs
+        # (a NaN, or a tuple read back as a list) does the walk decide.
+        if b"null" in data and not _reads_back_equal(data, value) and _has_non_finite(value):
             raise ValueError("Out of range float values are not JSON compliant")
         return data
+
+    def exact_bytes(value: Any) -> bytes | None:
+        """msgspec's compact UTF-8 JSON of ``value`` when it reads back as a value
+        equal to ``value`` (so it holds no NaN, infinity, tuple, non-text key or
+        type JSON does not have); ``None`` otherwise, for the caller to take
+        the standard library's way."""
+        try:
+            data = _encode(value)
+        except (UnicodeEncodeError, TypeError, ValueError, RecursionError):
+            return None
+        return data if _reads_back_equal(data, value) else None
+
+    def _reads_back_equal(data: bytes, value: Any) -> bool:
+        try:
+            return bool(_decode(data) == value)
+        except (ValueError, RecursionError):
+            return False
 
     def dumps(value: Any) -> str:
         """Compact JSON text of ``value`` (see :func:`dumps_bytes`)."""
@@ -104,12 +134,15 @@ if msgspec is not None:
             # surrogate escape): its answer, or its error.
             return json.loads(text)
 
-    _decode = fast_loads
 else:
     fast_encode = None
     fast_loads = None
     dumps = _stdlib_dumps
     dumps_bytes = _stdlib_dumps_bytes
+
+    def exact_bytes(value: Any) -> bytes | None:
+        """Without msgspec: always ``None`` (the caller takes the standard library's way)."""
+        return None
 
     def loads(text: str | bytes) -> Any:
         """The value of one JSON text; ``ValueError`` when it is not JSON."""

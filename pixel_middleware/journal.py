@@ -56,6 +56,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import cast
 
+from pixel_middleware import _json
 from pixel_middleware.core import PixelRecord
 from pixel_middleware.stores import RecordError
 
@@ -66,6 +67,7 @@ __all__ = [
     "Journal",
     "SpoolFullError",
     "count_spooled",
+    "encode_entry",
     "encode_line",
 ]
 
@@ -551,12 +553,27 @@ def count_spooled(directory: str | os.PathLike[str]) -> int:
 
 def encode_line(record: PixelRecord) -> bytes:
     """``record`` as one line of the journal; RecordError if it is no JSON at all."""
+    return encode_entry(record)[0]
+
+
+def encode_entry(record: PixelRecord) -> tuple[bytes, bool]:
+    """``record``'s journal line, and whether the line (without its newline) is
+    exactly the text :func:`pixel_middleware._json.dumps` gives for ``record``,
+    so that a store may keep it instead of encoding the record again."""
+    # msgspec's text when it reads back as the very record (several times
+    # cheaper than json.dumps, and the usual case: a decoded pixel is plain
+    # JSON); anything else (NaN, a datetime, a lone surrogate) takes the
+    # standard library's way below, exactly as before.
+    fast = _json.exact_bytes(record)
+    if fast is not None:
+        return fast + b"\n", True
     try:
         # default=str: a journal must take whatever the store could not; the
         # store then sees the value as text instead of choking on it forever.
-        return json.dumps(record, separators=(",", ":"), default=str).encode() + b"\n"
+        line = json.dumps(record, separators=(",", ":"), default=str).encode() + b"\n"
     except (TypeError, ValueError) as exc:
         raise RecordError(f"a record cannot be spooled as JSON: {exc}") from exc
+    return line, False
 
 
 def _claim(path: Path) -> _Segment | None:

@@ -87,7 +87,7 @@ from pixel_middleware.journal import (
     DEFAULT_SEGMENT_BYTES,
     Entry,
     Journal,
-    encode_line,
+    encode_entry,
 )
 from pixel_middleware.stores import RecordError, Store, store_identity
 
@@ -112,6 +112,10 @@ EXIT_TIMEOUT = 10.0
 _LIVE: weakref.WeakSet[Recorder] = weakref.WeakSet()
 
 JournalFsync = Literal["none", "group"]
+
+# A record waiting to be journaled: the record, its journal line, and whether
+# the line is exactly the store's text for it (journal.encode_entry).
+_Queued = tuple[PixelRecord, bytes, bool]
 
 
 def default_spool_path(store_url: str) -> Path:
@@ -236,6 +240,8 @@ class Recorder:
         positions = getattr(store, "journal_positions", None)
         self._write_at = write_at if callable(write_at) and callable(positions) else None
         self._positions = positions if self._write_at is not None else None
+        # Stores that keep a journal line as the record's text (no second encode).
+        self._takes_texts = bool(getattr(store, "takes_journal_texts", False))
         self._store_closed = False
         self._reset()
         if durable:
@@ -280,7 +286,7 @@ class Recorder:
         """
         try:
             try:
-                line = encode_line(record) if self._journaling else b""
+                line, exact = encode_entry(record) if self._journaling else (b"", False)
             except RecordError as exc:
                 logger.error("dropping a record no store can keep (%s): %r", exc, record)
                 return False
@@ -301,7 +307,7 @@ class Recorder:
                         _record_id(record),
                     )
                     return False
-                self._queue.append((record, line))
+                self._queue.append((record, line, exact))
                 self._queued_count += 1
                 self._queued += 1
                 seq = self._queued
@@ -366,13 +372,13 @@ class Recorder:
         if self.durable:
             return False
         try:
-            line = encode_line(record) if self._journaling else b""
+            line, exact = encode_entry(record) if self._journaling else (b"", False)
         except RecordError:
             return False
         with self._lock:
             if self._closed or self._queued_count >= self.max_pending:
                 return False
-            self._queue.append((record, line))
+            self._queue.append((record, line, exact))
             self._queued_count += 1
             self._queued += 1
             self._wake_writer()
@@ -469,7 +475,7 @@ class Recorder:
         # Anything changed: room in the queue, an append or a store write ended.
         self._changed = threading.Condition(self._lock)
         # Records waiting to be journaled, with their JSON lines.
-        self._queue: deque[tuple[PixelRecord, bytes]] = deque()
+        self._queue: deque[_Queued] = deque()
         self._queued_count = 0  # in _queue, and in an append under way
         # Counters of this recorder's records: given to record(), in the
         # journal (or the store), and done (in the store, or given up on).
@@ -484,6 +490,9 @@ class Recorder:
         # The journaled records the store has not taken, in memory, while they
         # are every journal record after _cache_from (else read back from disk).
         self._cache: deque[Entry] = deque()
+        # Each cached record's journal line when it is the very text the store
+        # would encode (journal.encode_entry), else None: one encode per pixel.
+        self._cache_texts: deque[bytes | None] = deque()
         self._cache_from: tuple[str, int] | None = None
         self._cache_epoch = 0
         self._from_cache = True
@@ -588,15 +597,13 @@ class Recorder:
         self._changed.notify_all()
         return kept
 
-    def _journal_or_store(
-        self, group: list[tuple[PixelRecord, bytes]], *, store_fallback: bool = True
-    ) -> bool:
+    def _journal_or_store(self, group: list[_Queued], *, store_fallback: bool = True) -> bool:
         """Append ``group`` to the journal (the cache too), else write it to the
         store directly; whether either took it. Without the lock held."""
         if not self._journaling:
-            return self._store_directly([record for record, _ in group])
+            return self._store_directly([record for record, _, _ in group])
         try:
-            name, ends = self._journal.append_lines([line for _, line in group])
+            name, ends = self._journal.append_lines([line for _, line, _ in group])
         except OSError as exc:
             logger.debug("cannot journal %d records in %s: %s", len(group), self.spool_path, exc)
         else:
@@ -606,19 +613,24 @@ class Recorder:
                     # Far behind: let the writer read back from the journal
                     # rather than hold everything in memory.
                     cache.clear()
+                    self._cache_texts.clear()
                     self._cache_from = (name, ends[-1])
                     self._cache_epoch += 1
                     self._from_cache = False
                 else:
                     cache.extend(
-                        (record, name, end) for (record, _), end in zip(group, ends, strict=True)
+                        (record, name, end) for (record, _, _), end in zip(group, ends, strict=True)
+                    )
+                    # The store may keep an exact line as the record's text.
+                    self._cache_texts.extend(
+                        line[:-1] if exact else None for _, line, exact in group
                     )
             return True
         # The journal refuses (a full disk, its cap): the caller writes the
         # store itself, out of the journal's order.
         if not store_fallback:
             return False
-        return self._store_directly([record for record, _ in group])
+        return self._store_directly([record for record, _, _ in group])
 
     def _store_directly(self, records: list[PixelRecord]) -> bool:
         try:
@@ -696,9 +708,11 @@ class Recorder:
         with self._lock:
             epoch = self._cache_epoch
             entries: list[Entry] = []
+            texts: list[bytes | None] | None = None
             if self._from_cache and self._cache:
                 first = self._cache[0][1]
                 entries = [e for e in islice(self._cache, self.max_batch) if e[1] == first]
+                texts = list(islice(self._cache_texts, len(entries)))
         from_cache = bool(entries)
         if not entries and not self._from_cache:
             try:
@@ -718,7 +732,7 @@ class Recorder:
         try:
             self._store_writer = threading.get_ident()
             try:
-                self._write_store(records, (name, end))
+                self._write_store(records, (name, end), texts)
             finally:
                 self._store_writer = None
         except Exception as exc:
@@ -729,6 +743,7 @@ class Recorder:
             if from_cache and epoch == self._cache_epoch:
                 for _ in entries:
                     self._cache.popleft()
+                    self._cache_texts.popleft()
                 self._cache_from = (name, end)  # just before the cache's first record
             self._done += mine
             self._changed.notify_all()
@@ -772,12 +787,17 @@ class Recorder:
                 self._changed.notify_all()
         return False
 
-    def _write_store(self, records: Sequence[PixelRecord], position: tuple[str, int] | None) -> int:
+    def _write_store(
+        self,
+        records: Sequence[PixelRecord],
+        position: tuple[str, int] | None,
+        texts: Sequence[bytes | None] | None = None,
+    ) -> int:
         """Write ``records`` (with the journal ``position`` of the last, where the
         store keeps it); records no store can keep are dropped, loudly. The
         number dropped; raises what the store raised otherwise."""
         try:
-            self._store_write(records, position)
+            self._store_write(records, position, texts)
             return 0
         except RecordError:
             pass
@@ -791,10 +811,16 @@ class Recorder:
         return dropped
 
     def _store_write(
-        self, records: Sequence[PixelRecord], position: tuple[str, int] | None
+        self,
+        records: Sequence[PixelRecord],
+        position: tuple[str, int] | None,
+        texts: Sequence[bytes | None] | None = None,
     ) -> None:
         if position is not None and self._write_at is not None:
-            self._write_at(records, journal_position=position)
+            if texts is not None and self._takes_texts:
+                self._write_at(records, journal_position=position, texts=texts)
+            else:
+                self._write_at(records, journal_position=position)
         else:
             self.store.write(records)
 
@@ -842,6 +868,7 @@ class Recorder:
                 while self._appender is not None:
                     self._changed.wait()
                 self._cache.clear()
+                self._cache_texts.clear()
                 self._cache_from = self._journal.tail()
                 self._cache_epoch += 1
                 self._from_cache = False

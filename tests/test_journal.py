@@ -7,6 +7,8 @@ proved in test_spool.py.
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
 import re
 import signal
@@ -19,6 +21,8 @@ from pathlib import Path
 import pytest
 from records import make_record
 
+from pixel_middleware import _json
+from pixel_middleware import journal as journal_module
 from pixel_middleware.journal import Journal, count_spooled, encode_line
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -200,3 +204,32 @@ def test_bad_options_fail_at_construction(tmp_path: Path) -> None:
     for options in ({"segment_bytes": 0}, {"segment_bytes": True}, {"max_bytes": 0}):
         with pytest.raises(ValueError, match=r"segment_bytes|max_bytes"):
             Journal(tmp_path, **options)  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(not _json.HAVE_MSGSPEC, reason="the msgspec path")
+def test_a_plain_record_is_journaled_without_json_dumps(monkeypatch: pytest.MonkeyPatch) -> None:
+    # json.dumps costs twice msgspec's encode and read-back on a pixel's record.
+    def slow_path(*args: object, **kwargs: object) -> str:
+        raise AssertionError("json.dumps for a record msgspec writes exactly")
+
+    record = make_record(id="plain")
+    record["event"] = {"userId": None, "name": "é", "big": 2**70, "total": 42.5}
+    monkeypatch.setattr(journal_module.json, "dumps", slow_path)
+    line = encode_line(record)
+    assert line.endswith(b"\n")
+    assert line.count(b"\n") == 1
+    assert json.loads(line) == record
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (float("nan"), b'"v":NaN'),  # as the standard library always wrote it
+        (datetime.date(2026, 1, 2), b'"v":"2026-01-02"'),  # default=str
+        ("\ud800", b'"v":"\\ud800"'),  # a lone surrogate, escaped
+    ],
+)
+def test_what_msgspec_would_change_is_journaled_as_before(value: object, text: bytes) -> None:
+    record = make_record(id="odd")
+    record["v"] = value
+    assert text in encode_line(record)

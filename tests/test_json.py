@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import subprocess
 import sys
@@ -104,6 +105,78 @@ def test_nan_and_infinity_are_refused_on_both_paths(value: Any) -> None:
         _json.dumps(value)
     with pytest.raises(ValueError, match="not JSON compliant"):
         _json._stdlib_dumps(value)
+
+
+# Values where the non-finite floats hide: NaN, the infinities, and tuples
+# (which read back as lists, so the cheap check cannot settle them).
+NON_FINITE_VALUES = st.recursive(
+    SCALARS | st.sampled_from([float("nan"), float("inf"), -float("inf")]),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.lists(children, max_size=3).map(tuple)
+        | st.dictionaries(TEXT, children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@pytest.mark.skipif(not _json.HAVE_MSGSPEC, reason="the msgspec path")
+@settings(max_examples=500, deadline=None)
+@given(NON_FINITE_VALUES)
+@example({"a": None, "b": float("nan")})
+@example([None, (1.0, -float("inf"))])
+@example((None,))
+def test_dumps_refuses_exactly_the_values_the_walk_finds_non_finite(value: Any) -> None:
+    try:
+        data = _json.dumps_bytes(value)
+    except ValueError:
+        assert _json._has_non_finite(value)
+    else:
+        assert not _json._has_non_finite(value)
+        assert exact(json.loads(data)) == exact(json.loads(_json._stdlib_dumps(value)))
+
+
+@pytest.mark.skipif(not _json.HAVE_MSGSPEC, reason="the msgspec path")
+def test_a_null_in_a_record_costs_no_walk(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Records often hold null (a userId not set): reading the text back
+    # settles them without walking the value in Python.
+    def walked(value: Any) -> bool:
+        raise AssertionError("walked a value that reads back equal")
+
+    monkeypatch.setattr(_json, "_has_non_finite", walked)
+    record = {"userId": None, "event": {"properties": {"total": 42.5, "x": [None, 1]}}}
+    assert json.loads(_json.dumps_bytes(record)) == record
+
+
+@pytest.mark.skipif(not _json.HAVE_MSGSPEC, reason="the msgspec path")
+@settings(max_examples=300, deadline=None)
+@given(NON_FINITE_VALUES)
+@example({"when": datetime.date(2026, 1, 2)})
+@example({1: "int key"})
+@example({"lone": "\ud800"})
+def test_exact_bytes_is_msgspec_text_only_when_it_reads_back_equal(value: Any) -> None:
+    data = _json.exact_bytes(value)
+    if data is None:
+        return
+    assert _json.fast_loads is not None
+    assert _json.fast_loads(data) == value
+    assert json.loads(data) == json.loads(_json._stdlib_dumps(value))
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        float("nan"),
+        {"a": [None, float("inf")]},
+        (1, 2),
+        {1: "x"},
+        {"d": datetime.date(2026, 1, 2)},
+        {"b": b"bytes"},
+        {"lone": "\ud800"},
+    ],
+)
+def test_exact_bytes_declines_what_does_not_read_back_equal(value: Any) -> None:
+    assert _json.exact_bytes(value) is None
 
 
 def test_a_value_that_is_not_json_is_a_type_error() -> None:

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from pixel_middleware.pixel_printer import PixelPrinter
+from pixel_middleware.pixel_printer import CHUNK_BYTES, PixelPrinter
 from tests.test_cli import make_record, segment
 
 
@@ -55,3 +55,32 @@ def test_quiet_only_counts() -> None:
 def test_capacity_is_checked_at_construction(capacity: object) -> None:
     with pytest.raises(ValueError, match="capacity must be a whole number >= 1"):
         PixelPrinter(io.StringIO(), capacity=capacity)  # type: ignore[arg-type]
+
+
+class CountingTerminal(io.StringIO):
+    """Remembers each write, as a pipe sees them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+def test_a_burst_of_pixels_is_written_in_few_whole_line_writes() -> None:
+    # One write() a line cost a system call and a thread wake-up per pixel.
+    terminal = CountingTerminal()
+    printer = PixelPrinter(terminal)
+    for n in range(300):
+        printer(make_record(segment("track", {"userId": f"u{n}", "event": "Opened"})))
+    printer.close()
+    lines = terminal.getvalue().splitlines()
+    assert lines == [
+        f'pixel segment track "Opened" userId=u{n} writeKey=k1 accepted' for n in range(300)
+    ]
+    assert len(terminal.writes) <= 300 // 20  # ~60 bytes a line, 4096 a write
+    for text in terminal.writes:
+        assert text.endswith("\n")  # whole lines only
+        assert len(text.encode()) <= CHUNK_BYTES

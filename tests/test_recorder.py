@@ -1037,3 +1037,33 @@ def test_journal_fsync_group_syncs_each_group_once(
     assert len(synced) == 3 * per_group
     with pytest.raises(ValueError, match="journal_fsync must be"):
         Recorder(MemoryStore(), journal_fsync="always")  # type: ignore[arg-type]
+
+
+def test_a_journaled_record_is_encoded_once_on_its_way_to_sqlite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The journal line is the store's text already: encoding it again cost
+    # a second JSON encode per pixel in the writer thread.
+    from pixel_middleware.stores import sqlite as sqlite_module
+
+    encoded: list[object] = []
+    real_dumps = sqlite_module._json.dumps
+
+    def counting_dumps(value: Any) -> str:
+        encoded.append(value)
+        return real_dumps(value)
+
+    monkeypatch.setattr(sqlite_module._json, "dumps", counting_dumps)
+    store = open_store(f"sqlite:///{tmp_path / 'pixels.sqlite3'}")
+    recorder = Recorder(store, spool_path=tmp_path / "journal")
+    records = [make_record(id=f"once-{n}") for n in range(5)]
+    records[0]["event"]["userId"] = None  # a null, as many pixels hold
+    records[1]["event"]["name"] = "café ☕"
+    try:
+        for record in records:
+            assert recorder.record(record)
+        assert recorder.flush(timeout=10)
+        assert [record for _, record in store.read()] == records  # exactly, in order
+    finally:
+        recorder.close()
+    assert encoded == []

@@ -602,3 +602,21 @@ def test_a_store_opens_at_once_while_another_writer_holds_the_database(tmp_path:
         store.close()
     finally:
         holder.close()
+
+
+def test_write_journaled_keeps_the_texts_it_is_given(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "pixels.sqlite3")
+    records = [make_record(id=f"text-{n}") for n in range(3)]
+    texts: list[bytes | None] = [json.dumps(r, separators=(",", ":")).encode() for r in records]
+    texts[1] = None  # encoded by the store
+    try:
+        store.write_journaled(records, journal_position=("seg-1.jsonl", 30), texts=texts)
+        assert [record for _, record in store.read()] == records
+        assert store.journal_positions(["seg-1.jsonl"]) == {"seg-1.jsonl": 30}
+    finally:
+        store.close()
+    conn = sqlite3.connect(tmp_path / "pixels.sqlite3")
+    stored = [row[0] for row in conn.execute("SELECT record FROM pixel_records ORDER BY seq")]
+    conn.close()
+    assert stored[0] == texts[0].decode()  # type: ignore[union-attr]
+    assert stored[2] == texts[2].decode()  # type: ignore[union-attr]

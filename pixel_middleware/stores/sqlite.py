@@ -233,13 +233,24 @@ class SQLiteStore:
     def write(self, records: Sequence[PixelRecord]) -> None:
         self._write(records, None)
 
+    #: The recorder may hand :meth:`write_journaled` each record's text as well.
+    takes_journal_texts = True
+
     def write_journaled(
-        self, records: Sequence[PixelRecord], *, journal_position: tuple[str, int]
+        self,
+        records: Sequence[PixelRecord],
+        *,
+        journal_position: tuple[str, int],
+        texts: Sequence[bytes | None] | None = None,
     ) -> None:
         """Write ``records`` and, in the same transaction, that a recorder's journal
         segment is stored up to ``journal_position`` (segment name, end offset):
-        a replay of the segment after a crash starts there, with no duplicates."""
-        self._write(records, journal_position)
+        a replay of the segment after a crash starts there, with no duplicates.
+
+        ``texts``: for each record, its UTF-8 JSON exactly as ``_json.dumps``
+        writes it (the recorder's journal line, which it already encoded), or
+        ``None`` to encode it here."""
+        self._write(records, journal_position, texts)
 
     def journal_positions(self, segments: Sequence[str]) -> dict[str, int]:
         """How far into each of ``segments`` the records are stored (those known)."""
@@ -269,13 +280,22 @@ class SQLiteStore:
             self._journal_table = found is not None
         return self._journal_table
 
-    def _write(self, records: Sequence[PixelRecord], position: tuple[str, int] | None) -> None:
+    def _write(
+        self,
+        records: Sequence[PixelRecord],
+        position: tuple[str, int] | None,
+        texts: Sequence[bytes | None] | None = None,
+    ) -> None:
         if not records:
             return
         try:
             # The file's schema is known from the constructor's connection on.
-            row = _row_1 if self._schema == 1 else _row
-            rows = [row(record) for record in records]
+            if self._schema == 1:
+                rows = [_row_1(record) for record in records]
+            elif texts is not None and len(texts) == len(records):
+                rows = [_row(record, text) for record, text in zip(records, texts, strict=True)]
+            else:
+                rows = [_row(record) for record in records]
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise RecordError(f"a record cannot be stored: {exc!r}") from exc
         with self._lock:
@@ -610,7 +630,7 @@ def _busy(exc: sqlite3.Error) -> bool:
     return name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "locked" in str(exc)
 
 
-def _row(record: PixelRecord) -> tuple[Any, ...]:
+def _row(record: PixelRecord, text: bytes | None = None) -> tuple[Any, ...]:
     # Every field a record must have is read here, so that a record missing
     # one fails its write (RecordError) rather than being stored and failing
     # each later read.
@@ -621,8 +641,8 @@ def _row(record: PixelRecord) -> tuple[Any, ...]:
         1 if record["accepted"] else 0,
         record["call"],
         # A lone surrogate (which UTF-8 cannot carry) is escaped rather than
-        # failing the write (see _json.dumps).
-        _json.dumps(record),
+        # failing the write (see _json.dumps). A text given is that same JSON.
+        _json.dumps(record) if text is None else text.decode(),
     )
 
 
