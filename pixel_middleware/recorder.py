@@ -893,7 +893,9 @@ def _reads_wait_for(store: Store, recorder: Recorder) -> None:
             *args: object, _method: Callable[..., object] = method, **kwargs: object
         ) -> object:
             current = ref()
-            if current is not None and not current._closed:
+            # Not while stalled: nothing can be stored then, and every read
+            # (each poll of the live page) would wait the whole keep_timeout.
+            if current is not None and not current._closed and not current._stalled:
                 current.flush(timeout=current.keep_timeout)
             return _method(*args, **kwargs)
 

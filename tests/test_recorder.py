@@ -1067,3 +1067,21 @@ def test_a_journaled_record_is_encoded_once_on_its_way_to_sqlite(
     finally:
         recorder.close()
     assert encoded == []
+
+
+def test_reads_do_not_wait_for_a_stalled_recorder(
+    make_recorder: Callable[..., Recorder], tmp_path: Path
+) -> None:
+    # Reads through a durable recorder's store wait for it to store what it
+    # has (read your writes), but not while nothing can be kept: each poll of
+    # the live page would then wait the whole keep_timeout for nothing.
+    unwritable = tmp_path / "journal"
+    unwritable.write_text("")  # a file where the journal's directory would go
+    store = FlakyStore()
+    store.failing.set()
+    recorder = make_recorder(store, spool_path=unwritable, keep_timeout=20)
+    assert recorder.record(make_record()) is False
+    assert recorder.stalled
+    started = time.monotonic()
+    assert store.read() == []
+    assert time.monotonic() - started < 10  # not the keep_timeout of 20 s
