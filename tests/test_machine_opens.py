@@ -119,6 +119,10 @@ def test_serve_counts_machine_opens_and_events_prints_them(
                 timeout=10,
             )
             assert answer.status_code == 200
+        # serve's workers each journal what they answer: another worker's
+        # counts see it once stored, which /api/wait waits for.
+        waited = requests.get(f"{collector.url}api/wait?count=3&timeout=10", timeout=15)
+        assert waited.status_code == 200, waited.text
         counts = requests.get(f"{collector.url}api/counts", timeout=10).json()
     finally:
         status, err = collector.stop(signal.SIGTERM)
