@@ -424,6 +424,33 @@ class Journal:
         self._count += gained
         return gained
 
+    def live_tails(self) -> dict[str, int]:
+        """The size of each segment another live process appends to (by name).
+
+        What a reader in one process waits for, so that a pixel another process
+        answered is stored before the read: those bytes are records the other
+        process has journaled. A segment whose owner is gone is left out (it
+        waits for adoption, which no reader should wait for); so are this
+        journal's own. Read-only, and never takes a file's lock.
+        """
+        try:
+            with os.scandir(self.directory) as entries:
+                names = [entry.name for entry in entries if entry.name.endswith(".jsonl")]
+        except OSError:
+            return {}
+        mine = {file.path.name for file in list(self._files)}
+        tails: dict[str, int] = {}
+        for name in names:
+            if name in mine or name.startswith(self.prefix) or not _owner_alive(name):
+                continue
+            try:
+                size = os.stat(self.directory / name).st_size
+            except OSError:
+                continue  # used up and removed since the listing
+            if size:
+                tails[name] = size
+        return tails
+
     def close(self) -> None:
         """Let go of the files: empty ones are removed, others wait for adoption."""
         with self._lock:
@@ -574,6 +601,20 @@ def encode_entry(record: PixelRecord) -> tuple[bytes, bool]:
     except (TypeError, ValueError) as exc:
         raise RecordError(f"a record cannot be spooled as JSON: {exc}") from exc
     return line, False
+
+
+def _owner_alive(name: str) -> bool:
+    """Whether the process whose pid starts the segment ``name`` still runs."""
+    pid, _, _ = name.partition("-")
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # another user's process: alive, not ours to signal
+    return True
 
 
 def _claim(path: Path) -> _Segment | None:

@@ -108,6 +108,10 @@ DEFAULT_SPOOL_ROOT = "pixel-spool"
 #: Seconds the exit hook and the SIGTERM handler wait for all recorders together.
 EXIT_TIMEOUT = 10.0
 
+#: The most seconds a read through a durable recorder's store waits for the
+#: records other live processes journaled (a server's other workers).
+OTHER_PROCESSES_WAIT = 2.0
+
 # Every recorder not closed yet, held weakly: the exit and fork hooks' list.
 _LIVE: weakref.WeakSet[Recorder] = weakref.WeakSet()
 
@@ -398,6 +402,34 @@ class Recorder:
             why,
             self.keep_timeout,
         )
+
+    def _wait_for_other_processes(self) -> None:
+        """Wait until the records other live processes journaled on this store
+        so far are stored: a read in one worker of a server then sees every
+        pixel another worker answered before it (read your writes across
+        processes). Only a store that keeps journal positions can say; with
+        others a read sees them a few milliseconds later. Waits at most
+        ``OTHER_PROCESSES_WAIT`` seconds (a stuck process holds no one up long)."""
+        positions = self._positions
+        if positions is None or not self._journaling:
+            return
+        tails = self._journal.live_tails()
+        deadline = time.monotonic() + OTHER_PROCESSES_WAIT
+        pause = 0.001
+        while tails:
+            try:
+                stored = positions(list(tails))
+            except Exception:
+                return  # the read that follows says what is wrong with the store
+            tails = {
+                name: size
+                for name, size in tails.items()
+                if stored.get(name, 0) < size and (self.spool_path / name).exists()
+            }
+            if not tails or time.monotonic() + pause > deadline:
+                return
+            time.sleep(pause)
+            pause = min(pause * 2, 0.02)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every record queued so far is in the store or given up on.
@@ -879,9 +911,11 @@ def _reads_wait_for(store: Store, recorder: Recorder) -> None:
 
     Read your writes, as durable recording always gave: a pixel answered 200
     is in the journal, maybe not yet in the store; whoever reads through the
-    same store object (the API, a test) sees it all the same. Other processes
-    read what the writer thread has stored, a few milliseconds behind. Waits
-    at most ``keep_timeout``.
+    same store object (the API, a test) sees it all the same, and with a store
+    that keeps journal positions also what other live processes journaled
+    (:meth:`Recorder._wait_for_other_processes`). Processes that only read see
+    what the writer threads have stored, a few milliseconds behind. Waits at
+    most ``keep_timeout`` (plus ``OTHER_PROCESSES_WAIT``).
     """
     ref = weakref.ref(recorder)
     for name in ("read", "clear"):
@@ -897,6 +931,7 @@ def _reads_wait_for(store: Store, recorder: Recorder) -> None:
             # (each poll of the live page) would wait the whole keep_timeout.
             if current is not None and not current._closed and not current._stalled:
                 current.flush(timeout=current.keep_timeout)
+                current._wait_for_other_processes()
             return _method(*args, **kwargs)
 
         flush_first._pixel_flushes = True  # type: ignore[attr-defined]

@@ -153,6 +153,46 @@ def test_a_segment_the_store_holds_whole_is_removed_at_adoption(tmp_path: Path) 
     journal.close()
 
 
+def test_live_tails_are_the_sizes_of_other_live_processes_segments(tmp_path: Path) -> None:
+    code = textwrap.dedent(
+        """
+        import sys
+        from records import make_record
+        from pixel_middleware.journal import Journal, encode_line
+        journal = Journal(sys.argv[1])
+        print(*journal.append_lines([encode_line(make_record(id="live"))]), flush=True)
+        sys.stdin.read()
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert child.stdin is not None
+    assert child.stdout is not None
+    try:
+        name, end = child.stdout.readline().split()
+        kill_child_after_appending(tmp_path / "dead", 2)
+        (dead,) = (tmp_path / "dead").glob("*.jsonl")
+        os.replace(dead, tmp_path / dead.name)  # a gone process's segment beside it
+        journal = Journal(tmp_path)
+        journal.append_lines([line("mine")])
+        # The live child's segment, at its size; not ours, not the dead one's.
+        assert end.strip("[]") == str((tmp_path / name).stat().st_size)
+        assert journal.live_tails() == {name: (tmp_path / name).stat().st_size}
+        assert len(segments(tmp_path)) == 3
+        journal.close()
+    finally:
+        child.stdin.close()
+        child.stdout.close()
+        child.wait(timeout=10)
+    assert Journal(tmp_path / "missing").live_tails() == {}
+
+
 def test_adoption_waits_while_the_store_cannot_say_how_far_it_got(tmp_path: Path) -> None:
     kill_child_after_appending(tmp_path, 2)
 

@@ -212,6 +212,55 @@ def test_a_durable_record_reaches_the_store_at_flush(
         other.close()
 
 
+@pytest.mark.parametrize("writer_delay", [0.0, 1.0], ids=["prompt", "slow-writer"])
+def test_a_read_sees_what_another_live_process_answered(
+    make_recorder: Callable[..., Recorder], tmp_path: Path, spool_dir: Path, writer_delay: float
+) -> None:
+    # A server's other worker answered a pixel (journaled, 200); its writer
+    # stores it after `writer_delay`. A read here, right after, must see it.
+    child = run_child(
+        """
+        import sys, time
+        from records import make_record
+        from pixel_middleware.recorder import Recorder
+        from pixel_middleware.stores.sqlite import SQLiteStore
+
+        class SlowStore(SQLiteStore):
+            def write_journaled(self, *args, **kwargs):
+                time.sleep(float(sys.argv[3]))
+                super().write_journaled(*args, **kwargs)
+
+        recorder = Recorder(SlowStore(sys.argv[1]), spool_path=sys.argv[2])
+        assert recorder.record(make_record(id="other-worker"))
+        print("answered", flush=True)
+        sys.stdin.read()
+        recorder.close()
+        """,
+        str(tmp_path / "events.sqlite3"),
+        str(spool_dir),
+        str(writer_delay),
+        stdin=subprocess.PIPE,
+    )
+    assert child.stdin is not None
+    assert child.stdout is not None
+    try:
+        store = SQLiteStore(tmp_path / "events.sqlite3")
+        recorder = make_recorder(store)
+        assert recorder.record(make_record(id="this-worker"))
+        assert child.stdout.readline().strip() == "answered"
+        assert sorted(record["id"] for _, record in store.read()) == [
+            "other-worker",
+            "this-worker",
+        ]
+    finally:
+        child.stdin.close()
+        child.wait(timeout=20)
+        child.stdout.close()
+        assert child.stderr is not None
+        child.stderr.close()
+    assert child.returncode == 0
+
+
 def test_concurrent_records_share_commits(make_recorder: Callable[..., Recorder]) -> None:
     store = FlakyStore(delay=0.002)  # a commit that costs, like an fsync
     recorder = make_recorder(store, max_batch=64)
