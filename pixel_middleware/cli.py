@@ -553,7 +553,7 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     # Counted before the recorder starts handing them on: what an earlier run left.
     spool = default_spool_path(store_identity(store))
     try:
-        left = count_spooled(spool)
+        left = count_spooled(spool, stored=getattr(store, "journal_positions", None))
     except OSError:
         left = 0
     from pixel_middleware.pixel_printer import PixelPrinter
@@ -988,7 +988,7 @@ def _print_spool_size(store: Store) -> None:
     """
     directory = default_spool_path(store_identity(store))
     try:
-        count = count_spooled(directory)
+        count = count_spooled(directory, stored=getattr(store, "journal_positions", None))
     except OSError:
         return
     if count:

@@ -52,13 +52,13 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import cast
 
 from pixel_middleware import _json
 from pixel_middleware.core import PixelRecord
-from pixel_middleware.stores import RecordError
+from pixel_middleware.stores import RecordError, StoreError
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -548,23 +548,34 @@ class Journal:
         _unlink_and_close(file)
 
 
-def count_spooled(directory: str | os.PathLike[str]) -> int:
+def count_spooled(
+    directory: str | os.PathLike[str],
+    *,
+    stored: Callable[[Sequence[str]], Mapping[str, int]] | None = None,
+) -> int:
     """How many records the spool files in ``directory`` hold; 0 if it does not exist.
 
     Read-only: nobody's file is locked, adopted or changed, so it may be called
     while recorders use the spool. The files of processes that are gone are
     counted exactly (what the next recorder will hand on). A live recorder's
     file may still hold records it already handed to the store: it drops them
-    when the segment is used up or rotated, or when it closes, and until then
-    they count (a journal's live segment holds up to ``segment_bytes``).
-    Files still being made are not counted. Raises ``OSError`` when the
-    directory cannot be read.
+    when the segment is used up or rotated, or when it closes. ``stored`` (a
+    store's ``journal_positions``, for the stores that keep them) says how far
+    into each segment the store holds the records, and those are not counted;
+    without it they count (a journal's live segment holds up to
+    ``segment_bytes``). Files still being made are not counted. Raises
+    ``OSError`` when the directory cannot be read.
     """
     try:
         with os.scandir(directory) as entries:
             paths = [Path(entry.path) for entry in entries if entry.name.endswith(".jsonl")]
     except FileNotFoundError:
         return 0
+    offsets: Mapping[str, int] = {}
+    if stored is not None and paths:
+        # A store that cannot say leaves every record counted: more, never fewer.
+        with contextlib.suppress(StoreError):
+            offsets = stored([path.name for path in paths])
     count = 0
     for path in paths:
         try:
@@ -572,7 +583,7 @@ def count_spooled(directory: str | os.PathLike[str]) -> int:
         except FileNotFoundError:
             continue  # used up, or adopted and rewritten, since the listing
         try:
-            count += _count_lines(fd)
+            count += _count_lines(fd, offsets.get(path.name, 0))
         finally:
             os.close(fd)
     return count

@@ -273,3 +273,29 @@ def test_what_msgspec_would_change_is_journaled_as_before(value: object, text: b
     record = make_record(id="odd")
     record["v"] = value
     assert text in encode_line(record)
+
+
+def test_a_count_leaves_out_what_the_store_holds_of_a_live_segment(tmp_path: Path) -> None:
+    # `events` and `serve` say how many records wait for the store; a live
+    # recorder's segment still holds records it stored, which are not waiting.
+    from pixel_middleware.recorder import Recorder
+    from pixel_middleware.stores.sqlite import SQLiteStore
+
+    directory = tmp_path / "journal"
+    recorder = Recorder(SQLiteStore(tmp_path / "p.sqlite3"), spool_path=directory)
+    reader = SQLiteStore(tmp_path / "p.sqlite3")
+    try:
+        for _ in range(3):
+            assert recorder.record(make_record())
+        assert recorder.flush(timeout=10)
+        assert len(reader.read()) == 3
+        assert count_spooled(directory) == 3  # the live segment, as written
+        assert count_spooled(directory, stored=reader.journal_positions) == 0
+
+        def cannot_say(segments: Sequence[str]) -> dict[str, int]:
+            raise journal_module.StoreError("down")
+
+        assert count_spooled(directory, stored=cannot_say) == 3  # more, never fewer
+    finally:
+        recorder.close()
+        reader.close()
