@@ -738,11 +738,15 @@ def test_an_interrupted_appender_lets_no_follower_return_before_its_record_is_ke
 
 
 def test_offer_queues_only_when_that_needs_no_waiting(
-    make_recorder: Callable[..., Recorder],
+    make_recorder: Callable[..., Recorder], tmp_path: Path
 ) -> None:
     slow = FlakyStore()
     slow.gate.clear()  # the writer is stuck in its first write
-    recorder = make_recorder(slow, durable=False, max_pending=2)
+    # No journal either (a file holds its directory's name): records wait in
+    # memory, else the writer would journal r0 before r2 comes, and make room.
+    unwritable = tmp_path / "journal"
+    unwritable.write_text("")
+    recorder = make_recorder(slow, durable=False, max_pending=2, spool_path=unwritable)
     assert recorder.offer(make_record(id="r0"))
     assert recorder.offer(make_record(id="r1"))
     assert not recorder.offer(make_record(id="r2"))  # full: the caller must wait elsewhere
