@@ -1072,7 +1072,9 @@ class SlowStore:
 
 
 def test_a_slow_durable_commit_does_not_hold_the_event_loop(tmp_path: Path) -> None:
-    slow = SlowStore(1.0)
+    # A commit far longer than the bound below: a loop held for it fails the
+    # test, and a loaded machine still has seconds to answer.
+    slow = SlowStore(3.0)
     recorder = Recorder(slow, spool_path=tmp_path / "spool")
     middleware = PixelASGIMiddleware(Recording(), store=recorder)
     server = InProcessServer(middleware)
@@ -1088,12 +1090,12 @@ def test_a_slow_durable_commit_does_not_hold_the_event_loop(tmp_path: Path) -> N
         time.sleep(0.2)  # the pixel's commit is under way
         other = httpx.get(server.base + "/elsewhere", timeout=10)
         assert other.content == b"echo:"
-        assert time.monotonic() - started < 0.8, "the app answered while the commit ran"
+        assert time.monotonic() - started < 2.0, "the app answered while the commit ran"
         pixel.join(10)
         assert pixel_answer == [200]
         # A durable pixel waits for its journal append, not for the store's
         # commit, which the recorder's writer thread makes.
-        assert time.monotonic() - started < 0.8, "the pixel did not wait for the slow store"
+        assert time.monotonic() - started < 2.0, "the pixel did not wait for the slow store"
         assert middleware._pool is not None, "the append was waited for in a pool thread"
         assert len(slow.read()) == 1, "in the store once the commit is over"
     finally:
