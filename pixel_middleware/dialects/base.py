@@ -664,6 +664,19 @@ def _enrich(
         event["messageId"] = new_id()
     if "receivedAt" in event:
         _note(notes, "received_at_overwritten")
+    _stamp(event, now, received_at, ip, user_agent)
+
+
+def _stamp(
+    event: dict[str, Any],
+    now: datetime,
+    received_at: str,
+    ip: str | None,
+    user_agent: str | None,
+) -> None:
+    """The end of :func:`_enrich` (and of Segment's fast path): receivedAt, a
+    timestamp when none was sent, and the client's IP address and user agent
+    in a context that does not say them."""
     event["receivedAt"] = received_at
     if "timestamp" not in event:
         event["timestamp"] = _timestamp(event, now, received_at)

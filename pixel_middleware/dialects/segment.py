@@ -50,7 +50,7 @@ from pixel_middleware.dialects.base import (
     _problem,
     _render_notes,
     _request_headers,
-    _timestamp,
+    _stamp,
     _usable_key,
     fixed_answer,
     gif_answer,
@@ -335,17 +335,7 @@ def _common_pixel(
     event["type"] = call
     if generate_id:
         event["messageId"] = new_id()
-    event["receivedAt"] = received_at
-    if "timestamp" not in event:
-        event["timestamp"] = _timestamp(event, now, received_at)
-    context = event.get("context", _ABSENT)
-    if context is _ABSENT and (ip is not None or user_agent):
-        context = event["context"] = {}
-    if context is not None and context is not _ABSENT:
-        if ip is not None and "ip" not in context:
-            context["ip"] = ip
-        if user_agent and "userAgent" not in context:
-            context["userAgent"] = user_agent
+    _stamp(event, now, received_at, ip, user_agent)
     max_bytes = limits.max_event_bytes
     # The stored size (_larger_than's) without serialising: the text sent bounds
     # it (_SENT_FACTOR), and what was added counts 12 stored characters a
