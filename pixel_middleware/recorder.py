@@ -824,23 +824,20 @@ class Recorder:
         records: Sequence[PixelRecord],
         position: tuple[str, int] | None,
         texts: Sequence[bytes | None] | None = None,
-    ) -> int:
+    ) -> None:
         """Write ``records`` (with the journal ``position`` of the last, where the
-        store keeps it); records no store can keep are dropped, loudly. The
-        number dropped; raises what the store raised otherwise."""
+        store keeps it); records no store can keep are dropped, loudly. Raises
+        what the store raised otherwise."""
         try:
             self._store_write(records, position, texts)
-            return 0
+            return
         except RecordError:
             pass
-        dropped = 0
         for record in records:
             try:
                 self._store_write([record], position)
             except RecordError as exc:
-                dropped += 1
                 logger.error("dropping a record no store can keep (%s): %r", exc, record)
-        return dropped
 
     def _store_write(
         self,

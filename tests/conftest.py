@@ -12,7 +12,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from hypothesis import settings
@@ -70,3 +70,21 @@ def _no_recorder_thread_outlives_its_module() -> Iterator[None]:
         time.sleep(0.01)
     left = recorder_threads()
     assert not left, f"recorder threads still running after the module: {left}"
+
+
+@pytest.fixture
+def count_fsyncs(monkeypatch: pytest.MonkeyPatch) -> Callable[[], list[int]]:
+    """Call it to list, from then on, the descriptor of every ``os.fsync`` (which still syncs)."""
+
+    def start() -> list[int]:
+        synced: list[int] = []
+        real_fsync = os.fsync
+
+        def counting_fsync(fd: int) -> None:
+            synced.append(fd)
+            real_fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", counting_fsync)
+        return synced
+
+    return start

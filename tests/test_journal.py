@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -222,18 +222,11 @@ def test_peek_stops_at_the_position_given(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("fsync", "syncs"), [(True, 2), (False, 0)])
 def test_fsync_is_once_per_append_when_asked(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fsync: bool, syncs: int
+    tmp_path: Path, count_fsyncs: Callable[[], list[int]], fsync: bool, syncs: int
 ) -> None:
     journal = Journal(tmp_path, fsync=fsync)
     journal.append_lines([line("warm-up")])  # the segment (and its directory sync) exists
-    synced: list[int] = []
-    real_fsync = os.fsync
-
-    def counting_fsync(fd: int) -> None:
-        synced.append(fd)
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", counting_fsync)
+    synced = count_fsyncs()
     journal.append_lines([line(f"a{n}") for n in range(10)])  # one group: one sync
     journal.append_lines([line("b")])
     assert len(synced) == syncs

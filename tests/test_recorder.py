@@ -1069,7 +1069,7 @@ def test_a_store_far_behind_is_fed_from_the_journal_with_bounded_memory(
 @pytest.mark.parametrize(("mode", "per_group"), [("group", 1), ("none", 0)])
 def test_journal_fsync_group_syncs_each_group_once(
     make_recorder: Callable[..., Recorder],
-    monkeypatch: pytest.MonkeyPatch,
+    count_fsyncs: Callable[[], list[int]],
     mode: str,
     per_group: int,
 ) -> None:
@@ -1077,14 +1077,7 @@ def test_journal_fsync_group_syncs_each_group_once(
     recorder = make_recorder(store, journal_fsync=mode)
     assert recorder.record(make_record(id="warm-up"))  # the segment exists
     assert recorder.flush(timeout=5)
-    synced: list[int] = []
-    real_fsync = os.fsync
-
-    def counting_fsync(fd: int) -> None:
-        synced.append(fd)
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", counting_fsync)
+    synced = count_fsyncs()
     for n in range(3):
         assert recorder.record(make_record(id=f"r{n}"))
     assert len(synced) == 3 * per_group
