@@ -51,6 +51,17 @@ __all__ = ["SharedSocketServer", "WholeLines", "WorkerPlan", "load_app", "run_wo
 # How often a worker checks that its main process is still there (and for an early stop).
 ORPHAN_CHECK_SECONDS = 0.1
 
+# At stop, the most seconds a worker spends flushing its recorder: what the
+# store has not taken by then stays in the journal for the next run.
+WORKER_FLUSH_SECONDS = 10.0
+
+# The most seconds the main process waits for a worker to stop before it kills
+# it (granian's workers_kill_timeout): the flush above, and time to exit. A
+# worker that never stops (a stop signal lost while granian set up its own
+# handlers, seen rarely under load) would otherwise hold `serve` forever; what
+# it answered is in its journal, which the next run adopts.
+WORKER_STOP_SECONDS = 15
+
 
 @dataclass(frozen=True)
 class WorkerPlan:
@@ -177,7 +188,7 @@ def run_worker(*args: Any, **kwargs: Any) -> None:
         while _running:
             app, printer, recorded = _running.pop()
             try:
-                app.close()
+                app.close(WORKER_FLUSH_SECONDS)
             finally:
                 printer.close()
                 with recorded.get_lock():

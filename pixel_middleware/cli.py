@@ -718,6 +718,7 @@ def _serve_on_granian(
         # Only granian's errors, on stderr: stdout carries the pixel lines.
         log_level=LogLevels.error,
         log_dictconfig=_GRANIAN_LOGGING,
+        workers_kill_timeout=_serve_granian.WORKER_STOP_SECONDS,
     )
 
     def started() -> None:  # the socket listens; the workers start next
