@@ -133,6 +133,10 @@ def run_child(code: str, *args: str, **popen: Any) -> subprocess.Popen[str]:
         pytest.param({"max_pending": True}, "max_pending must be", id="max-pending-bool"),
         pytest.param({"retry_interval": 0}, "retry_interval must be", id="retry-0"),
         pytest.param({"retry_interval": float("nan")}, "retry_interval must be", id="retry-nan"),
+        pytest.param({"linger": -0.001}, "linger must be", id="linger-negative"),
+        pytest.param({"linger": float("inf")}, "linger must be", id="linger-inf"),
+        pytest.param({"linger": float("nan")}, "linger must be", id="linger-nan"),
+        pytest.param({"linger": True}, "linger must be", id="linger-bool"),
     ],
 )
 def test_bad_options_fail_at_construction(options: dict[str, Any], message: str) -> None:
@@ -286,6 +290,77 @@ def test_concurrent_records_share_commits(make_recorder: Callable[..., Recorder]
         assert [i for i in ids if i.startswith(f"t{n}-")] == [
             f"t{n}-{i}" for i in range(per_thread)
         ]
+
+
+@pytest.mark.parametrize("durable", [True, False], ids=["durable", "fire-and-forget"])
+def test_the_writer_lingers_then_stores_the_records_in_one_write(
+    make_recorder: Callable[..., Recorder], spool_dir: Path, durable: bool
+) -> None:
+    store = FlakyStore()
+    recorder = make_recorder(store, linger=0.5, durable=durable)
+    started = time.monotonic()
+    for n in range(5):
+        assert recorder.record(make_record(id=f"r{n}")) is True
+    # In the journal at once (durable, or journaled by the caller), not in the store yet.
+    wait_until(lambda: len(recorder._journal) == 5, timeout=2)
+    time.sleep(0.2)
+    assert store.writes == []
+    wait_until(lambda: store.writes != [], timeout=5)
+    assert time.monotonic() - started >= 0.5
+    assert store.writes == [5]
+    assert store.ids() == [f"r{n}" for n in range(5)]
+
+
+def test_flush_cuts_the_linger_short(make_recorder: Callable[..., Recorder]) -> None:
+    store = FlakyStore()
+    recorder = make_recorder(store, linger=30.0)
+    for n in range(3):
+        recorder.record(make_record(id=f"r{n}"))
+    time.sleep(0.2)
+    assert store.writes == []
+    started = time.monotonic()
+    assert recorder.flush(timeout=5)
+    assert time.monotonic() - started < 5
+    assert store.writes == [3]
+    # The next records linger again.
+    recorder.record(make_record(id="r3"))
+    time.sleep(0.2)
+    assert store.ids() == ["r0", "r1", "r2"]
+
+
+def test_close_cuts_the_linger_short(make_recorder: Callable[..., Recorder]) -> None:
+    store = FlakyStore()
+    recorder = make_recorder(store, linger=30.0)
+    for n in range(3):
+        recorder.record(make_record(id=f"r{n}"))
+    started = time.monotonic()
+    recorder.close(timeout=10)
+    assert time.monotonic() - started < 10
+    assert store.ids() == ["r0", "r1", "r2"]
+    assert store.closed
+
+
+def test_a_full_batch_is_stored_without_lingering(make_recorder: Callable[..., Recorder]) -> None:
+    store = FlakyStore()
+    recorder = make_recorder(store, linger=30.0, max_batch=4, retry_interval=60)
+    recorder.record(make_record(id="r0"))
+    time.sleep(0.2)  # the writer lingers now, woken by no single record
+    for n in range(1, 6):
+        recorder.record(make_record(id=f"r{n}"))
+    # Four make a batch: stored at once; the other two linger.
+    wait_until(lambda: store.writes == [4], timeout=5)
+    time.sleep(0.2)
+    assert store.ids() == ["r0", "r1", "r2", "r3"]
+
+
+def test_no_linger_stores_at_once(make_recorder: Callable[..., Recorder]) -> None:
+    store = FlakyStore()
+    recorder = make_recorder(store, linger=0)
+    recorder.record(make_record(id="r0"))
+    wait_until(lambda: store.ids() == ["r0"], timeout=5)
+    recorder.record(make_record(id="r1"))
+    wait_until(lambda: store.ids() == ["r0", "r1"], timeout=5)
+    assert store.writes == [1, 1]
 
 
 def test_writes_are_at_most_max_batch(make_recorder: Callable[..., Recorder]) -> None:
