@@ -723,13 +723,17 @@ def test_serve_answers_pixels_and_flushes_on_sigterm(
     assert status == 0, err
     records = stored(collector.store_url, capsys)
     assert len(records) == 26
-    assert records[0]["accepted"] is True
-    assert records[0]["event"]["event"] == "Test Pixel Sent"
-    assert (
-        sum(r["event"] is not None and r["event"].get("event") == "Concurrent" for r in records)
-        == 24
-    )
-    assert records[-1]["accepted"] is False
+    # Two workers store on their own schedules (each lingers before a
+    # write), so positions across workers need not follow arrival: check
+    # what was kept, not where.
+    named = [r["event"].get("event") for r in records if r["event"] is not None]
+    assert named.count("Test Pixel Sent") == 1
+    assert named.count("Concurrent") == 24
+    rejected = [r for r in records if r["accepted"] is False]
+    assert len(rejected) == 1
+    assert rejected[0]["request"]["path"] == "/v1/pixel/track"
+    assert rejected[0]["problems"]
+    assert all(r["accepted"] is True for r in records if r is not rejected[0])
 
 
 def test_serve_fire_and_forget_flushes_on_ctrl_c(
