@@ -63,7 +63,14 @@ from pixel_middleware.mitm_text import comment_line, log_line, upstream_ok, upst
 from pixel_middleware.recorder import Recorder
 from pixel_middleware.stores import StoreError, open_store, redact_url, store_schemes
 
-__all__ = ["HISTORY", "STORE_CLOSE_TIMEOUT", "PixelCapture", "PixelContentview", "TermLine"]
+__all__ = [
+    "HISTORY",
+    "STORE_CLOSE_TIMEOUT",
+    "STORE_LINGER",
+    "PixelCapture",
+    "PixelContentview",
+    "TermLine",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +82,13 @@ A store (``pixel_store``) keeps every record."""
 STORE_CLOSE_TIMEOUT: Final = 5.0
 """Seconds a store is given to write what is queued when it is closed: when
 ``pixel_store`` changes, and when mitmproxy exits (which waits that long at most)."""
+
+STORE_LINGER: Final = 0.2
+"""Seconds the store's writer lets records gather before each commit. A debugging
+proxy can show a record in its store a fifth of a second late; each commit then
+carries about 80 records instead of 8, and the writer thread, which takes the GIL
+from mitmproxy's event loop, costs a third of the CPU a flow (docs/benchmarks.md,
+"The addon with a store"). Records are journaled as before: a kill -9 loses no more."""
 
 # What a rejected pixel, and an accepted one the collector did not take, look like
 # in mitmproxy's flow list (emoji names, as ``flow.mark`` accepts them).
@@ -377,7 +391,7 @@ class PixelCapture:
                 ) from e
             # durable=False: records are queued and committed in batches by the
             # recorder's own thread, so a slow disk never stalls the proxy.
-            recorder = Recorder(store, durable=False)
+            recorder = Recorder(store, durable=False, linger=STORE_LINGER)
         old, self._recorder = self._recorder, recorder
         if old is not None:
             _close_in_background(old)

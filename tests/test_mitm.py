@@ -831,6 +831,16 @@ def test_records_go_to_the_store(addon: PixelCapture, tmp_path: Path) -> None:
     assert stored[1]["upstream"] == {"error": "Connection refused"}
 
 
+def test_the_store_writer_lingers_a_fifth_of_a_second(addon: PixelCapture, tmp_path: Path) -> None:
+    # Commits of about 80 records, not 8: the writer thread takes the GIL from
+    # the event loop a tenth as often (docs/benchmarks.md).
+    configure(addon, pixel_store=f"sqlite:///{tmp_path}/pixels.sqlite3")
+    recorder = addon._recorder
+    assert recorder is not None
+    assert (recorder.linger, recorder.durable) == (0.2, False)
+    exit_mitmproxy(addon)
+
+
 def test_switching_store_flushes_the_old_one(addon: PixelCapture, tmp_path: Path) -> None:
     first, second = (f"jsonl:///{tmp_path}/{n}.jsonl" for n in ("a", "b"))
     configure(addon, pixel_store=first)
