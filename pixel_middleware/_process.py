@@ -12,6 +12,10 @@ one known order.
 Callbacks are module-level functions that look up their own (weakly held)
 objects; registering one twice changes nothing. This module imports nothing
 from the package, so any layer may use it.
+
+Signals too: the threads the library starts (:func:`start_thread`) block the
+signals a process is asked to stop with, so the kernel hands those to the main
+thread (see :func:`start_thread`).
 """
 
 from __future__ import annotations
@@ -19,10 +23,11 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import signal
 import threading
 from collections.abc import Callable
 
-__all__ = ["after_fork_in_child", "at_exit"]
+__all__ = ["after_fork_in_child", "at_exit", "start_thread"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,3 +76,42 @@ def _run_fork_callbacks() -> None:
     _lock = threading.Lock()
     for callback in list(_fork_callbacks):
         callback()
+
+
+# Signals a thread of ours never takes: everything asynchronous. The faults
+# (which the kernel sends to the faulting thread whatever its mask), SIGABRT
+# (abort() unblocks it) and what cannot be blocked stay as they are.
+_NOT_BLOCKED = {
+    signal.SIGKILL,
+    signal.SIGSTOP,
+    signal.SIGSEGV,
+    signal.SIGBUS,
+    signal.SIGFPE,
+    signal.SIGILL,
+    signal.SIGABRT,
+    signal.SIGTRAP,
+    signal.SIGSYS,
+}
+
+
+def start_thread(thread: threading.Thread) -> None:
+    """Start ``thread`` with the asynchronous signals (SIGTERM, SIGINT, ...) blocked in it.
+
+    The kernel delivers a signal sent to the process to any thread that does
+    not block it, and Python runs its handler only in the main thread, at its
+    next bytecode: a SIGTERM that lands in a background thread while the main
+    thread waits in a system call (``time.sleep``, a server's accept loop,
+    granian's wait for its stop) is not handled until that call returns, which
+    may be never. Blocked here, it goes to the main thread, whose wait it
+    interrupts. The thread inherits the mask from this one at its creation, so
+    no signal can reach it before it is in place.
+    """
+    if not hasattr(signal, "pthread_sigmask"):  # not POSIX: signals go to the main thread
+        thread.start()
+        return
+    blocked = signal.valid_signals() - _NOT_BLOCKED
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    try:
+        thread.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

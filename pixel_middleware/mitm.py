@@ -48,6 +48,7 @@ from mitmproxy.log import ALERT
 from mitmproxy.net.http import url as murl
 from mitmproxy.utils import human
 
+from pixel_middleware._process import start_thread
 from pixel_middleware.core import (
     DIALECTS,
     Dialect,
@@ -702,7 +703,7 @@ def _close_in_background(recorder: Recorder) -> threading.Thread:
     thread = threading.Thread(
         target=_close_recorder, args=(recorder,), name="pixel-store-close", daemon=True
     )
-    thread.start()
+    start_thread(thread)
     return thread
 
 

@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any, Final, TextIO
 
+from pixel_middleware._process import start_thread
 from pixel_middleware.display import pixel_line
 
 __all__ = ["CHUNK_BYTES", "LINGER", "QUEUE_LINES", "PixelPrinter"]
@@ -70,7 +71,7 @@ class PixelPrinter:
         self.dropped = 0
         self._unreported = 0
         self._thread = threading.Thread(target=self._run, name="pixel-printer", daemon=True)
-        self._thread.start()
+        start_thread(self._thread)
 
     def __call__(self, record: Mapping[str, Any]) -> None:
         with self._lock:

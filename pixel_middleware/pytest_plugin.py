@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import pytest
 
+from pixel_middleware._process import start_thread
 from pixel_middleware.check import mismatch_lines, near_misses, problem_lines, record_summary
 from pixel_middleware.core import PixelRecord
 from pixel_middleware.encode import encode_pixel_url
@@ -298,7 +299,7 @@ class _Server:
             name="pixel-collector",
             daemon=True,
         )
-        self._thread.start()
+        start_thread(self._thread)
 
     def close(self) -> None:
         self.server.shutdown()

@@ -587,7 +587,7 @@ class Recorder:
                 name=f"pixel-recorder {self.spool_path.name}",
                 daemon=True,
             )
-            self._thread.start()
+            _process.start_thread(self._thread)
         slot.busy = self
         if not slot.wake.is_set():
             slot.wake.set()

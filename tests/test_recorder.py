@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 from records import make_record
+from signal_masks import blocked_signals
 
 from pixel_middleware.core import PixelRecord
 from pixel_middleware.recorder import (
@@ -665,7 +666,11 @@ recorder = Recorder(SlowStore(sys.argv[1]), durable=False, max_batch=5, spool_pa
 for n in range(300):
     recorder.record(make_record(id=f"r{n}"))
 print("ready", flush=True)
-time.sleep(60)
+# Short sleeps, as a server's loop waits: Python runs a handler between
+# bytecodes, and a SIGTERM that lands after the last check before the
+# sleep's system call would wait out a long sleep (the test then timed out).
+for _ in range(600):
+    time.sleep(0.1)
 """
 
 
@@ -688,6 +693,23 @@ def test_sigterm_flushes_then_exits(tmp_path: Path, mode: str, status: int, outp
     store = SQLiteStore(path)
     assert len(store.read()) == 300
     store.close()
+
+
+def test_the_writer_thread_leaves_a_sigterm_to_the_main_thread(tmp_path: Path) -> None:
+    # A SIGTERM the kernel gave the writer would run install_signal_flush's
+    # handler only once the main thread ran Python again: a main thread in
+    # time.sleep() (or a server's wait) never did, and the process hung.
+    # Lingering, the writer is there to look at.
+    store = SQLiteStore(tmp_path / "events.sqlite3")
+    recorder = Recorder(store, spool_path=tmp_path / "spool", linger=30)
+    try:
+        recorder.record(make_record(id="r1"))
+        thread = recorder._thread
+        assert thread is not None
+        assert thread.native_id is not None
+        assert {signal.SIGTERM, signal.SIGINT} <= blocked_signals(os.getpid(), thread.native_id)
+    finally:
+        recorder.close()
 
 
 def test_install_signal_flush_keeps_one_handler() -> None:

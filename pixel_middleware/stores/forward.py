@@ -87,6 +87,7 @@ from pathlib import Path
 from typing import Any, TypedDict
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
+from pixel_middleware._process import start_thread
 from pixel_middleware.core import PixelRecord
 from pixel_middleware.stores import RecordError, StoreError, redact_url
 from pixel_middleware.stores._forward_sender import MAX_BATCH_BYTES, MAX_BATCH_EVENTS, send_forever
@@ -384,7 +385,7 @@ class ForwardStore:
         self._sender = threading.Thread(
             target=send_forever, args=(self,), name=f"pixel-forward {self.endpoint}", daemon=True
         )
-        self._sender.start()
+        start_thread(self._sender)
         return self._db
 
     def _count(self, table: str) -> int:
