@@ -17,6 +17,10 @@ What the one-process ``serve`` promised, with several workers:
   prints the summary for all of them.
 - A worker whose main process is gone (``kill -9``) stops as on SIGTERM,
   flushing what it answered, instead of serving on alone.
+- A worker's stop signals (SIGTERM, SIGINT) are blocked in all its threads
+  and taken by one of them (:func:`_watch_for_stop`), which hands them to
+  granian's handler: a signal the kernel gave one of granian's threads would
+  otherwise never be handled.
 
 - The listening socket is bound, and listens, in the main process before any
   worker starts (:class:`SharedSocketServer`): once ``serve`` prints its start
@@ -43,12 +47,13 @@ from typing import Any, TextIO, cast
 from granian._granian import SocketHolder
 from granian.server.mp import MPServer
 
+from pixel_middleware._process import start_thread
 from pixel_middleware.collector import create_app
 from pixel_middleware.pixel_printer import PixelPrinter
 
 __all__ = ["SharedSocketServer", "WholeLines", "WorkerPlan", "load_app", "run_worker"]
 
-# How often a worker checks that its main process is still there (and for an early stop).
+# How often a worker checks for a stop signal and that its main process is still there.
 ORPHAN_CHECK_SECONDS = 0.1
 
 # At stop, the most seconds a worker spends flushing its recorder: what the
@@ -57,9 +62,9 @@ WORKER_FLUSH_SECONDS = 10.0
 
 # The most seconds the main process waits for a worker to stop before it kills
 # it (granian's workers_kill_timeout): the flush above, and time to exit. A
-# worker that never stops (a stop signal lost while granian set up its own
-# handlers, seen rarely under load) would otherwise hold `serve` forever; what
-# it answered is in its journal, which the next run adopts.
+# worker that never stops (a stuck store, or a stop signal lost as in
+# _watch_for_stop) would otherwise hold `serve` forever; what it answered is in
+# its journal, which the next run adopts.
 WORKER_STOP_SECONDS = 15
 
 
@@ -132,10 +137,8 @@ class SharedSocketServer(MPServer):
         self.bound = (str(address[0]), int(address[1]))
 
     def _spawn_workers(self, spawn_target: Any, target_loader: Any) -> None:
-        # A SIGTERM that reached a worker before run_worker set its handlers
-        # would meet the handlers inherited from this process, and be lost
-        # (the worker then never stops). Workers start with both signals
-        # blocked; run_worker unblocks them once its handlers are set.
+        # Workers start with both stop signals blocked, and keep them blocked
+        # in every thread: their watcher thread takes them (_watch_for_stop).
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
             super()._spawn_workers(spawn_target, target_loader)  # type: ignore[no-untyped-call]
@@ -162,10 +165,14 @@ def load_app(plan: WorkerPlan, recorded: Any) -> Callable[..., Any]:
         printer.close()
         raise
     _running.append((app, printer, recorded))
+    # granian sets its own handlers when it starts serving; until then these
+    # mark that it has not (they never run: the signals are blocked).
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, _before_granian)
     watcher = threading.Thread(
-        target=_stop_when_orphaned, args=(plan.parent_pid,), name="orphan-check", daemon=True
+        target=_watch_for_stop, args=(plan.parent_pid,), name="stop-watch", daemon=True
     )
-    watcher.start()
+    start_thread(watcher)
     return app
 
 
@@ -175,13 +182,6 @@ def run_worker(*args: Any, **kwargs: Any) -> None:
     granian returns from its worker once its server has stopped and answered
     the requests in flight; only then is the recorder closed.
     """
-    # Until granian sets its own handlers (once the collector is built), a
-    # SIGTERM would reach the main process's handlers this worker inherited,
-    # and be lost: keep it, and send it again once granian listens for it.
-    # (The worker started with both signals blocked: none came in between.)
-    for signum in _STOP_SIGNALS:
-        signal.signal(signum, _stop_early)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     try:
         MPServer._spawn_wsgi_worker(*args, **kwargs)
     finally:
@@ -195,20 +195,36 @@ def run_worker(*args: Any, **kwargs: Any) -> None:
                     recorded.value += printer.seen
 
 
-# Set by a SIGINT or SIGTERM that came before granian's handlers were set.
-_stop_requested = threading.Event()
+def _before_granian(signum: int, frame: object) -> None:
+    """The stop signals' handler until granian sets its own; never called."""
 
 
-def _stop_early(signum: int, frame: object) -> None:
-    _stop_requested.set()
+def _watch_for_stop(parent_pid: int) -> None:
+    """Hand a stop signal, or the main process's death, to granian's handler.
 
-
-def _stop_when_orphaned(parent_pid: int) -> None:
-    # A worker's parent changes only when the main process died: stop as on
-    # SIGTERM (granian's handler in this process), which flushes what was
-    # answered. A stop asked for early is passed on once granian's handler is set.
-    while os.getppid() == parent_pid:
-        if _stop_requested.is_set() and signal.getsignal(signal.SIGTERM) is not _stop_early:
-            break
+    The kernel gives a signal sent to this process to any thread that does
+    not block it, and Python runs the handler only in the main thread, once it
+    runs Python again; a worker's main thread waits inside granian until the
+    server stops, so a SIGTERM that landed in one of granian's threads was
+    never handled, and the worker never stopped (the main process killed it
+    after WORKER_STOP_SECONDS). Blocked in every thread, the signal stays
+    pending until this thread takes it.
+    """
+    stop: int | None = None
+    while True:
+        if stop is None:
+            pending = signal.sigpending() & set(_STOP_SIGNALS)
+            if pending:
+                stop = signal.sigwait(pending)
+            elif os.getppid() != parent_pid:
+                # A worker's parent changes only when the main process died:
+                # stop as on SIGTERM, which flushes what was answered.
+                stop = signal.SIGTERM
+        if stop is not None:
+            handler = signal.getsignal(stop)
+            if callable(handler) and handler is not _before_granian:
+                # granian's sets its server's stop event; once only (a second
+                # set() with the server gone would wait forever).
+                handler(stop, None)
+                return
         time.sleep(ORPHAN_CHECK_SECONDS)
-    os.kill(os.getpid(), signal.SIGTERM)

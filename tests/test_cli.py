@@ -23,6 +23,7 @@ from typing import IO, Any
 
 import pytest
 import requests
+from signal_masks import blocked_signals, threads
 
 from pixel_middleware import GIF, PixelConfig, PixelRecord, PixelRequest, decode_pixel
 from pixel_middleware.cli import main
@@ -1044,6 +1045,33 @@ def test_serve_stops_on_a_sigterm_sent_while_its_workers_start(tmp_path: Path) -
         finally:
             collector.kill()
         assert status == 0, (attempt, err)
+
+
+def test_serve_workers_take_their_stop_signals_in_one_thread(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A stop signal the kernel gave one of granian's threads ran no handler
+    # while the worker's main thread waited inside granian: the worker served
+    # on until serve killed it. Every thread of a worker blocks both signals;
+    # its watcher thread takes them (sigwait) and hands them to granian.
+    collector = Collector(tmp_path, "--workers", "2")
+    try:
+        for n in range(8):  # the recorder's writer and the printer start
+            url = collector.url + f"pixel/v1/track?writeKey=k&anonymousId=a&event=E{n}"
+            assert requests.get(url, timeout=10).status_code == 200
+        workers = _children(collector.process.pid)
+        assert len(workers) == 2
+        for worker in workers:
+            names = threads(worker)
+            assert len(names) > 3  # granian's, the writer, the printer, the watcher
+            for tid in names:
+                blocked = blocked_signals(worker, tid)
+                assert {signal.SIGTERM, signal.SIGINT} <= blocked, (worker, tid)
+        status, err = collector.stop(signal.SIGTERM)
+    finally:
+        collector.kill()
+    assert status == 0, err
+    assert len(stored(collector.store_url, capsys)) == 8
 
 
 def _children(pid: int) -> list[int]:
