@@ -81,7 +81,7 @@ def _run_fork_callbacks() -> None:
 # Signals a thread of ours never takes: everything asynchronous. The faults
 # (which the kernel sends to the faulting thread whatever its mask), SIGABRT
 # (abort() unblocks it) and what cannot be blocked stay as they are.
-_NOT_BLOCKED = {
+_BLOCKED_IN_OUR_THREADS = signal.valid_signals() - {
     signal.SIGKILL,
     signal.SIGSTOP,
     signal.SIGSEGV,
@@ -109,8 +109,7 @@ def start_thread(thread: threading.Thread) -> None:
     if not hasattr(signal, "pthread_sigmask"):  # not POSIX: signals go to the main thread
         thread.start()
         return
-    blocked = signal.valid_signals() - _NOT_BLOCKED
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED_IN_OUR_THREADS)
     try:
         thread.start()
     finally:

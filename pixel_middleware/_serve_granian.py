@@ -146,7 +146,7 @@ class SharedSocketServer(MPServer):
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
 
 # The collector this worker runs, closed when its server stops.
 _running: list[tuple[Any, PixelPrinter, Any]] = []
@@ -213,7 +213,7 @@ def _watch_for_stop(parent_pid: int) -> None:
     stop: int | None = None
     while True:
         if stop is None:
-            pending = signal.sigpending() & set(_STOP_SIGNALS)
+            pending = signal.sigpending() & _STOP_SIGNALS
             if pending:
                 stop = signal.sigwait(pending)
             elif os.getppid() != parent_pid:
